@@ -1,0 +1,5 @@
+"""Triton kernels for GPT-2, one fused operation per module, and their PyTorch references.
+
+Nothing is imported here on purpose: whether triton builds the kernels for the GPU or for its CPU
+interpreter is fixed when a kernel module is first imported, and `backend.kernel_ops` decides that.
+"""

@@ -1,0 +1,17 @@
+"""The Triton backend's ops: one launcher per fused operation, named and called as in reference.py."""
+
+from .decode_attention import decode_attention, decode_attention_combine_kernel, decode_attention_split_kernel
+from .embedding import embedding, embedding_kernel
+from .flash_attention import flash_attention, flash_attention_kernel
+from .layer_norm import layer_norm, layer_norm_kernel
+from .linear import linear_kernel, linear_residual, ln_linear, ln_qkv_projection
+
+OPS = (embedding, layer_norm, ln_linear, linear_residual, ln_qkv_projection, flash_attention, decode_attention)
+KERNELS = (
+    layer_norm_kernel,
+    embedding_kernel,
+    linear_kernel,
+    flash_attention_kernel,
+    decode_attention_split_kernel,
+    decode_attention_combine_kernel,
+)

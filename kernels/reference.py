@@ -1,0 +1,163 @@
+"""The math of every fused kernel, in plain PyTorch: the ``torch`` backend and the oracle of the tests.
+
+Each function has the same name and signature as its launcher in ``launchers.py``. Arithmetic runs in
+float32 (float64 when given float64, so tests can build a float64 oracle) and is rounded to the input
+dtype once, at the end, as the kernels do; attention probabilities are rounded to V's dtype before
+P @ V, as transformers does. Shapes:
+  B batch, T new tokens per row, C = H * D model width, S cache slots, N output features.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .activations import activation_formula
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+_FORMULAS = {
+    "identity": lambda x: x,
+    "gelu_tanh": lambda x: 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3)))),
+    "gelu_erf": lambda x: F.gelu(x),
+    "gelu_erf_clip10": lambda x: F.gelu(x).clamp(-10.0, 10.0),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "relu": F.relu,
+    "relu2": lambda x: F.relu(x).square(),
+    "relu6": F.relu6,
+    "leaky_relu": lambda x: F.leaky_relu(x, 0.01),
+    "silu": F.silu,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "mish": lambda x: x * torch.tanh(F.softplus(x)),
+    "hardswish": F.hardswish,
+    "laplace": lambda x: 0.5 * (1.0 + torch.erf((x - 0.707107) / (0.282095 * math.sqrt(2.0)))),
+    "sqrtsoftplus": lambda x: F.softplus(x).sqrt(),
+}
+
+
+def apply_activation(x: torch.Tensor, name: str) -> torch.Tensor:
+    """transformers' ACT2FN[name](x), for every name that `activations.ACTIVATIONS` knows."""
+    return _FORMULAS[activation_formula(name)](x)
+
+
+def embedding(
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    wte: torch.Tensor,
+    wpe: torch.Tensor,
+    token_type_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """wte[ids] + wpe[pos] (+ wte[token_type_ids]): [...] int -> [..., C]."""
+    acc = wte[input_ids].to(_compute_dtype(wte)) + wpe[position_ids].to(_compute_dtype(wte))
+    if token_type_ids is not None:
+        acc = acc + wte[token_type_ids].to(_compute_dtype(wte))
+    return acc.to(wte.dtype)
+
+
+def _normalize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = _compute_dtype(x)
+    return F.layer_norm(x.to(dtype), (x.shape[-1],), weight.to(dtype), bias.to(dtype), eps)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dimension: [..., C] -> [..., C]."""
+    return _normalize(x, weight, bias, eps).to(x.dtype)
+
+
+def ln_linear(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str = "linear",
+) -> torch.Tensor:
+    """act(LN(x) @ weight + bias): [..., K] -> [..., N]. weight is [K, N] (a transposed view works:
+    the LM head passes wte.T). The normalized row is rounded to the weight dtype before the matmul."""
+    h = _normalize(x, ln_weight, ln_bias, eps).to(weight.dtype).to(_compute_dtype(x))
+    y = h @ weight.to(h.dtype)
+    if bias is not None:
+        y = y + bias.to(h.dtype)
+    return _FORMULAS[activation_formula(activation)](y).to(x.dtype)
+
+
+def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """residual + x @ weight + bias: [..., K] -> [..., N]."""
+    dtype = _compute_dtype(x)
+    y = x.to(dtype) @ weight.to(dtype) + bias.to(dtype) + residual.to(dtype)
+    return y.to(x.dtype)
+
+
+def ln_qkv_projection(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_slots: torch.Tensor,
+) -> torch.Tensor:
+    """LN(x) @ W_attn + b_attn for x [B, T, C], split q | k | v. K and V go into the caches
+    [B_cache, H, S, D] at row b, slot cache_slots[b, t] (slots outside [0, S) are not written);
+    q is returned as [B, T, C], heads contiguous along C."""
+    batch, seq, width = x.shape
+    n_head, head_dim = k_cache.shape[1], k_cache.shape[3]
+    qkv = ln_linear(x, ln_weight, ln_bias, eps, weight, bias)
+    q, k, v = qkv.split(width, dim=-1)
+    rows = torch.arange(batch, device=x.device).unsqueeze(1).expand(batch, seq)
+    slots = cache_slots.long()
+    keep = (slots >= 0) & (slots < k_cache.shape[2])
+    rows, slots = rows[keep], slots[keep]
+    k_cache[rows, :, slots] = k[keep].reshape(-1, n_head, head_dim).to(k_cache.dtype)
+    v_cache[rows, :, slots] = v[keep].reshape(-1, n_head, head_dim).to(v_cache.dtype)
+    return q.contiguous()
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    query_start: torch.Tensor,
+    key_mask: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of q [B, T, C] against the caches [B_cache, H, S, D].
+
+    Query t of row b sits at slot query_start[b] + t and sees slot j when j <= its slot and
+    key_mask[b, j] != 0. Scores and softmax are float32; a query that sees no slot gets zeros.
+    Returns [B, T, C]."""
+    batch, seq, width = q.shape
+    n_head, slots, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    dtype = _compute_dtype(q)
+    qh = q.reshape(batch, seq, n_head, head_dim).transpose(1, 2).to(dtype)
+    k = k_cache[:batch].to(dtype)
+    v = v_cache[:batch]
+    scores = (qh @ k.transpose(-1, -2)) * scale  # [B, H, T, S]
+    query_slot = query_start.long().view(batch, 1) + torch.arange(seq, device=q.device)  # [B, T]
+    key_slot = torch.arange(slots, device=q.device)
+    visible = (key_slot.view(1, 1, slots) <= query_slot.unsqueeze(-1)) & (key_mask[:batch] != 0).unsqueeze(1)
+    scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row that sees nothing is all NaN here
+    out = probs.to(v.dtype).to(dtype) @ v.to(dtype)  # [B, H, T, D]
+    return out.transpose(1, 2).reshape(batch, seq, width).to(q.dtype)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    query_start: torch.Tensor,
+    key_mask: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query per row: q [B, C] at slot query_start[b], attending as in flash_attention. [B, C]."""
+    return flash_attention(q.unsqueeze(1), k_cache, v_cache, query_start, key_mask, scale).squeeze(1)

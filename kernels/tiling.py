@@ -1,0 +1,77 @@
+"""Tile sizes for every kernel, chosen from shapes alone.
+
+Deterministic on purpose: a launch inside a CUDA-graph capture must not benchmark, and the compile
+audit must be able to list every configuration a launcher can pick. The numbers target Hopper and
+Ampere: a pipelined matmul tile stays under sm_80's 163 KiB of shared memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import triton
+
+MAX_ROW_WIDTH = 16384
+MAX_HEAD_DIM = 256
+# Decode attention splits a row's context until about this many programs are in flight (2 per SM
+# on an H100), so a batch of one still spreads its KV reads over the whole chip.
+DECODE_TARGET_PROGRAMS = 264
+
+
+@dataclass(frozen=True)
+class MatmulTiles:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class AttentionTiles:
+    block_m: int
+    block_n: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+def row_block(width: int) -> int:
+    """The power-of-two block that holds a whole row of `width` elements."""
+    if width < 1 or width > MAX_ROW_WIDTH:
+        raise ValueError(f"row width {width} is outside the supported range 1..{MAX_ROW_WIDTH}")
+    return triton.next_power_of_2(width)
+
+
+def row_warps(block: int) -> int:
+    return min(max(block // 256, 1), 8)
+
+
+def matmul_tiles(m: int, n: int, k: int, element_size: int) -> MatmulTiles:
+    """Tiles for an [m, k] @ [k, n] product. Up to 64 rows (decode) the product is a memory-bound
+    GEMV: one row block, deep K tiles and more pipeline stages keep weight reads in flight. Above,
+    128 x 128 tiles for tensor-core throughput. tl.dot needs 16 or more in every dimension."""
+    if min(m, n, k) < 1:
+        raise ValueError(f"matmul shape m={m}, n={n}, k={k} must be positive")
+    wide = element_size >= 4
+    if m <= 64:
+        block_m = max(16, triton.next_power_of_2(m))
+        return MatmulTiles(block_m, 64, 64 if wide else 128, num_warps=4, num_stages=4)
+    return MatmulTiles(128, 128, 32 if wide else 64, num_warps=8, num_stages=3)
+
+
+def attention_tiles(seq: int, head_dim: int) -> AttentionTiles:
+    """Tiles for causal flash attention over `seq` queries per row with heads of `head_dim`."""
+    if head_dim < 1 or head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {head_dim} is outside the supported range 1..{MAX_HEAD_DIM}")
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_m = min(64, max(16, triton.next_power_of_2(seq)))
+    return AttentionTiles(block_m, 64, block_d, num_warps=4, num_stages=2)
+
+
+def decode_splits(batch_heads: int, slots: int, block_n: int) -> int:
+    """How many parts each row's context is split into for decode attention. Depends only on the
+    static cache size, never on the lengths, so one captured graph serves every step."""
+    most = triton.cdiv(slots, block_n)
+    wanted = triton.cdiv(DECODE_TARGET_PROGRAMS, batch_heads)
+    return max(1, min(most, wanted))
