@@ -1,0 +1,1 @@
+"""Benchmarks and audits of tritongpt2's kernels."""

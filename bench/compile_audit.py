@@ -1,0 +1,260 @@
+"""Compile every kernel configuration a GPT-2 step launches, for real GPUs, with no GPU present.
+
+The launchers are called on meta tensors inside `recording_launches()`, so the audit compiles exactly
+the tiles and flags they would launch. Each configuration is compiled ahead of time with
+`triton.compile` for each architecture; registers, spills and static shared memory are read from the
+cubin with the cuobjdump that Triton ships, dynamic shared memory from the compile metadata, and
+tensor-core use from the PTX.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from tritongpt2.kernels.launch import LaunchRecord, recording_launches
+
+from .model_shapes import ModelShape
+
+ARCHS = {"sm_90": 90, "sm_80": 80}
+# Largest dynamic shared memory a block may opt into.
+SHARED_LIMIT = {"sm_90": 232448, "sm_80": 166912}
+TENSOR_CORE_PTX = {"sm_90": ("wgmma", "mma.sync"), "sm_80": ("mma.sync",)}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_TRITON_TYPES = {
+    torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+    torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.bool: "i1",
+}
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str  # prefill or decode
+    batch: int
+    seq: int
+    context: int
+
+
+DEFAULT_WORKLOADS = (
+    Workload("prefill", 1, 1024, 1024),
+    Workload("decode", 1, 1, 1024),
+    Workload("decode", 8, 1, 1024),
+    Workload("decode", 64, 1, 1024),
+)
+
+
+@dataclass(frozen=True)
+class CompileJob:
+    kernel: Any = field(compare=False, hash=False)
+    kernel_name: str
+    signature: tuple[tuple[str, str], ...]
+    constexprs: tuple[tuple[str, Any], ...]
+    divisible_by_16: tuple[int, ...]
+    num_warps: int
+    num_stages: int
+
+    @property
+    def config(self) -> str:
+        shown = [f"{k}={v}" for k, v in self.constexprs if v is not None and k.isupper()]
+        return ",".join(shown + [f"warps={self.num_warps}", f"stages={self.num_stages}"])
+
+
+@dataclass
+class CompileResult:
+    kernel: str
+    config: str
+    arch: str
+    dtype: str
+    used_by: list[str]
+    registers: int | None = None
+    spill_bytes: int | None = None
+    shared_bytes: int | None = None
+    tensor_core: str | None = None
+    error: str | None = None
+    cubin: bytes | None = field(default=None, repr=False)
+
+    def problems(self) -> list[str]:
+        where = f"{self.kernel} [{self.config}] {self.arch} {self.dtype}"
+        if self.error is not None:
+            return [f"{where}: compile error: {self.error}"]
+        found = []
+        if self.spill_bytes:
+            found.append(f"{where}: spills {self.spill_bytes} bytes to local memory")
+        if self.shared_bytes > SHARED_LIMIT[self.arch]:
+            found.append(f"{where}: {self.shared_bytes} bytes of shared memory > {SHARED_LIMIT[self.arch]}")
+        return found
+
+
+def step_launches(shape: ModelShape, dtype: torch.dtype, workload: Workload) -> list[LaunchRecord]:
+    """The launches of one GPT-2 step (embedding, one layer, ln_f and the LM head on the last
+    position), recorded from the launchers on meta tensors."""
+    from tritongpt2.kernels import launchers as ops
+
+    def weight(*size: int) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device="meta")
+
+    def index(*size: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device="meta")
+
+    b, t, s, c = workload.batch, workload.seq, workload.context, shape.n_embd
+    h, d = shape.n_head, shape.head_dim
+    k_cache, v_cache = weight(b, h, s, d), weight(b, h, s, d)
+    key_mask, starts = index(b, s, dtype=torch.int32), index(b)
+    with recording_launches() as records:
+        x = ops.embedding(index(b, t), index(b, t), weight(shape.vocab_size, c), weight(shape.n_positions, c))
+        q = ops.ln_qkv_projection(x, weight(c), weight(c), 1e-5, weight(c, 3 * c), weight(3 * c), k_cache, v_cache, index(b, t))
+        if t == 1:
+            attn = ops.decode_attention(q.view(b, c), k_cache, v_cache, starts, key_mask, d**-0.5).view(b, 1, c)
+        else:
+            attn = ops.flash_attention(q, k_cache, v_cache, starts, key_mask, d**-0.5)
+        x = ops.linear_residual(attn, weight(c, c), weight(c), x)
+        hidden = ops.ln_linear(x, weight(c), weight(c), 1e-5, weight(c, shape.n_inner), weight(shape.n_inner), "gelu_new")
+        x = ops.linear_residual(hidden, weight(shape.n_inner, c), weight(c), x)
+        ops.layer_norm(x, weight(c), weight(c), 1e-5)
+        ops.ln_linear(x[:, -1], weight(c), weight(c), 1e-5, weight(shape.vocab_size, c).T)
+    return records
+
+
+def _specialize(value: Any) -> tuple[str, Any, bool]:
+    """(signature type, constexpr value or None, divisible by 16), as Triton's runtime specializes."""
+    if value is None:
+        return "constexpr", None, False
+    if isinstance(value, torch.Tensor):
+        return "*" + _TRITON_TYPES[value.dtype], None, True  # allocations are 16-byte aligned
+    if isinstance(value, bool):
+        return "i1", None, False
+    if isinstance(value, int):
+        if value == 1:
+            return "constexpr", 1, False
+        return ("i32" if -(2**31) <= value < 2**31 else "i64"), None, value % 16 == 0
+    if isinstance(value, float):
+        return "fp32", None, False
+    raise TypeError(f"cannot specialize a kernel argument of type {type(value).__name__}")
+
+
+def compile_job(record: LaunchRecord) -> CompileJob:
+    kernel = record.kernel
+    names = kernel.arg_names
+    signature, constexprs, divisible = {}, {}, []
+    for i, (name, value) in enumerate(zip(names, record.args)):
+        kind, constant, aligned = _specialize(value)
+        signature[name] = kind
+        if kind == "constexpr":
+            constexprs[name] = constant
+        if aligned:
+            divisible.append(i)
+    for name, value in record.constexprs.items():
+        signature[name] = "constexpr"
+        constexprs[name] = value
+    ordered = tuple((name, signature[name]) for name in names)
+    return CompileJob(
+        kernel, kernel.__name__, ordered, tuple((n, constexprs[n]) for n in names if n in constexprs),
+        tuple(divisible), record.num_warps, record.num_stages,
+    )
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+
+
+def _resource_usage(cubin: bytes) -> dict[str, int]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run(
+            [_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
+    return {key: int(value) for key, value in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}
+
+
+def compile_for(job: CompileJob, arch: str, dtype: str, used_by: list[str]) -> CompileResult:
+    import triton
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.compiler import ASTSource
+
+    result = CompileResult(job.kernel_name, job.config, arch, dtype, used_by)
+    attrs = {(i,): BaseBackend.parse_attr("D") for i in job.divisible_by_16}
+    source = ASTSource(job.kernel, dict(job.signature), dict(job.constexprs), attrs)
+    try:
+        compiled = triton.compile(
+            source,
+            target=GPUTarget("cuda", ARCHS[arch], 32),
+            options={"num_warps": job.num_warps, "num_stages": job.num_stages},
+        )
+    except Exception as error:  # noqa: BLE001 - any compiler failure is a finding of the audit
+        result.error = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
+        return result
+    usage = _resource_usage(compiled.asm["cubin"])
+    ptx = compiled.asm["ptx"]
+    result.registers = usage.get("REG", 0)
+    result.spill_bytes = usage.get("LOCAL", 0) + usage.get("STACK", 0)
+    result.shared_bytes = compiled.metadata.shared + usage.get("SHARED", 0)
+    result.tensor_core = next((op for op in TENSOR_CORE_PTX[arch] if op in ptx), None)
+    result.cubin = compiled.asm["cubin"]
+    return result
+
+
+def run_compile_audit(
+    shapes: Iterable[ModelShape],
+    archs: Iterable[str] = tuple(ARCHS),
+    dtypes: Iterable[str] = ("float16", "bfloat16"),
+    workloads: Iterable[Workload] = DEFAULT_WORKLOADS,
+    workers: int | None = None,
+) -> list[CompileResult]:
+    """Compile every distinct configuration that the workloads launch at the given model shapes."""
+    _require_compiled_kernels()
+    archs, dtypes, workloads = list(archs), list(dtypes), list(workloads)
+    for arch in archs:
+        if arch not in ARCHS:
+            raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
+    for dtype in dtypes:
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    jobs: dict[tuple[str, CompileJob], list[str]] = {}
+    for shape in shapes:
+        for dtype in dtypes:
+            for workload in workloads:
+                label = f"{shape.name} {workload.name} b{workload.batch}x{workload.seq} ctx{workload.context}"
+                for record in step_launches(shape, DTYPES[dtype], workload):
+                    used_by = jobs.setdefault((dtype, compile_job(record)), [])
+                    if label not in used_by:
+                        used_by.append(label)
+    tasks = [(job, arch, dtype, used_by) for (dtype, job), used_by in jobs.items() for arch in archs]
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        return list(pool.map(lambda task: compile_for(*task), tasks))
+
+
+def _require_compiled_kernels() -> None:
+    from tritongpt2.kernels.backend import kernel_mode
+
+    if kernel_mode() == "interpret" or (kernel_mode() is None and os.environ.get("TRITON_INTERPRET", "0") != "0"):
+        raise ValueError(
+            "the compile audit needs kernels built for the GPU, but this process runs Triton's "
+            "interpreter (TRITON_INTERPRET is set); run it in a process without TRITON_INTERPRET"
+        )
+
+
+def markdown_table(results: list[CompileResult]) -> str:
+    lines = [
+        "| kernel | config | arch | dtype | registers | spills (B) | shared (B) | tensor cores | used by |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(results, key=lambda r: (r.kernel, r.config, r.arch, r.dtype)):
+        if r.error is not None:
+            lines.append(f"| {r.kernel} | {r.config} | {r.arch} | {r.dtype} | compile error: {r.error} | | | | |")
+            continue
+        lines.append(
+            f"| {r.kernel} | {r.config} | {r.arch} | {r.dtype} | {r.registers} | {r.spill_bytes} | "
+            f"{r.shared_bytes} | {r.tensor_core or 'none'} | {'; '.join(r.used_by)} |"
+        )
+    return "\n".join(lines)

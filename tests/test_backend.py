@@ -1,0 +1,68 @@
+import inspect
+import subprocess
+import sys
+
+import pytest
+
+from numerics import BACKEND, ON_GPU
+from tritongpt2.kernels import reference
+from tritongpt2.kernels.backend import BACKEND_ENV, kernel_ops, resolve_backend
+
+
+def test_triton_and_torch_ops_share_names_and_signatures():
+    launchers = kernel_ops(BACKEND)
+    for op in launchers.OPS:
+        assert inspect.signature(op) == inspect.signature(getattr(reference, op.__name__)), op.__name__
+    assert kernel_ops("torch") is reference
+
+
+def test_argument_beats_environment_beats_default(monkeypatch):
+    monkeypatch.setenv(BACKEND_ENV, "torch")
+    assert resolve_backend() == "torch"
+    assert resolve_backend(BACKEND) == BACKEND
+    monkeypatch.delenv(BACKEND_ENV)
+    assert resolve_backend() == ("triton" if ON_GPU else "torch")
+
+
+def test_unknown_backend_names_the_value_and_where_it_came_from(monkeypatch):
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        resolve_backend("cuda")
+    monkeypatch.setenv(BACKEND_ENV, "tpu")
+    with pytest.raises(ValueError, match=r"\$TRITONGPT2_BACKEND='tpu'"):
+        resolve_backend()
+
+
+@pytest.mark.skipif(ON_GPU, reason="this process compiles for the GPU")
+def test_triton_backend_without_cuda_is_a_clear_error():
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        resolve_backend("triton")
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, "PATH": ""})
+
+
+def test_interpret_backend_switches_the_interpreter_on_in_a_fresh_process():
+    code = (
+        "from tritongpt2.kernels.backend import kernel_ops, kernel_mode\n"
+        "ops = kernel_ops('interpret')\n"
+        "print(kernel_mode())\n"
+    )
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "interpret"
+
+
+def test_interpret_after_compiled_kernels_is_a_clear_error():
+    # Build the kernels for the GPU (no GPU needed to define them), then ask for the interpreter.
+    code = (
+        "from tritongpt2.kernels.backend import resolve_backend\n"
+        "import tritongpt2.kernels.launchers\n"
+        "try:\n"
+        "    resolve_backend('interpret')\n"
+        "except ValueError as e:\n"
+        "    print(e)\n"
+    )
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert "already built for the GPU" in result.stdout
