@@ -1,0 +1,224 @@
+"""The engine: weights, a static KV cache, prefill and decode, on one backend, with CUDA graphs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tritongpt2.kernels.backend import backend_device, kernel_ops, resolve_backend
+
+from .checkpoint import load_config, load_state_dict, resolve_model_dir
+from .config import GPT2Config
+from .forward import LOGITS_MODES, StepOutput, gpt2_step
+from .graphs import CudaGraphs, GraphCapture, GraphRunner, bucket
+from .inputs import as_batch, attention_mask_of, check_range, check_same_shape
+from .kv_cache import StaticKVCache
+from .weights import GPT2Weights, split_state_dict, weights_from_state_dict
+
+# Tensors of the task heads; the engine keeps them for the heads and checks that nothing else is left.
+HEAD_KEYS = frozenset({
+    "score.weight", "classifier.weight", "classifier.bias", "qa_outputs.weight", "qa_outputs.bias",
+    "multiple_choice_head.summary.weight", "multiple_choice_head.summary.bias",
+})
+SMALLEST_PREFILL_BUCKET = 16
+
+
+class Engine:
+    """GPT-2 over a static KV cache. `prefill` starts (or, with reset=False, continues) a batch of
+    requests; `decode` appends one token per row. Outputs are fresh tensors, never graph buffers.
+
+    CUDA graphs (triton backend only, on by default there) capture decode per batch bucket
+    (1, 2, 4, ... max_batch) and prefill per (batch, length) bucket, length padded up to a power of
+    two from 16; all graphs share one memory pool. Steps that collect every layer's input, or that
+    would not fit the cache once padded, run eagerly."""
+
+    def __init__(
+        self,
+        config: GPT2Config,
+        weights: GPT2Weights,
+        *,
+        backend: str | None = None,
+        max_batch: int = 8,
+        max_seq: int | None = None,
+        cuda_graphs: bool | None = None,
+        graph_capture: GraphCapture | None = None,
+    ) -> None:
+        self.config = config
+        self.backend = resolve_backend(backend)
+        self.ops = kernel_ops(self.backend)
+        self.device = backend_device(self.backend)
+        if weights.device.type != self.device.type:
+            raise ValueError(f"weights are on {weights.device}, but the {self.backend} backend runs on {self.device}")
+        self.weights = weights
+        max_seq = config.n_positions if max_seq is None else max_seq
+        if not 1 <= max_seq <= config.n_positions:
+            raise ValueError(f"max_seq={max_seq} must be between 1 and n_positions={config.n_positions}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch={max_batch} must be positive")
+        self.cache = StaticKVCache(
+            config.n_layer, max_batch, config.n_head, max_seq, config.head_dim, dtype=weights.dtype, device=self.device
+        )
+        if cuda_graphs is None:
+            cuda_graphs = self.backend == "triton" or graph_capture is not None
+        if cuda_graphs and graph_capture is None and self.backend != "triton":
+            raise ValueError(f"CUDA graphs need the triton backend; this engine runs {self.backend!r}")
+        self.graphs = GraphRunner(graph_capture or CudaGraphs()) if cuda_graphs else None
+        self.head_state: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        backend: str | None = None,
+        max_batch: int = 8,
+        max_seq: int | None = None,
+        cuda_graphs: bool | None = None,
+    ) -> Engine:
+        """Load a Hugging Face GPT-2 checkpoint (any head) from a folder or a hub id."""
+        folder = resolve_model_dir(name_or_path)
+        config = load_config(folder)
+        backend = resolve_backend(backend)
+        device = torch.device(device) if device is not None else backend_device(backend)
+        base, rest = split_state_dict(load_state_dict(folder))
+        lm_head = rest.pop("lm_head.weight", None)
+        unexpected = sorted(set(rest) - HEAD_KEYS)
+        if unexpected:
+            raise ValueError(f"checkpoint in {folder} has unexpected keys: {', '.join(unexpected)}")
+        weights = weights_from_state_dict(config, base, lm_head, dtype=dtype, device=device)
+        engine = cls(config, weights, backend=backend, max_batch=max_batch, max_seq=max_seq, cuda_graphs=cuda_graphs)
+        engine.head_state = {k: v.to(device=device, dtype=weights.dtype) for k, v in rest.items()}
+        return engine
+
+    def reset(self) -> None:
+        """Empty the cache for a new request; nothing is reallocated."""
+        self.cache.reset()
+
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        logits: str | None = "last",
+        hidden: bool = False,
+        layer_inputs: bool = False,
+        reset: bool = True,
+    ) -> StepOutput:
+        """Run prompts input_ids [B, T] (padded left or right, padding marked 0 in attention_mask)
+        into the cache. Positions default to those transformers' generate derives from the mask,
+        continuing from the cached tokens. reset=False appends to the batch already cached."""
+        ids = as_batch("input_ids", input_ids, self.device)
+        mask = attention_mask_of(attention_mask, ids)
+        types = self._optional_ids("token_type_ids", token_type_ids, ids, self.config.vocab_size)
+        positions = self._optional_ids("position_ids", position_ids, ids, self.config.n_positions)
+        if reset:
+            self.reset()
+        return self._step(ids, mask, types, positions, logits=logits, hidden=hidden, layer_inputs=layer_inputs)
+
+    def decode(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        token_type_ids: torch.Tensor | None = None,
+        logits: str | None = "last",
+        hidden: bool = False,
+    ) -> StepOutput:
+        """Append one token per row: input_ids [B] or [B, 1], B the batch in the cache."""
+        if self.cache.used == 0:
+            raise ValueError("decode needs a prefilled cache; call prefill first")
+        if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(1)
+        ids = as_batch("input_ids", input_ids, self.device)
+        if ids.shape[1] != 1:
+            raise ValueError(f"decode takes one token per row, got input_ids of shape {tuple(ids.shape)}")
+        types = self._optional_ids("token_type_ids", token_type_ids, ids, self.config.vocab_size)
+        return self._step(ids, torch.ones_like(ids, dtype=torch.int32), types, None, logits=logits, hidden=hidden)
+
+    def _optional_ids(self, name: str, values: torch.Tensor | None, ids: torch.Tensor, high: int) -> torch.Tensor | None:
+        if values is None:
+            return None
+        if isinstance(values, torch.Tensor) and values.dim() == 1 and ids.shape[1] == 1 and values.numel() == ids.shape[0]:
+            values = values.unsqueeze(1)
+        values = as_batch(name, values, self.device)
+        check_same_shape(name, values, ids.shape)
+        check_range(name, values, high)
+        return values
+
+    def _step(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        types: torch.Tensor | None,
+        positions: torch.Tensor | None,
+        *,
+        logits: str | None,
+        hidden: bool,
+        layer_inputs: bool = False,
+    ) -> StepOutput:
+        if logits not in LOGITS_MODES:
+            raise ValueError(f"logits={logits!r} must be one of {LOGITS_MODES}")
+        check_range("input_ids", ids, self.config.vocab_size)
+        batch, seq = ids.shape
+        self.cache.reserve(batch, seq)
+        options = {"logits": logits, "hidden": hidden}
+        if self.graphs is None or layer_inputs:
+            new_tokens = torch.full((1,), seq, dtype=torch.int64, device=self.device)
+            out = gpt2_step(
+                self.ops, self.config, self.weights, self.cache, ids, mask, new_tokens,
+                position_ids=positions, token_type_ids=types, layer_inputs=layer_inputs, **options,
+            )
+            self.cache.advance(batch, seq)
+            return out
+        out = self._graph_step(ids, mask, types, positions, options)
+        self.cache.advance(batch, seq)
+        return out
+
+    def _graph_step(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        types: torch.Tensor | None,
+        positions: torch.Tensor | None,
+        options: dict,
+    ) -> StepOutput:
+        batch, seq = ids.shape
+        rows = bucket(batch, self.cache.max_batch)
+        length = 1 if seq == 1 else bucket(seq, self.cache.max_seq, SMALLEST_PREFILL_BUCKET)
+        if self.cache.used + length > self.cache.max_seq:
+            length = seq  # padding would run past the cache: capture this exact length instead
+
+        def padded(t: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros(rows, length, dtype=t.dtype, device=t.device)
+            out[:batch, :seq] = t
+            return out
+
+        inputs = {
+            "input_ids": padded(ids),
+            "attention_mask": padded(mask),
+            "new_tokens": torch.full((1,), seq, dtype=torch.int64, device=self.device),
+        }
+        if types is not None:
+            inputs["token_type_ids"] = padded(types)
+        if positions is not None:
+            inputs["position_ids"] = padded(positions)
+        key = (rows, length, types is not None, positions is not None, options["logits"], options["hidden"])
+
+        def step(static: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
+            out = gpt2_step(
+                self.ops, self.config, self.weights, self.cache, static["input_ids"], static["attention_mask"],
+                static["new_tokens"], position_ids=static.get("position_ids"),
+                token_type_ids=static.get("token_type_ids"), **options,
+            )
+            return out.hidden_states, out.logits
+
+        hidden_states, out_logits = self.graphs.run(key, inputs, step)
+        if hidden_states is not None:
+            hidden_states = hidden_states[:batch, :seq].clone()
+        if out_logits is not None:
+            out_logits = (out_logits[:batch, :seq] if options["logits"] == "all" else out_logits[:batch]).clone()
+        return StepOutput(hidden_states, out_logits)

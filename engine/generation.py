@@ -1,0 +1,133 @@
+"""Generation over the engine: greedy, temperature, top-k, top-p, EOS per row, streaming.
+
+Sampling draws argmax(probs / Exponential(1)), which picks token i with probability probs[i] and
+needs no host synchronisation (the gpt-fast trick); the host reads each step's tokens once, to stream
+them and to stop when every row has finished.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from .engine import Engine
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature={self.temperature!r} must be a positive number")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k!r} must be a non-negative integer (0 turns it off)")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """float32 logits [B, V] divided by the temperature, with tokens outside top-k and top-p set to
+    -inf, as transformers' TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper do."""
+    scores = logits.float() / params.temperature
+    if params.top_k:
+        kth = torch.topk(scores, min(params.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1)
+        cumulative = sorted_scores.softmax(-1).cumsum(-1)
+        remove = cumulative <= 1 - params.top_p
+        remove[:, -1] = False  # always keep the most likely token
+        scores = scores.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    return scores
+
+
+def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from logits [B, V]."""
+    if not params.do_sample:
+        return logits.argmax(-1)
+    probs = filter_logits(logits, params).softmax(-1)
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / noise).argmax(-1)
+
+
+def stream_tokens(
+    engine: Engine,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int = 20,
+    params: SamplingParams = SamplingParams(),
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield each step's new tokens, [B] on the CPU, until every row has produced an EOS token or
+    max_new_tokens are out. A row that has finished yields pad_token_id (EOS when none is set).
+    eos_token_id and pad_token_id default to the config's; eos_token_id=[] never stops early."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
+    if seed is not None and generator is not None:
+        raise ValueError("give seed or generator, not both")
+    if seed is not None:
+        generator = torch.Generator(device=engine.device).manual_seed(seed)
+    eos_token_id = engine.config.eos_token_id if eos_token_id is None else eos_token_id
+    pad_token_id = engine.config.pad_token_id if pad_token_id is None else pad_token_id
+    eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    filler = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    ids = input_ids if input_ids.dim() == 2 else input_ids.unsqueeze(0)
+    room = engine.cache.max_seq - ids.shape[1]
+    if max_new_tokens > room + 1:
+        raise ValueError(
+            f"a prompt of {ids.shape[1]} tokens leaves room for {room + 1} new ones in the cache "
+            f"(max_seq={engine.cache.max_seq}), not max_new_tokens={max_new_tokens}"
+        )
+    eos_ids = torch.tensor(eos, dtype=torch.int64, device=engine.device)
+    logits = engine.prefill(ids, attention_mask).logits
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=engine.device)
+    for step in range(max_new_tokens):
+        tokens = next_tokens(logits, params, generator).masked_fill(finished, filler)
+        finished |= torch.isin(tokens, eos_ids)
+        host_tokens = tokens.cpu()
+        yield host_tokens
+        if step + 1 == max_new_tokens or bool(finished.all()):
+            return
+        logits = engine.decode(tokens).logits
+
+
+def generate(
+    engine: Engine,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int = 20,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    streamer: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """The prompts followed by their continuations, [B, T + new] on the CPU, as transformers'
+    generate returns them; `streamer` gets each step's tokens [B] as they come."""
+    params = SamplingParams(do_sample, temperature, top_k, top_p)
+    prompt = (input_ids if input_ids.dim() == 2 else input_ids.unsqueeze(0)).cpu()
+    steps = []
+    for tokens in stream_tokens(
+        engine, input_ids, attention_mask, max_new_tokens=max_new_tokens, params=params,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed, generator=generator,
+    ):
+        if streamer is not None:
+            streamer(tokens)
+        steps.append(tokens)
+    return torch.cat([prompt, torch.stack(steps, dim=1)], dim=1)

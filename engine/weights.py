@@ -1,0 +1,133 @@
+"""The base model's weights, as tensors the kernels take (Conv1D weights are already [in, out])."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import GPT2Config
+
+PREFIX = "transformer."
+# Buffers of old checkpoints (the causal mask), not weights.
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+LAYER_KEYS = {
+    "ln_1_weight": "ln_1.weight",
+    "ln_1_bias": "ln_1.bias",
+    "attn_weight": "attn.c_attn.weight",
+    "attn_bias": "attn.c_attn.bias",
+    "attn_proj_weight": "attn.c_proj.weight",
+    "attn_proj_bias": "attn.c_proj.bias",
+    "ln_2_weight": "ln_2.weight",
+    "ln_2_bias": "ln_2.bias",
+    "fc_weight": "mlp.c_fc.weight",
+    "fc_bias": "mlp.c_fc.bias",
+    "mlp_proj_weight": "mlp.c_proj.weight",
+    "mlp_proj_bias": "mlp.c_proj.bias",
+}
+
+
+@dataclass
+class LayerWeights:
+    ln_1_weight: torch.Tensor
+    ln_1_bias: torch.Tensor
+    attn_weight: torch.Tensor  # [C, 3C]
+    attn_bias: torch.Tensor
+    attn_proj_weight: torch.Tensor  # [C, C]
+    attn_proj_bias: torch.Tensor
+    ln_2_weight: torch.Tensor
+    ln_2_bias: torch.Tensor
+    fc_weight: torch.Tensor  # [C, n_inner]
+    fc_bias: torch.Tensor
+    mlp_proj_weight: torch.Tensor  # [n_inner, C]
+    mlp_proj_bias: torch.Tensor
+
+
+@dataclass
+class GPT2Weights:
+    wte: torch.Tensor  # [vocab, C]
+    wpe: torch.Tensor  # [n_positions, C]
+    layers: list[LayerWeights]
+    ln_f_weight: torch.Tensor
+    ln_f_bias: torch.Tensor
+    lm_head: torch.Tensor  # [vocab, C]: wte itself when tied
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wte.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.device
+
+
+def expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
+    """Every base-model key (without the transformer. prefix) and its shape."""
+    c, inner = config.n_embd, config.inner_size
+    shapes = {"wte.weight": (config.vocab_size, c), "wpe.weight": (config.n_positions, c), "ln_f.weight": (c,), "ln_f.bias": (c,)}
+    per_layer = {
+        "ln_1.weight": (c,), "ln_1.bias": (c,), "attn.c_attn.weight": (c, 3 * c), "attn.c_attn.bias": (3 * c,),
+        "attn.c_proj.weight": (c, c), "attn.c_proj.bias": (c,), "ln_2.weight": (c,), "ln_2.bias": (c,),
+        "mlp.c_fc.weight": (c, inner), "mlp.c_fc.bias": (inner,), "mlp.c_proj.weight": (inner, c), "mlp.c_proj.bias": (c,),
+    }
+    for i in range(config.n_layer):
+        shapes.update({f"h.{i}.{key}": shape for key, shape in per_layer.items()})
+    return shapes
+
+
+def split_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(base-model tensors without the transformer. prefix, everything else: the heads' tensors).
+    The causal-mask buffers of old checkpoints are dropped."""
+    base, rest = {}, {}
+    for key, tensor in state.items():
+        if key.endswith(IGNORED_SUFFIXES):
+            continue
+        if key.startswith(PREFIX):
+            base[key[len(PREFIX):]] = tensor
+        elif key.startswith(("wte.", "wpe.", "h.", "ln_f.")):
+            base[key] = tensor
+        else:
+            rest[key] = tensor
+    return base, rest
+
+
+def weights_from_state_dict(
+    config: GPT2Config,
+    base: dict[str, torch.Tensor],
+    lm_head: torch.Tensor | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> GPT2Weights:
+    """Check the base tensors against the config (ValueError naming every missing, unexpected or
+    misshapen key) and gather them, cast to `dtype` and moved to `device`."""
+    expected = expected_shapes(config)
+    missing = sorted(set(expected) - set(base))
+    unexpected = sorted(set(base) - set(expected))
+    wrong = [f"{k} {tuple(base[k].shape)} != {expected[k]}" for k in expected if k in base and tuple(base[k].shape) != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected)}")
+    if wrong:
+        problems.append(f"shapes that do not match the config: {'; '.join(wrong)}")
+    if lm_head is not None and tuple(lm_head.shape) != expected["wte.weight"]:
+        problems.append(f"lm_head.weight has shape {tuple(lm_head.shape)}, expected {expected['wte.weight']}")
+    if problems:
+        raise ValueError("checkpoint does not fit the config: " + " | ".join(problems))
+
+    dtype = dtype or base["wte.weight"].dtype
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype {dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16")
+
+    def take(key: str) -> torch.Tensor:
+        return base[key].to(device=device, dtype=dtype).contiguous()
+
+    layers = [
+        LayerWeights(**{name: take(f"h.{i}.{key}") for name, key in LAYER_KEYS.items()}) for i in range(config.n_layer)
+    ]
+    wte = take("wte.weight")
+    tied = lm_head is None or config.tie_word_embeddings
+    head = wte if tied else lm_head.to(device=device, dtype=dtype).contiguous()
+    return GPT2Weights(wte, take("wpe.weight"), layers, take("ln_f.weight"), take("ln_f.bias"), head)

@@ -1,0 +1,144 @@
+"""Loading Hugging Face GPT-2 checkpoints from a folder (torch backend: no kernel is needed here)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from checkpoints import save_model
+from tritongpt2.engine.checkpoint import load_state_dict
+from tritongpt2.engine.engine import Engine
+
+pytest.importorskip("transformers")
+
+
+def assert_same_weights(engine: Engine, model: torch.nn.Module) -> None:
+    base = model.transformer if hasattr(model, "transformer") else model
+    assert torch.equal(engine.weights.wte, base.wte.weight.to(engine.weights.dtype))
+    assert torch.equal(engine.weights.layers[-1].fc_weight, base.h[-1].mlp.c_fc.weight.to(engine.weights.dtype))
+    assert torch.equal(engine.weights.ln_f_bias, base.ln_f.bias.to(engine.weights.dtype))
+
+
+@pytest.mark.parametrize("model_class", ["GPT2Model", "GPT2LMHeadModel", "GPT2ForSequenceClassification"])
+def test_keys_with_and_without_the_transformer_prefix(tmp_path, model_class):
+    folder, model = save_model(tmp_path, model_class)
+    engine = Engine.from_pretrained(folder, backend="torch")
+    assert_same_weights(engine, model)
+    assert engine.weights.lm_head is engine.weights.wte
+    if model_class == "GPT2ForSequenceClassification":
+        assert torch.equal(engine.head_state["score.weight"], model.score.weight)
+
+
+def write_bin(folder, state, shards):
+    """pytorch_model.bin, or shards with their index (transformers 5 writes safetensors only)."""
+    import json
+
+    folder.mkdir()
+    (folder / "config.json").write_text((folder.parent / "src" / "config.json").read_text())
+    keys = sorted(state)
+    if shards == 1:
+        torch.save(state, folder / "pytorch_model.bin")
+        return
+    weight_map = {}
+    for i in range(shards):
+        name = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = keys[i::shards]
+        torch.save({k: state[k] for k in part}, folder / name)
+        weight_map.update({k: name for k in part})
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("layout", ["sharded-safetensors", "bin", "sharded-bin"])
+def test_weight_file_layouts(tmp_path, layout):
+    folder, model = save_model(tmp_path / "src")
+    if layout == "sharded-safetensors":
+        model.save_pretrained(tmp_path / layout, max_shard_size="100KB")
+        assert (tmp_path / layout / "model.safetensors.index.json").exists()
+    else:
+        write_bin(tmp_path / layout, load_state_dict(folder), shards=1 if layout == "bin" else 3)
+    assert_same_weights(Engine.from_pretrained(tmp_path / layout, backend="torch"), model)
+
+
+def test_bin_files_load_weights_only(tmp_path):
+    folder, _ = save_model(tmp_path / "src")
+    (tmp_path / "evil").mkdir()
+    (tmp_path / "evil" / "config.json").write_text((folder / "config.json").read_text())
+    torch.save({"wte.weight": torch.zeros(1), "payload": print}, tmp_path / "evil" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="weights-only"):
+        Engine.from_pretrained(tmp_path / "evil", backend="torch")
+
+
+def test_untied_lm_head_is_used_and_old_mask_buffers_are_ignored(tmp_path):
+    folder, model = save_model(tmp_path, tie_word_embeddings=False)
+    state = load_state_dict(folder)
+    state["transformer.h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
+    state["transformer.h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    engine = Engine.from_pretrained(folder, backend="torch")
+    assert torch.equal(engine.weights.lm_head, model.lm_head.weight)
+    assert not torch.equal(engine.weights.lm_head, engine.weights.wte)
+
+
+def test_dtype_and_device(tmp_path):
+    folder, model = save_model(tmp_path)
+    engine = Engine.from_pretrained(folder, backend="torch", dtype=torch.bfloat16, device="cpu")
+    assert engine.weights.dtype == torch.bfloat16 and engine.cache.keys.dtype == torch.bfloat16
+    assert all(t.dtype == torch.bfloat16 for t in vars(engine.weights.layers[0]).values())
+    with pytest.raises(ValueError, match="torch.int8"):
+        Engine.from_pretrained(folder, backend="torch", dtype=torch.int8)
+    with pytest.raises(ValueError, match="weights are on meta"):
+        Engine.from_pretrained(folder, backend="torch", device="meta")
+
+
+def rewrite(folder, change):
+    from safetensors.torch import save_file
+
+    state = load_state_dict(folder)
+    change(state)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+
+
+def test_missing_unexpected_and_misshapen_keys_are_named(tmp_path):
+    folder, _ = save_model(tmp_path)
+    rewrite(folder, lambda s: s.pop("transformer.h.1.mlp.c_fc.bias"))
+    with pytest.raises(ValueError, match=r"missing keys: h\.1\.mlp\.c_fc\.bias"):
+        Engine.from_pretrained(folder, backend="torch")
+    folder, _ = save_model(tmp_path / "b")
+    rewrite(folder, lambda s: s.update({"transformer.h.0.attn.c_attn.extra": torch.zeros(3)}))
+    with pytest.raises(ValueError, match=r"unexpected keys: h\.0\.attn\.c_attn\.extra"):
+        Engine.from_pretrained(folder, backend="torch")
+    folder, _ = save_model(tmp_path / "c")
+    rewrite(folder, lambda s: s.update({"transformer.wpe.weight": torch.zeros(32, 80)}))
+    with pytest.raises(ValueError, match=r"wpe\.weight \(32, 80\) != \(64, 80\)"):
+        Engine.from_pretrained(folder, backend="torch")
+    folder, _ = save_model(tmp_path / "d")
+    rewrite(folder, lambda s: s.update({"pooler.weight": torch.zeros(3)}))
+    with pytest.raises(ValueError, match="unexpected keys: pooler.weight"):
+        Engine.from_pretrained(folder, backend="torch")
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(ValueError, match="no checkpoint folder"):
+        Engine.from_pretrained(tmp_path / "nothing-here", backend="torch")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="no weights in"):
+        Engine.from_pretrained(tmp_path, backend="torch")
+    with pytest.raises(ValueError, match="is a file"):
+        Engine.from_pretrained(tmp_path / "config.json", backend="torch")
+
+
+def test_hub_id_without_network_says_so():
+    code = (
+        "from tritongpt2.engine.engine import Engine\n"
+        "try:\n"
+        "    Engine.from_pretrained('openai-community/gpt2', backend='torch')\n"
+        "except ValueError as e:\n"
+        "    print(e)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert "could not be downloaded from the Hugging Face hub (no network" in result.stdout, result.stderr
