@@ -1,0 +1,110 @@
+"""Sampling and the generate loop (torch backend; the kernels are covered by test_engine)."""
+
+import pytest
+import torch
+
+from checkpoints import save_model
+from tritongpt2.engine.engine import Engine
+from tritongpt2.engine.generation import SamplingParams, filter_logits, generate, stream_tokens
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    folder, _ = save_model(tmp_path_factory.mktemp("gen"))
+    return Engine.from_pretrained(folder, backend="torch", max_batch=4)
+
+
+def prompt(batch=2, seq=5, seed=0):
+    return torch.randint(0, 300, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("top_k,top_p,temperature", [(0, 0.9, 1.0), (7, 1.0, 0.7), (5, 0.5, 1.3), (0, 1.0, 2.0)])
+def test_filters_match_transformers_warpers(top_k, top_p, temperature):
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.randn(4, 50) * 3
+    expected = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        expected = TopKLogitsWarper(top_k)(None, expected)
+    if top_p < 1:
+        expected = TopPLogitsWarper(top_p)(None, expected)
+    got = filter_logits(logits, SamplingParams(True, temperature, top_k, top_p))
+    assert torch.equal(torch.isinf(got), torch.isinf(expected))
+    torch.testing.assert_close(got[~torch.isinf(got)], expected[~torch.isinf(expected)])
+
+
+def test_sampling_is_reproducible_from_a_seed_or_a_generator(engine):
+    ids = prompt()
+    options = dict(max_new_tokens=6, do_sample=True, temperature=1.5, eos_token_id=[])
+    a = generate(engine, ids, seed=11, **options)
+    b = generate(engine, ids, generator=torch.Generator().manual_seed(11), **options)
+    c = generate(engine, ids, seed=12, **options)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_degenerate_sampling_is_greedy(engine):
+    ids = prompt()
+    greedy = generate(engine, ids, max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(generate(engine, ids, max_new_tokens=6, do_sample=True, top_k=1, seed=0, eos_token_id=[]), greedy)
+    assert torch.equal(generate(engine, ids, max_new_tokens=6, do_sample=True, top_p=1e-6, seed=0, eos_token_id=[]), greedy)
+
+
+def test_sampled_tokens_follow_the_distribution(engine):
+    # At temperature 1 with top-k 3, every sampled token is one of the 3 most likely, and over many
+    # draws each of them shows up.
+    ids = prompt(1, 4)
+    logits = engine.prefill(ids).logits
+    top3 = set(torch.topk(logits, 3).indices[0].tolist())
+    draws = {generate(engine, ids, max_new_tokens=1, do_sample=True, top_k=3, seed=s)[0, -1].item() for s in range(60)}
+    assert draws == top3
+
+
+def test_eos_stops_each_row_and_pads_it(engine):
+    ids = prompt(2, 5, seed=2)
+    free = generate(engine, ids, max_new_tokens=8, eos_token_id=[])
+    eos = int(free[0, 7])  # row 0 emits it as its 3rd new token
+    first_row0 = (free[0, 5:] == eos).nonzero()[0].item()
+    out = generate(engine, ids, max_new_tokens=8, eos_token_id=eos, pad_token_id=299)
+    row0 = out[0, 5:]
+    assert row0[first_row0] == eos and (row0[first_row0 + 1:] == 299).all()
+    hit1 = (free[1, 5:] == eos).nonzero()
+    if len(hit1) == 0:
+        assert torch.equal(out[1], free[1]), "a row without EOS runs to max_new_tokens"
+
+
+def test_generation_stops_when_every_row_has_finished(engine):
+    ids = prompt(1, 5, seed=2)
+    free = generate(engine, ids, max_new_tokens=8, eos_token_id=[])
+    eos = int(free[0, 6])
+    first = (free[0, 5:] == eos).nonzero()[0].item()
+    out = generate(engine, ids, max_new_tokens=8, eos_token_id=eos)
+    assert out.shape[1] == 5 + first + 1
+    assert torch.equal(out[0], free[0, : 5 + first + 1])
+
+
+def test_streaming_yields_tokens_in_order(engine):
+    ids = prompt(2, 5, seed=4)
+    seen = []
+    out = generate(engine, ids, max_new_tokens=5, eos_token_id=[], streamer=seen.append)
+    assert torch.equal(torch.stack(seen, 1), out[:, 5:])
+    streamed = list(stream_tokens(engine, ids, max_new_tokens=5, eos_token_id=[]))
+    assert torch.equal(torch.stack(streamed, 1), out[:, 5:])
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"temperature": 0.0}, "temperature=0.0"),
+        ({"top_k": -1}, "top_k=-1"),
+        ({"top_p": 1.5}, "top_p=1.5"),
+        ({"max_new_tokens": 0}, "max_new_tokens=0"),
+        ({"max_new_tokens": 70}, "leaves room for 60 new ones"),
+        ({"seed": 1, "generator": torch.Generator()}, "seed or generator"),
+    ],
+)
+def test_bad_generation_options(engine, options, message):
+    with pytest.raises(ValueError, match=message):
+        generate(engine, prompt(), **options)
