@@ -1,6 +1,9 @@
 """tritongpt2: GPT-2 inference on hand-written Triton kernels."""
 
+from tritongpt2.engine.config import GPT2Config
+from tritongpt2.engine.engine import Engine
+from tritongpt2.engine.generation import generate, stream_tokens
 from tritongpt2.kernels.backend import BACKENDS, resolve_backend
 
-__all__ = ["BACKENDS", "resolve_backend"]
+__all__ = ["BACKENDS", "Engine", "GPT2Config", "generate", "resolve_backend", "stream_tokens"]
 __version__ = "0.1.0"
