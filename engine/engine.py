@@ -99,26 +99,45 @@ class Engine:
 
     def prefill(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         *,
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         logits: str | None = "last",
         hidden: bool = False,
         layer_inputs: bool = False,
         reset: bool = True,
     ) -> StepOutput:
-        """Run prompts input_ids [B, T] (padded left or right, padding marked 0 in attention_mask)
-        into the cache. Positions default to those transformers' generate derives from the mask,
-        continuing from the cached tokens. reset=False appends to the batch already cached."""
-        ids = as_batch("input_ids", input_ids, self.device)
-        mask = attention_mask_of(attention_mask, ids)
-        types = self._optional_ids("token_type_ids", token_type_ids, ids, self.config.vocab_size)
-        positions = self._optional_ids("position_ids", position_ids, ids, self.config.n_positions)
+        """Run prompts input_ids [B, T] (or inputs_embeds [B, T, C]; padded left or right, padding
+        marked 0 in attention_mask) into the cache. Positions default to those transformers'
+        generate derives from the mask, continuing from the cached tokens. reset=False appends to the
+        batch already cached; its attention_mask may then cover the cached tokens too, [B, used + T]."""
+        _check_logits_mode(logits)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is not None:
+            embeds = self._check_embeds(inputs_embeds)
+            ids_shape_like = torch.empty(embeds.shape[:2], dtype=torch.int64, device=self.device)
+            ids = None
+        else:
+            ids = as_batch("input_ids", input_ids, self.device)
+            check_range("input_ids", ids, self.config.vocab_size)
+            embeds, ids_shape_like = None, ids
+        past = 0 if reset else self.cache.used
+        mask, past_mask = self._split_mask(attention_mask, ids_shape_like, past)
+        types = self._optional_ids("token_type_ids", token_type_ids, ids_shape_like, self.config.vocab_size)
+        positions = self._optional_ids("position_ids", position_ids, ids_shape_like, self.config.n_positions)
+        batch, seq = mask.shape
         if reset:
+            self.cache.reserve(batch, seq, reset=True)
             self.reset()
-        return self._step(ids, mask, types, positions, logits=logits, hidden=hidden, layer_inputs=layer_inputs)
+        self.cache.reserve(batch, seq)
+        if past_mask is not None:
+            self.cache.key_mask[:batch, :past] = past_mask
+        inputs = {"input_ids": ids, "inputs_embeds": embeds, "attention_mask": mask, "token_type_ids": types, "position_ids": positions}
+        return self._step(inputs, logits=logits, hidden=hidden, layer_inputs=layer_inputs)
 
     def decode(
         self,
@@ -129,6 +148,7 @@ class Engine:
         hidden: bool = False,
     ) -> StepOutput:
         """Append one token per row: input_ids [B] or [B, 1], B the batch in the cache."""
+        _check_logits_mode(logits)
         if self.cache.used == 0:
             raise ValueError("decode needs a prefilled cache; call prefill first")
         if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1:
@@ -136,8 +156,32 @@ class Engine:
         ids = as_batch("input_ids", input_ids, self.device)
         if ids.shape[1] != 1:
             raise ValueError(f"decode takes one token per row, got input_ids of shape {tuple(ids.shape)}")
+        check_range("input_ids", ids, self.config.vocab_size)
         types = self._optional_ids("token_type_ids", token_type_ids, ids, self.config.vocab_size)
-        return self._step(ids, torch.ones_like(ids, dtype=torch.int32), types, None, logits=logits, hidden=hidden)
+        self.cache.reserve(ids.shape[0], 1)
+        mask = torch.ones_like(ids, dtype=torch.int32)
+        inputs = {"input_ids": ids, "inputs_embeds": None, "attention_mask": mask, "token_type_ids": types, "position_ids": None}
+        return self._step(inputs, logits=logits, hidden=hidden)
+
+    def _check_embeds(self, embeds: torch.Tensor) -> torch.Tensor:
+        if not isinstance(embeds, torch.Tensor) or not embeds.is_floating_point():
+            raise ValueError(f"inputs_embeds must be a floating-point torch.Tensor, got {getattr(embeds, 'dtype', type(embeds))}")
+        if embeds.device.type != self.device.type:
+            raise ValueError(f"inputs_embeds is on {embeds.device}, but the engine runs on {self.device}")
+        if embeds.dim() == 2:
+            embeds = embeds.unsqueeze(0)
+        if embeds.dim() != 3 or embeds.shape[-1] != self.config.n_embd or embeds.numel() == 0:
+            raise ValueError(f"inputs_embeds must be [batch, seq, {self.config.n_embd}], got shape {tuple(embeds.shape)}")
+        return embeds.to(self.weights.dtype).contiguous()
+
+    def _split_mask(
+        self, mask: torch.Tensor | None, ids: torch.Tensor, past: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The new tokens' mask [B, T], and the cached tokens' [B, past] when the mask covers them."""
+        if past and isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == past + ids.shape[1]:
+            full = attention_mask_of(mask, torch.empty(mask.shape, dtype=torch.int64, device=ids.device))
+            return full[:, past:].contiguous(), full[:, :past]
+        return attention_mask_of(mask, ids), None
 
     def _optional_ids(self, name: str, values: torch.Tensor | None, ids: torch.Tensor, high: int) -> torch.Tensor | None:
         if values is None:
@@ -149,76 +193,51 @@ class Engine:
         check_range(name, values, high)
         return values
 
-    def _step(
-        self,
-        ids: torch.Tensor,
-        mask: torch.Tensor,
-        types: torch.Tensor | None,
-        positions: torch.Tensor | None,
-        *,
-        logits: str | None,
-        hidden: bool,
-        layer_inputs: bool = False,
-    ) -> StepOutput:
-        if logits not in LOGITS_MODES:
-            raise ValueError(f"logits={logits!r} must be one of {LOGITS_MODES}")
-        check_range("input_ids", ids, self.config.vocab_size)
-        batch, seq = ids.shape
-        self.cache.reserve(batch, seq)
-        options = {"logits": logits, "hidden": hidden}
+    def _step(self, inputs: dict[str, torch.Tensor | None], *, logits: str | None, hidden: bool, layer_inputs: bool = False) -> StepOutput:
+        batch, seq = inputs["attention_mask"].shape
         if self.graphs is None or layer_inputs:
-            new_tokens = torch.full((1,), seq, dtype=torch.int64, device=self.device)
-            out = gpt2_step(
-                self.ops, self.config, self.weights, self.cache, ids, mask, new_tokens,
-                position_ids=positions, token_type_ids=types, layer_inputs=layer_inputs, **options,
-            )
-            self.cache.advance(batch, seq)
-            return out
-        out = self._graph_step(ids, mask, types, positions, options)
+            out = self._run_step(inputs, torch.full((1,), seq, dtype=torch.int64, device=self.device),
+                                 logits=logits, hidden=hidden, layer_inputs=layer_inputs)
+        else:
+            out = self._graph_step(inputs, logits=logits, hidden=hidden)
         self.cache.advance(batch, seq)
         return out
 
-    def _graph_step(
-        self,
-        ids: torch.Tensor,
-        mask: torch.Tensor,
-        types: torch.Tensor | None,
-        positions: torch.Tensor | None,
-        options: dict,
-    ) -> StepOutput:
-        batch, seq = ids.shape
+    def _run_step(self, inputs: dict[str, torch.Tensor | None], new_tokens: torch.Tensor, **options) -> StepOutput:
+        return gpt2_step(
+            self.ops, self.config, self.weights, self.cache, inputs["input_ids"], inputs["attention_mask"], new_tokens,
+            position_ids=inputs.get("position_ids"), token_type_ids=inputs.get("token_type_ids"),
+            inputs_embeds=inputs.get("inputs_embeds"), **options,
+        )
+
+    def _graph_step(self, inputs: dict[str, torch.Tensor | None], *, logits: str | None, hidden: bool) -> StepOutput:
+        batch, seq = inputs["attention_mask"].shape
         rows = bucket(batch, self.cache.max_batch)
         length = 1 if seq == 1 else bucket(seq, self.cache.max_seq, SMALLEST_PREFILL_BUCKET)
         if self.cache.used + length > self.cache.max_seq:
             length = seq  # padding would run past the cache: capture this exact length instead
 
         def padded(t: torch.Tensor) -> torch.Tensor:
-            out = torch.zeros(rows, length, dtype=t.dtype, device=t.device)
+            out = torch.zeros(rows, length, *t.shape[2:], dtype=t.dtype, device=t.device)
             out[:batch, :seq] = t
             return out
 
-        inputs = {
-            "input_ids": padded(ids),
-            "attention_mask": padded(mask),
-            "new_tokens": torch.full((1,), seq, dtype=torch.int64, device=self.device),
-        }
-        if types is not None:
-            inputs["token_type_ids"] = padded(types)
-        if positions is not None:
-            inputs["position_ids"] = padded(positions)
-        key = (rows, length, types is not None, positions is not None, options["logits"], options["hidden"])
+        static = {name: padded(t) for name, t in inputs.items() if t is not None}
+        static["new_tokens"] = torch.full((1,), seq, dtype=torch.int64, device=self.device)
+        key = (rows, length, tuple(sorted(static)), logits, hidden)
 
-        def step(static: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
-            out = gpt2_step(
-                self.ops, self.config, self.weights, self.cache, static["input_ids"], static["attention_mask"],
-                static["new_tokens"], position_ids=static.get("position_ids"),
-                token_type_ids=static.get("token_type_ids"), **options,
-            )
+        def step(buffers: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
+            out = self._run_step(buffers, buffers["new_tokens"], logits=logits, hidden=hidden)
             return out.hidden_states, out.logits
 
-        hidden_states, out_logits = self.graphs.run(key, inputs, step)
+        hidden_states, out_logits = self.graphs.run(key, static, step)
         if hidden_states is not None:
             hidden_states = hidden_states[:batch, :seq].clone()
         if out_logits is not None:
-            out_logits = (out_logits[:batch, :seq] if options["logits"] == "all" else out_logits[:batch]).clone()
+            out_logits = (out_logits[:batch, :seq] if logits == "all" else out_logits[:batch]).clone()
         return StepOutput(hidden_states, out_logits)
+
+
+def _check_logits_mode(logits: str | None) -> None:
+    if logits not in LOGITS_MODES:
+        raise ValueError(f"logits={logits!r} must be one of {LOGITS_MODES}")

@@ -36,29 +36,31 @@ def gpt2_step(
     config: GPT2Config,
     weights: GPT2Weights,
     cache: StaticKVCache,
-    input_ids: torch.Tensor,
+    input_ids: torch.Tensor | None,
     attention_mask: torch.Tensor,
     new_tokens: torch.Tensor,
     *,
     position_ids: torch.Tensor | None = None,
     token_type_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
     logits: str | None = "last",
     hidden: bool = False,
     layer_inputs: bool = False,
 ) -> StepOutput:
-    """Run input_ids [B, T] through the model, appending to the cache at each row's length.
+    """Run input_ids [B, T] (or inputs_embeds [B, T, C]) through the model, appending to the cache
+    at each row's length.
 
     attention_mask [B, T] marks real tokens (1) and padding (0); new_tokens [1] is how far the
     rows' lengths advance (T, or fewer when T was padded up to a graph bucket). T == 1 is a decode
     step (split-KV attention), T > 1 a prefill (flash attention)."""
-    batch, seq = input_ids.shape
+    batch, seq = attention_mask.shape
     start = cache.lengths[:batch]
-    slots = start[:, None] + torch.arange(seq, device=input_ids.device)
+    slots = start[:, None] + torch.arange(seq, device=attention_mask.device)
     cache.key_mask[:batch].scatter_(1, slots, attention_mask.to(torch.int32))
     if position_ids is None:
         position_ids = positions_from_mask(cache.next_position[:batch], attention_mask)
 
-    x = ops.embedding(input_ids, position_ids, weights.wte, weights.wpe, token_type_ids)  # [B, T, C]
+    x = ops.embedding(input_ids, position_ids, weights.wte, weights.wpe, token_type_ids, inputs_embeds)  # [B, T, C]
     eps, width = config.layer_norm_epsilon, config.n_embd
     collected = []
     for i, layer in enumerate(weights.layers):

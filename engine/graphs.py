@@ -90,6 +90,9 @@ class GraphRunner:
     def __len__(self) -> int:
         return len(self._captured)
 
+    def keys(self) -> list[Hashable]:
+        return list(self._captured)
+
     def static_inputs(self, key: Hashable) -> dict[str, torch.Tensor] | None:
         captured = self._captured.get(key)
         return captured.inputs if captured is not None else None

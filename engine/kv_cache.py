@@ -39,6 +39,7 @@ class StaticKVCache:
         self.max_batch, self.max_seq = max_batch, max_seq
         self.used = 0
         self.batch = 0
+        self.epoch = 0
 
     def reset(self) -> None:
         """Forget every request. K and V keep stale values, which the zeroed key_mask hides."""
@@ -47,19 +48,21 @@ class StaticKVCache:
         self.next_position.zero_()
         self.used = 0
         self.batch = 0
+        self.epoch += 1
 
-    def reserve(self, batch: int, new_tokens: int) -> None:
-        """Check that `new_tokens` more slots fit for a batch of `batch` rows, before anything is
-        written; ValueError otherwise."""
+    def reserve(self, batch: int, new_tokens: int, *, reset: bool = False) -> None:
+        """Check that `new_tokens` more slots fit for a batch of `batch` rows (after a reset, when
+        `reset`), before anything is written; ValueError otherwise."""
+        used = 0 if reset else self.used
         if batch > self.max_batch:
             raise ValueError(f"batch {batch} is larger than the cache's max_batch={self.max_batch}")
-        if self.used and batch != self.batch:
+        if used and batch != self.batch:
             raise ValueError(
                 f"batch {batch} does not match the {self.batch} rows already in the cache; reset it for a new request"
             )
-        if self.used + new_tokens > self.max_seq:
+        if used + new_tokens > self.max_seq:
             raise ValueError(
-                f"{new_tokens} new tokens after {self.used} cached ones exceed the cache's max_seq={self.max_seq}"
+                f"{new_tokens} new tokens after {used} cached ones exceed the cache's max_seq={self.max_seq}"
             )
 
     def advance(self, batch: int, new_tokens: int) -> None:

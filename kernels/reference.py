@@ -47,14 +47,16 @@ def apply_activation(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def embedding(
-    input_ids: torch.Tensor,
+    input_ids: torch.Tensor | None,
     position_ids: torch.Tensor,
     wte: torch.Tensor,
     wpe: torch.Tensor,
     token_type_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """wte[ids] + wpe[pos] (+ wte[token_type_ids]): [...] int -> [..., C]."""
-    acc = wte[input_ids].to(_compute_dtype(wte)) + wpe[position_ids].to(_compute_dtype(wte))
+    """(inputs_embeds or wte[ids]) + wpe[pos] (+ wte[token_type_ids]): [...] int -> [..., C]."""
+    tokens = inputs_embeds if inputs_embeds is not None else wte[input_ids]
+    acc = tokens.to(_compute_dtype(wte)) + wpe[position_ids].to(_compute_dtype(wte))
     if token_type_ids is not None:
         acc = acc + wte[token_type_ids].to(_compute_dtype(wte))
     return acc.to(wte.dtype)

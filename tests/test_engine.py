@@ -122,3 +122,33 @@ def test_greedy_generation_equals_transformers(models, backend):
     assert torch.equal(ours, expected)
     continuations = {tuple(row[6:].tolist()) for row in ours}
     assert len(continuations) == 3, "random weights too blind: every prompt continues the same way"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inputs_embeds_instead_of_ids(models, backend):
+    folder, model = models("default")
+    engine = Engine.from_pretrained(folder, backend=backend)
+    ids, types = prompts(2, 5), prompts(2, 5, seed=9)
+    embeds = torch.randn(2, 5, 80)
+    with torch.no_grad():
+        expected = model(inputs_embeds=embeds, token_type_ids=types).logits
+    out = engine.prefill(inputs_embeds=embeds, token_type_ids=types, logits="all")
+    assert relative_error(out.logits, expected) < TOLERANCE
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        engine.prefill(ids, inputs_embeds=embeds)
+    with pytest.raises(ValueError, match=r"inputs_embeds must be \[batch, seq, 80\], got shape \(2, 5, 7\)"):
+        engine.prefill(inputs_embeds=torch.randn(2, 5, 7))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_continuing_with_a_mask_that_covers_the_cached_tokens(models, backend):
+    folder, model = models("default")
+    engine = Engine.from_pretrained(folder, backend=backend)
+    ids = prompts(2, 9)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    expected = hf_logits(model, ids, mask, position_ids=positions)
+    engine.prefill(ids[:, :6], torch.ones(2, 6, dtype=torch.long))  # cached with a mask that is then corrected
+    out = engine.prefill(ids[:, 6:], mask, position_ids=positions[:, 6:], reset=False, logits="all")
+    assert relative_error(out.logits, expected[:, 6:]) < TOLERANCE
