@@ -149,6 +149,7 @@ def test_continuing_with_a_mask_that_covers_the_cached_tokens(models, backend):
     mask[0, :3] = 0
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     expected = hf_logits(model, ids, mask, position_ids=positions)
-    engine.prefill(ids[:, :6], torch.ones(2, 6, dtype=torch.long))  # cached with a mask that is then corrected
-    out = engine.prefill(ids[:, 6:], mask, position_ids=positions[:, 6:], reset=False, logits="all")
+    engine.prefill(ids[:, :6], mask[:, :6])
+    out = engine.prefill(ids[:, 6:], mask, reset=False, logits="all")  # the mask as transformers takes it: past + new
     assert relative_error(out.logits, expected[:, 6:]) < TOLERANCE
+    assert torch.equal(engine.cache.key_mask[:2, :9].cpu(), mask.int())
