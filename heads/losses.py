@@ -1,0 +1,59 @@
+"""The losses of transformers' GPT-2 heads, computed as transformers computes them."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Token t predicts label t + 1; labels of -100 are ignored; mean over the rest, in float32."""
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1).to(logits.device),
+                           ignore_index=IGNORE_INDEX)
+
+
+def double_heads_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """GPT2DoubleHeadsModel's own shift: the last position's logits are dropped, in logits' dtype."""
+    shift_logits = logits[..., :-1, :].contiguous()
+    shift_labels = labels.to(logits.device)[..., 1:].contiguous()
+    return F.cross_entropy(shift_logits.view(-1, shift_logits.shape[-1]), shift_labels.view(-1))
+
+
+def sequence_classification_loss(
+    logits: torch.Tensor, labels: torch.Tensor, num_labels: int, problem_type: str | None
+) -> tuple[torch.Tensor, str]:
+    """(loss, problem type): the problem type is inferred as transformers infers it when unset."""
+    if problem_type is None:
+        if num_labels == 1:
+            problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            problem_type = "single_label_classification"
+        else:
+            problem_type = "multi_label_classification"
+    if problem_type == "regression":
+        loss = F.mse_loss(logits.squeeze(), labels.squeeze()) if num_labels == 1 else F.mse_loss(logits, labels)
+    elif problem_type == "single_label_classification":
+        loss = F.cross_entropy(logits.view(-1, num_labels), labels.view(-1))
+    else:
+        loss = F.binary_cross_entropy_with_logits(logits, labels)
+    return loss, problem_type
+
+
+def question_answering_loss(
+    start_logits: torch.Tensor, end_logits: torch.Tensor, start_positions: torch.Tensor, end_positions: torch.Tensor
+) -> torch.Tensor:
+    """Mean of the start and end cross-entropies; positions outside the sequence are clamped to its
+    length and ignored."""
+    if start_positions.dim() > 1:
+        start_positions = start_positions.squeeze(-1)
+    if end_positions.dim() > 1:
+        end_positions = end_positions.squeeze(-1)
+    ignored = start_logits.shape[1]
+    start_positions = start_positions.to(start_logits.device).clamp(0, ignored)
+    end_positions = end_positions.to(end_logits.device).clamp(0, ignored)
+    start = F.cross_entropy(start_logits, start_positions, ignore_index=ignored)
+    end = F.cross_entropy(end_logits, end_positions, ignore_index=ignored)
+    return (start + end) / 2

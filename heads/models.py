@@ -1,0 +1,296 @@
+"""The six GPT-2 classes of transformers, with their forward signatures, outputs and losses."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from tritongpt2.engine.generation import generate as engine_generate
+
+from .base import GPT2PreTrainedModel
+from .losses import (
+    causal_lm_loss,
+    double_heads_lm_loss,
+    question_answering_loss,
+    sequence_classification_loss,
+)
+from .outputs import (
+    BaseModelOutputWithPastAndCrossAttentions,
+    CausalLMOutputWithCrossAttentions,
+    GPT2DoubleHeadsModelOutput,
+    ModelOutput,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutputWithPast,
+    TokenClassifierOutput,
+)
+from .summary import SequenceSummary
+
+
+def _past(past_key_values: Any, cache: Any) -> Any:
+    """transformers 5 renamed past_key_values to cache; both are taken."""
+    if past_key_values is not None and cache is not None:
+        raise ValueError("give past_key_values or cache, not both")
+    return past_key_values if past_key_values is not None else cache
+
+
+def _as_requested(output: ModelOutput, return_dict: bool | None) -> ModelOutput | tuple:
+    """return_dict=False gives the tuple of the fields that are not None, as transformers does."""
+    return output.to_tuple() if return_dict is False else output
+
+
+def _keep(logits: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """transformers' slice_logits_to_keep: an int keeps the last n positions (0: all), a tensor the
+    positions it lists."""
+    if isinstance(logits_to_keep, int):
+        return logits[..., -logits_to_keep:, :] if logits_to_keep else logits
+    return logits[..., logits_to_keep.to(logits.device), :]
+
+
+class GenerationMixin:
+    """generate() over the engine, with the arguments of transformers' generate that it supports."""
+
+    def generate(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        max_length: int | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = 50,
+        top_p: float = 1.0,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        streamer: Any = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        num_beams: int = 1,
+        num_return_sequences: int = 1,
+        **unsupported: Any,
+    ) -> torch.Tensor:
+        """Greedy or sampled continuations, [B, T + new] on the model's device. Defaults follow
+        transformers' GenerationConfig: max_length 20 when no max_new_tokens, top_k 50 when sampling.
+        `streamer` is a callable or a transformers streamer (put/end)."""
+        if num_beams != 1 or num_return_sequences != 1 or unsupported:
+            names = sorted(unsupported) + (["num_beams"] if num_beams != 1 else []) + (
+                ["num_return_sequences"] if num_return_sequences != 1 else [])
+            raise NotImplementedError(f"generate does not support: {', '.join(names)}")
+        if input_ids is None:
+            raise ValueError("generate needs input_ids")
+        prompt_length = input_ids.shape[-1]
+        if max_new_tokens is None:
+            max_new_tokens = (max_length if max_length is not None else 20) - prompt_length
+            if max_new_tokens < 1:
+                raise ValueError(f"max_length={max_length or 20} leaves no room after a prompt of {prompt_length} tokens")
+        on_tokens: Callable[[torch.Tensor], None] | None = None
+        if streamer is not None and hasattr(streamer, "put"):
+            streamer.put(input_ids.cpu())
+            on_tokens = streamer.put
+        elif streamer is not None:
+            on_tokens = streamer
+        out = engine_generate(
+            self.engine, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=temperature, top_k=(top_k or 0) if do_sample else 0, top_p=top_p, eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id, seed=seed, generator=generator, streamer=on_tokens,
+        )
+        if streamer is not None and hasattr(streamer, "end"):
+            streamer.end()
+        return out.to(input_ids.device)
+
+
+class GPT2Model(GPT2PreTrainedModel):
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cache: Any = None,
+    ) -> BaseModelOutputWithPastAndCrossAttentions:
+        out, _ = self._transformer(
+            input_ids, _past(past_key_values, cache), attention_mask, token_type_ids, position_ids, inputs_embeds,
+            use_cache, output_hidden_states, output_attentions,
+        )
+        return _as_requested(out, return_dict)
+
+
+class GPT2LMHeadModel(GenerationMixin, GPT2PreTrainedModel):
+    def head_modules(self) -> dict[str, nn.Module]:
+        return {"lm_head": self._tied_lm_head()}
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        cache: Any = None,
+    ) -> CausalLMOutputWithCrossAttentions:
+        out, logits = self._transformer(
+            input_ids, _past(past_key_values, cache), attention_mask, token_type_ids, position_ids, inputs_embeds,
+            use_cache, output_hidden_states, output_attentions, lm_logits=True,
+        )
+        logits = _keep(logits, logits_to_keep)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return _as_requested(CausalLMOutputWithCrossAttentions(loss, logits, out.past_key_values, out.hidden_states), return_dict)
+
+
+class GPT2DoubleHeadsModel(GenerationMixin, GPT2PreTrainedModel):
+    def head_modules(self) -> dict[str, nn.Module]:
+        summary = SequenceSummary(self.config).to(device=self.device, dtype=self.dtype).requires_grad_(False)
+        return {"lm_head": self._tied_lm_head(), "multiple_choice_head": summary}
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        mc_token_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        mc_labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cache: Any = None,
+    ) -> GPT2DoubleHeadsModelOutput:
+        out, logits = self._transformer(
+            input_ids, _past(past_key_values, cache), attention_mask, token_type_ids, position_ids, inputs_embeds,
+            use_cache, output_hidden_states, output_attentions, lm_logits=True,
+        )
+        mc_logits = self.multiple_choice_head(out.last_hidden_state, mc_token_ids).squeeze(-1)
+        mc_loss = None
+        if mc_labels is not None:
+            mc_loss = nn.functional.cross_entropy(mc_logits.view(-1, mc_logits.shape[-1]), mc_labels.view(-1))
+        loss = double_heads_lm_loss(logits, labels) if labels is not None else None
+        return _as_requested(GPT2DoubleHeadsModelOutput(loss, mc_loss, logits, mc_logits, out.past_key_values, out.hidden_states), return_dict)
+
+
+class GPT2ForSequenceClassification(GPT2PreTrainedModel):
+    def head_modules(self) -> dict[str, nn.Module]:
+        return {"score": self._new_linear(self.config.n_embd, self.config.num_labels, bias=False)}
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cache: Any = None,
+    ) -> SequenceClassifierOutputWithPast:
+        """Pools the last token that is not pad_token_id (the last token when none is set)."""
+        out, _ = self._transformer(
+            input_ids, _past(past_key_values, cache), attention_mask, token_type_ids, position_ids, inputs_embeds,
+            use_cache, output_hidden_states, output_attentions,
+        )
+        hidden = out.last_hidden_state
+        batch = hidden.shape[0]
+        pad = self.config.pad_token_id
+        if pad is None and batch != 1:
+            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
+        if pad is None or input_ids is None:
+            last = torch.full((batch,), hidden.shape[1] - 1, device=hidden.device)
+        else:
+            not_pad = (input_ids != pad).to(hidden.device, torch.int32)
+            last = (torch.arange(input_ids.shape[-1], device=hidden.device, dtype=torch.int32) * not_pad).argmax(-1)
+        logits = self.score(hidden[torch.arange(batch, device=hidden.device), last])
+        loss = None
+        if labels is not None:
+            loss, self.config.problem_type = sequence_classification_loss(
+                logits, labels.to(logits.device), self.config.num_labels, self.config.problem_type
+            )
+        return _as_requested(SequenceClassifierOutputWithPast(loss, logits, out.past_key_values, out.hidden_states), return_dict)
+
+
+class GPT2ForTokenClassification(GPT2PreTrainedModel):
+    def head_modules(self) -> dict[str, nn.Module]:
+        return {"classifier": self._new_linear(self.config.n_embd, self.config.num_labels)}
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cache: Any = None,
+    ) -> TokenClassifierOutput:
+        out, _ = self._transformer(
+            input_ids, _past(past_key_values, cache), attention_mask, token_type_ids, position_ids, inputs_embeds,
+            use_cache, output_hidden_states, output_attentions,
+        )
+        logits = self.classifier(out.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits.view(-1, self.config.num_labels), labels.to(logits.device).view(-1))
+        return _as_requested(TokenClassifierOutput(loss, logits, out.hidden_states), return_dict)
+
+
+class GPT2ForQuestionAnswering(GPT2PreTrainedModel):
+    def head_modules(self) -> dict[str, nn.Module]:
+        return {"qa_outputs": self._new_linear(self.config.n_embd, 2)}
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        start_positions: torch.Tensor | None = None,
+        end_positions: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> QuestionAnsweringModelOutput:
+        out, _ = self._transformer(
+            input_ids, None, attention_mask, token_type_ids, position_ids, inputs_embeds,
+            False, output_hidden_states, output_attentions,
+        )
+        start_logits, end_logits = (t.squeeze(-1).contiguous() for t in self.qa_outputs(out.last_hidden_state).split(1, dim=-1))
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = question_answering_loss(start_logits, end_logits, start_positions, end_positions)
+        return _as_requested(QuestionAnsweringModelOutput(loss, start_logits, end_logits, out.hidden_states), return_dict)
+
+
+MODEL_CLASSES = {
+    cls.__name__: cls
+    for cls in (
+        GPT2Model, GPT2LMHeadModel, GPT2DoubleHeadsModel, GPT2ForSequenceClassification,
+        GPT2ForTokenClassification, GPT2ForQuestionAnswering,
+    )
+}

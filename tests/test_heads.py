@@ -1,0 +1,229 @@
+"""The six drop-in classes and accelerate() against transformers, on random-weight checkpoints."""
+
+import pytest
+import torch
+
+from checkpoints import save_model
+from numerics import BACKEND, relative_error
+import tritongpt2
+
+transformers = pytest.importorskip("transformers")
+
+BACKENDS = ["torch", BACKEND]
+TOLERANCE = 2e-5
+
+
+def close(ours, theirs, mask=None):
+    if mask is not None:
+        ours, theirs = ours[mask], theirs[mask]
+    assert ours.shape == theirs.shape
+    assert relative_error(ours, theirs) < TOLERANCE
+
+
+def batch(rows=3, seq=7, seed=0, pad_left=2, pad_right=2):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 299, (rows, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :pad_left] = 0
+    mask[1, seq - pad_right:] = 0
+    return ids, mask
+
+
+def hf_run(model, **kwargs):
+    with torch.no_grad():
+        return model(**kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpt2_model_hidden_states_and_cache(tmp_path, backend):
+    folder, hf = save_model(tmp_path, "GPT2Model")
+    ours = tritongpt2.GPT2Model.from_pretrained(folder, backend=backend)
+    ids, mask = batch()
+    expected = hf_run(hf, input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    got = ours(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    real = mask.bool()
+    close(got.last_hidden_state, expected.last_hidden_state, real)
+    assert len(got.hidden_states) == len(expected.hidden_states) == 3
+    for a, b in zip(got.hidden_states, expected.hidden_states):
+        close(a, b, real)
+    assert got[0] is got.last_hidden_state and got["hidden_states"] is got.hidden_states
+    assert got.past_key_values is got.cache and got.past_key_values.get_seq_length() == 7
+    as_tuple = ours(input_ids=ids, attention_mask=mask, return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 2
+    with pytest.raises(NotImplementedError, match="output_attentions"):
+        ours(input_ids=ids, output_attentions=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lm_head_logits_loss_and_continuation(tmp_path, backend):
+    folder, hf = save_model(tmp_path)
+    ours = tritongpt2.GPT2LMHeadModel.from_pretrained(folder, backend=backend)
+    ids, mask = batch(rows=2, seq=9, pad_right=0)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    expected = hf_run(hf, input_ids=ids, attention_mask=mask, labels=labels)
+    got = ours(input_ids=ids, attention_mask=mask, labels=labels)
+    close(got.logits, expected.logits, mask.bool())
+    assert abs(got.loss.item() - expected.loss.item()) < 1e-4 * abs(expected.loss.item())
+    assert ours(input_ids=ids, logits_to_keep=1).logits.shape == (2, 1, 300)
+
+    first = ours(input_ids=ids[:, :5], attention_mask=mask[:, :5], use_cache=True)
+    second = ours(input_ids=ids[:, 5:], attention_mask=mask, past_key_values=first.past_key_values)
+    full = hf_run(hf, input_ids=ids, attention_mask=mask)
+    close(second.logits, full.logits[:, 5:])
+    with pytest.raises(ValueError, match="past_key_values is stale"):
+        ours(input_ids=ids[:, 5:], past_key_values=first.past_key_values)
+    with pytest.raises(ValueError, match="past_key_values must be the past_key_values of this model"):
+        ours(input_ids=ids[:, 5:], past_key_values=expected.past_key_values)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lm_head_generate_equals_transformers(tmp_path, backend):
+    folder, hf = save_model(tmp_path)
+    ours = tritongpt2.GPT2LMHeadModel.from_pretrained(folder, backend=backend)
+    ids, mask = batch(rows=2, seq=6, pad_left=3, pad_right=0)
+    with torch.no_grad():
+        expected = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0), expected)
+    with pytest.raises(NotImplementedError, match="num_beams"):
+        ours.generate(input_ids=ids, num_beams=4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "problem,num_labels,labels",
+    [
+        ("regression", 1, torch.tensor([0.5, -1.0, 2.0])),
+        ("single_label_classification", 3, torch.tensor([0, 2, 1])),
+        ("multi_label_classification", 3, torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0]])),
+    ],
+)
+def test_sequence_classification_pools_the_last_real_token(tmp_path, backend, problem, num_labels, labels):
+    folder, hf = save_model(tmp_path, "GPT2ForSequenceClassification", pad_token_id=0, num_labels=num_labels)
+    ours = tritongpt2.GPT2ForSequenceClassification.from_pretrained(folder, backend=backend)
+    ids, mask = batch()
+    ids[mask == 0] = 0
+    expected = hf_run(hf, input_ids=ids, attention_mask=mask, labels=labels)
+    got = ours(input_ids=ids, attention_mask=mask, labels=labels)
+    close(got.logits, expected.logits)
+    assert abs(got.loss.item() - expected.loss.item()) < 1e-4 * max(1.0, abs(expected.loss.item()))
+    assert ours.config.problem_type == hf.config.problem_type == problem
+
+
+def test_sequence_classification_without_pad_token(tmp_path):
+    folder, hf = save_model(tmp_path, "GPT2ForSequenceClassification")
+    ours = tritongpt2.GPT2ForSequenceClassification.from_pretrained(folder, backend="torch")
+    ids, _ = batch()
+    with pytest.raises(ValueError, match="Cannot handle batch sizes > 1 if no padding token is defined"):
+        ours(input_ids=ids)
+    close(ours(input_ids=ids[:1]).logits, hf_run(hf, input_ids=ids[:1]).logits)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_classification(tmp_path, backend):
+    folder, hf = save_model(tmp_path, "GPT2ForTokenClassification", num_labels=4)
+    ours = tritongpt2.GPT2ForTokenClassification.from_pretrained(folder, backend=backend)
+    ids, _ = batch()
+    labels = torch.randint(0, 4, ids.shape)
+    labels[0, :2] = -100
+    expected = hf_run(hf, input_ids=ids, labels=labels, output_hidden_states=True)
+    got = ours(input_ids=ids, labels=labels, output_hidden_states=True)
+    close(got.logits, expected.logits)
+    assert abs(got.loss.item() - expected.loss.item()) < 1e-4 * expected.loss.item()
+    assert got.hidden_states[-1].shape == (3, 7, 80)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_question_answering_clamps_positions(tmp_path, backend):
+    folder, hf = save_model(tmp_path, "GPT2ForQuestionAnswering")
+    ours = tritongpt2.GPT2ForQuestionAnswering.from_pretrained(folder, backend=backend)
+    ids, _ = batch()
+    start, end = torch.tensor([1, 40, 3]), torch.tensor([[4], [6], [-5]])
+    expected = hf_run(hf, input_ids=ids, start_positions=start, end_positions=end)
+    got = ours(input_ids=ids, start_positions=start, end_positions=end)
+    close(got.start_logits, expected.start_logits)
+    close(got.end_logits, expected.end_logits)
+    assert abs(got.loss.item() - expected.loss.item()) < 1e-4 * expected.loss.item()
+
+
+SUMMARIES = [
+    {"summary_type": "cls_index"},
+    {"summary_type": "last", "summary_activation": "tanh"},
+    {"summary_type": "first", "summary_use_proj": False},
+    {"summary_type": "mean", "summary_proj_to_labels": False},
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("summary", SUMMARIES, ids=lambda s: s["summary_type"])
+def test_double_heads_every_summary_option(tmp_path, backend, summary):
+    folder, hf = save_model(tmp_path, "GPT2DoubleHeadsModel", **summary)
+    ours = tritongpt2.GPT2DoubleHeadsModel.from_pretrained(folder, backend=backend)
+    ids = torch.randint(0, 300, (2, 3, 6), generator=torch.Generator().manual_seed(5))
+    mc_token_ids = torch.tensor([[5, 3, 4], [2, 5, 5]])
+    mc_labels, labels = torch.tensor([2, 0]), ids.clone()
+    kwargs = dict(input_ids=ids, mc_token_ids=mc_token_ids, labels=labels)
+    if summary.get("summary_use_proj", True) and summary.get("summary_proj_to_labels", True):
+        kwargs["mc_labels"] = mc_labels
+    expected, got = hf_run(hf, **kwargs), ours(**kwargs)
+    close(got.logits, expected.logits)
+    close(got.mc_logits, expected.mc_logits)
+    assert abs(got.loss.item() - expected.loss.item()) < 1e-4 * expected.loss.item()
+    if "mc_labels" in kwargs:
+        assert abs(got.mc_loss.item() - expected.mc_loss.item()) < 1e-4 * max(1.0, expected.mc_loss.item())
+
+
+def test_batches_larger_than_the_cache_run_in_chunks(tmp_path):
+    folder, hf = save_model(tmp_path, "GPT2Model")
+    ours = tritongpt2.GPT2Model.from_pretrained(folder, backend="torch", max_batch=2)
+    ids = torch.randint(0, 300, (5, 4))
+    got = ours(input_ids=ids)
+    close(got.last_hidden_state, hf_run(hf, input_ids=ids).last_hidden_state)
+    assert got.past_key_values is None
+
+
+def test_missing_head_weights_are_initialised_with_a_warning(tmp_path):
+    folder, _ = save_model(tmp_path, "GPT2Model")
+    with pytest.warns(UserWarning, match="newly initialised.*score.weight"):
+        model = tritongpt2.GPT2ForSequenceClassification.from_pretrained(folder, backend="torch")
+    assert model.score.weight.std() > 0
+
+
+ALL_CLASSES = [
+    ("GPT2Model", {}, lambda o: o.last_hidden_state),
+    ("GPT2LMHeadModel", {}, lambda o: o.logits),
+    ("GPT2DoubleHeadsModel", {}, lambda o: o.mc_logits),
+    ("GPT2ForSequenceClassification", {"pad_token_id": 0}, lambda o: o.logits),
+    ("GPT2ForTokenClassification", {}, lambda o: o.logits),
+    ("GPT2ForQuestionAnswering", {}, lambda o: o.start_logits),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,config,main", ALL_CLASSES, ids=[c[0] for c in ALL_CLASSES])
+def test_accelerate_in_place_with_shared_weights(tmp_path, backend, name, config, main):
+    _, model = save_model(tmp_path, name, **config)
+    ids = torch.randint(1, 300, (2, 6), generator=torch.Generator().manual_seed(2))
+    expected = main(hf_run(model, input_ids=ids))
+    keys = list(model.state_dict())
+    assert tritongpt2.accelerate(model, backend=backend) is model
+    close(main(hf_run(model, input_ids=ids)), expected)
+    base = model.transformer if hasattr(model, "transformer") else model
+    assert model.tritongpt2.engine.weights.wte.data_ptr() == base.wte.weight.data_ptr()
+    assert model.tritongpt2.engine.weights.layers[1].fc_weight.data_ptr() == base.h[1].mlp.c_fc.weight.data_ptr()
+    assert list(model.state_dict()) == keys
+    assert type(model).forward is getattr(transformers, name).forward, "the class itself must stay untouched"
+
+
+def test_accelerated_generate_equals_transformers(tmp_path):
+    _, model = save_model(tmp_path)
+    ids = torch.randint(0, 300, (2, 5), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, max_new_tokens=7, do_sample=False, pad_token_id=0)
+    tritongpt2.accelerate(model, backend="torch")
+    assert torch.equal(model.generate(input_ids=ids, max_new_tokens=7, do_sample=False, pad_token_id=0), expected)
+
+
+def test_accelerate_refuses_other_models():
+    with pytest.raises(ValueError, match="accelerate takes one of transformers' GPT-2 classes"):
+        tritongpt2.accelerate(torch.nn.Linear(2, 2))
