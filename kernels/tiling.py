@@ -60,13 +60,22 @@ def matmul_tiles(m: int, n: int, k: int, element_size: int) -> MatmulTiles:
     return MatmulTiles(128, 128, 32 if wide else 64, num_warps=8, num_stages=3)
 
 
-def attention_tiles(seq: int, head_dim: int) -> AttentionTiles:
-    """Tiles for causal flash attention over `seq` queries per row with heads of `head_dim`."""
+def head_block(head_dim: int) -> int:
+    """The power-of-two block (16 at least, for tl.dot) that holds one head."""
     if head_dim < 1 or head_dim > MAX_HEAD_DIM:
         raise ValueError(f"head_dim {head_dim} is outside the supported range 1..{MAX_HEAD_DIM}")
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def attention_tiles(seq: int, head_dim: int) -> AttentionTiles:
+    """Tiles for causal flash attention over `seq` queries per row with heads of `head_dim`."""
     block_m = min(64, max(16, triton.next_power_of_2(seq)))
-    return AttentionTiles(block_m, 64, block_d, num_warps=4, num_stages=2)
+    return AttentionTiles(block_m, 64, head_block(head_dim), num_warps=4, num_stages=2)
+
+
+def decode_tiles(head_dim: int) -> AttentionTiles:
+    """Tiles for decode attention: one query row, BLOCK_N cache slots per step."""
+    return AttentionTiles(1, 64, head_block(head_dim), num_warps=4, num_stages=2)
 
 
 def decode_splits(batch_heads: int, slots: int, block_n: int) -> int:

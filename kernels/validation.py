@@ -59,3 +59,37 @@ def check_positive(name: str, value: float) -> None:
     check_finite(name, value)
     if value <= 0:
         raise ValueError(f"{name} must be positive, got {value!r}")
+
+
+def check_attention_inputs(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    query_start: torch.Tensor,
+    key_mask: torch.Tensor,
+    scale: float,
+    *,
+    q_ndim: int,
+) -> tuple[int, int, int, int]:
+    """Checks shared by both attention launchers: q [B, (T,) C], caches [B_cache, H, S, D] with
+    C = H * D, query_start [B], key_mask [B_cache, S] int32. Returns (B, H, S, D)."""
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=q_ndim)
+    check_tensor("k_cache", k_cache, dtypes=FLOAT_DTYPES, ndim=4)
+    check_tensor("v_cache", v_cache, dtypes=FLOAT_DTYPES, ndim=4)
+    check_shape("v_cache", v_cache, tuple(k_cache.shape))
+    check_same_dtype(q=q, k_cache=k_cache, v_cache=v_cache)
+    cache_batch, n_head, slots, head_dim = k_cache.shape
+    batch, width = q.shape[0], q.shape[-1]
+    if n_head * head_dim != width:
+        raise ValueError(f"q has width {width}, but the cache holds {n_head} heads of {head_dim}")
+    if batch > cache_batch:
+        raise ValueError(f"batch {batch} is larger than the cache's {cache_batch} rows")
+    if q.numel() == 0:
+        raise ValueError(f"q is empty (shape {tuple(q.shape)})")
+    check_tensor("query_start", query_start, dtypes=INDEX_DTYPES, ndim=1)
+    check_shape("query_start", query_start, (batch,))
+    check_tensor("key_mask", key_mask, dtypes=(torch.int32,), ndim=2)
+    check_shape("key_mask", key_mask, (cache_batch, slots))
+    check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, query_start=query_start, key_mask=key_mask)
+    check_finite("scale", scale)
+    return batch, n_head, slots, head_dim
