@@ -21,7 +21,7 @@ def as_batch(name: str, values: torch.Tensor, device: torch.device) -> torch.Ten
         raise ValueError(f"{name} must be [batch, seq] (or [seq]), got shape {tuple(values.shape)}")
     if values.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(values.shape)})")
-    return values.to(device=device, dtype=torch.int64)
+    return values.to(device=device, dtype=torch.int64).contiguous()
 
 
 def check_range(name: str, values: torch.Tensor, high: int) -> None:
@@ -51,4 +51,4 @@ def attention_mask_of(mask: torch.Tensor | None, input_ids: torch.Tensor) -> tor
     check_same_shape("attention_mask", mask, input_ids.shape)
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError(f"attention_mask holds values other than 0 and 1: {sorted(set(mask.unique().tolist()))[:8]}")
-    return mask.to(dtype=torch.int32, device=input_ids.device)
+    return mask.to(dtype=torch.int32, device=input_ids.device).contiguous()
