@@ -64,6 +64,9 @@ class CompileJob:
     @property
     def config(self) -> str:
         shown = [f"{k}={v}" for k, v in self.constexprs if v is not None and k.isupper()]
+        # Integer arguments that Triton specialises as multiples of 16 (they change the code).
+        aligned = [name for i, (name, kind) in enumerate(self.signature) if i in self.divisible_by_16 and kind[0] == "i"]
+        shown += [f"x16:{'+'.join(aligned)}"] if aligned else []
         return ",".join(shown + [f"warps={self.num_warps}", f"stages={self.num_stages}"])
 
 
