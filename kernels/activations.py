@@ -11,7 +11,6 @@ import triton.language as tl
 
 ACTIVATIONS: dict[str, str] = {
     "linear": "identity",
-    "identity": "identity",
     "gelu_new": "gelu_tanh",
     "gelu_fast": "gelu_tanh",
     "gelu_accurate": "gelu_tanh",

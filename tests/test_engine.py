@@ -7,6 +7,7 @@ from checkpoints import save_model
 from numerics import BACKEND, relative_error
 from tritongpt2.engine.engine import Engine
 from tritongpt2.engine.generation import generate
+from tritongpt2.kernels.activations import ACTIVATIONS
 
 pytest.importorskip("transformers")
 
@@ -153,3 +154,11 @@ def test_continuing_with_a_mask_that_covers_the_cached_tokens(models, backend):
     out = engine.prefill(ids[:, 6:], mask, reset=False, logits="all")  # the mask as transformers takes it: past + new
     assert relative_error(out.logits, expected[:, 6:]) < TOLERANCE
     assert torch.equal(engine.cache.key_mask[:2, :9].cpu(), mask.int())
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_every_activation_end_to_end(tmp_path, activation):
+    folder, model = save_model(tmp_path, n_layer=1, activation_function=activation)
+    engine = Engine.from_pretrained(folder, backend=BACKEND)
+    ids = prompts(1, 5)
+    assert relative_error(engine.prefill(ids, logits="all").logits, hf_logits(model, ids)) < TOLERANCE

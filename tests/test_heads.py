@@ -227,3 +227,15 @@ def test_accelerated_generate_equals_transformers(tmp_path):
 def test_accelerate_refuses_other_models():
     with pytest.raises(ValueError, match="accelerate takes one of transformers' GPT-2 classes"):
         tritongpt2.accelerate(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.bfloat16), (BACKEND, torch.float16)])
+def test_accelerate_a_half_precision_model(tmp_path, backend, dtype):
+    _, model = save_model(tmp_path)
+    model = model.to(dtype)
+    ids = torch.randint(0, 300, (2, 6), generator=torch.Generator().manual_seed(4))
+    expected = hf_run(model, input_ids=ids).logits
+    tritongpt2.accelerate(model, backend=backend)
+    got = hf_run(model, input_ids=ids).logits
+    assert got.dtype == dtype
+    assert relative_error(got, expected) < {torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
