@@ -37,9 +37,96 @@ def _audit_compile(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+def _dtype(name: str | None):
+    import torch
+
+    return getattr(torch, name) if name else None
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from tritongpt2.engine.checkpoint import resolve_model_dir
+    from tritongpt2.engine.engine import Engine
+    from tritongpt2.engine.generation import SamplingParams, stream_tokens
+    from tritongpt2.engine.tokenizer import GPT2Tokenizer
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read().rstrip("\n")
+    if not prompt:
+        raise ValueError("empty prompt: give it as an argument or on standard input")
+    folder = resolve_model_dir(args.model)
+    tokenizer = GPT2Tokenizer.from_pretrained(folder)
+    engine = Engine.from_pretrained(folder, dtype=_dtype(args.dtype), backend=args.backend, max_batch=1)
+    ids = torch.tensor([tokenizer.encode(prompt)], device=engine.device)
+    sampled = any(v is not None for v in (args.temperature, args.top_k, args.top_p))
+    params = SamplingParams(sampled, args.temperature or 1.0, args.top_k or 0, args.top_p or 1.0)
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    generated: list[int] = []
+    shown = ""
+    eos = tokenizer.eos_token_id
+    for tokens in stream_tokens(engine, ids, max_new_tokens=args.max_new_tokens, params=params,
+                                eos_token_id=eos if eos is not None else [], seed=args.seed):
+        generated.append(int(tokens[0]))
+        text = tokenizer.decode(generated)
+        # A character split across tokens decodes to U+FFFD until its last byte arrives.
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+    sys.stdout.write(tokenizer.decode(generated)[len(shown):] + "\n")
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from tritongpt2.heads.embedder import Embedder
+
+    if not args.texts:
+        raise ValueError("no text to embed")
+    embedder = Embedder.from_pretrained(args.model, pooling=args.pooling, normalize=args.normalize,
+                                        dtype=_dtype(args.dtype), backend=args.backend)
+    vectors = embedder(args.texts)
+    if args.output:
+        np.save(args.output, vectors)
+    else:
+        json.dump({"model": str(args.model), "pooling": args.pooling, "normalize": args.normalize,
+                   "embeddings": vectors.tolist()}, sys.stdout)
+        sys.stdout.write("\n")
+    return 0
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint folder (or hub id, with a network)")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="weights dtype (default: the checkpoint's)")
+    parser.add_argument("--backend", choices=["triton", "interpret", "torch"], help="default: triton with CUDA, else torch")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tritongpt2", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="continue a prompt, streaming the text")
+    _model_options(generate)
+    generate.add_argument("--max-new-tokens", type=int, default=50)
+    generate.add_argument("--temperature", type=float, help="sample at this temperature (greedy when no sampling option)")
+    generate.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
+    generate.add_argument("--top-p", type=float, help="sample from the smallest set holding this probability")
+    generate.add_argument("--seed", type=int, help="seed for sampling")
+    generate.add_argument("prompt", nargs="?", help="the prompt; read from standard input when absent")
+    generate.set_defaults(run=_generate)
+
+    embed = commands.add_parser("embed", help="embed texts: JSON on stdout, or .npy with --output")
+    _model_options(embed)
+    embed.add_argument("--pooling", choices=["mean", "last", "first"], default="mean")
+    embed.add_argument("--normalize", action="store_true", help="scale each vector to unit length")
+    embed.add_argument("--output", help="write an .npy file instead of JSON")
+    embed.add_argument("texts", nargs="*")
+    embed.set_defaults(run=_embed)
     audit = commands.add_parser("audit", help="check the kernels for real GPUs without one")
     audits = audit.add_subparsers(dest="audit", required=True)
     compile_ = audits.add_parser("compile", help="compile every kernel configuration for sm_90 and sm_80")
@@ -56,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except ValueError as error:
+    except (ValueError, NotImplementedError, OSError) as error:
         print(f"tritongpt2: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,99 @@
+"""Embedder: text in, one vector per text out, for apps. Pooled final hidden states of GPT-2."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tritongpt2.engine.checkpoint import resolve_model_dir
+from tritongpt2.engine.engine import Engine
+from tritongpt2.engine.graphs import bucket
+from tritongpt2.engine.tokenizer import GPT2Tokenizer
+
+POOLINGS = ("mean", "last", "first")
+SMALLEST_LENGTH = 16
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """[B, T, C] hidden states of right-padded rows -> [B, C]: the mean over real tokens, the last
+    real token, or the first token."""
+    if pooling == "first":
+        return hidden[:, 0]
+    if pooling == "last":
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), mask.sum(-1) - 1]
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+
+class Embedder:
+    """`embedder(["text", ...])` returns an [N, n_embd] float32 numpy array.
+
+    Texts are tokenized, sorted by length and run in batches of up to max_batch texts, each padded
+    to a power-of-two length bucket, so on a GPU each bucket replays one captured graph. Texts longer
+    than the model's context are truncated. Calls from several threads are serialised on one lock
+    (the engine has one KV cache)."""
+
+    def __init__(self, engine: Engine, tokenizer: GPT2Tokenizer, *, pooling: str = "mean", normalize: bool = False) -> None:
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling={pooling!r} must be one of {', '.join(POOLINGS)}")
+        self.engine, self.tokenizer = engine, tokenizer
+        self.pooling, self.normalize = pooling, normalize
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        pooling: str = "mean",
+        normalize: bool = False,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        backend: str | None = None,
+        max_batch: int = 8,
+        cuda_graphs: bool | None = None,
+    ) -> Embedder:
+        folder = resolve_model_dir(name_or_path)
+        engine = Engine.from_pretrained(
+            folder, dtype=dtype, device=device, backend=backend, max_batch=max_batch, cuda_graphs=cuda_graphs
+        )
+        return cls(engine, GPT2Tokenizer.from_pretrained(folder), pooling=pooling, normalize=normalize)
+
+    @property
+    def dimension(self) -> int:
+        return self.engine.config.n_embd
+
+    def __call__(self, texts: list[str] | str) -> np.ndarray:
+        if isinstance(texts, str):
+            texts = [texts]
+        if not all(isinstance(t, str) for t in texts):
+            raise ValueError("texts must be strings")
+        max_seq = self.engine.cache.max_seq
+        encoded = [self.tokenizer.encode(text)[:max_seq] for text in texts]
+        for text, ids in zip(texts, encoded):
+            if not ids:
+                raise ValueError(f"text {text!r} has no tokens")
+        out = np.empty((len(texts), self.dimension), dtype=np.float32)
+        order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+        with self._lock:
+            for start in range(0, len(order), self.engine.cache.max_batch):
+                chosen = order[start:start + self.engine.cache.max_batch]
+                out[chosen] = self._embed([encoded[i] for i in chosen])
+        return out
+
+    def _embed(self, batch: list[list[int]]) -> np.ndarray:
+        length = bucket(max(len(ids) for ids in batch), self.engine.cache.max_seq, SMALLEST_LENGTH)
+        ids = torch.zeros(len(batch), length, dtype=torch.int64)
+        mask = torch.zeros(len(batch), length, dtype=torch.int64)
+        for row, tokens in enumerate(batch):
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+            mask[row, : len(tokens)] = 1
+        ids, mask = ids.to(self.engine.device), mask.to(self.engine.device)
+        hidden = self.engine.prefill(ids, mask, logits=None, hidden=True).hidden_states
+        vectors = pool(hidden.float(), mask, self.pooling)
+        if self.normalize:
+            vectors = torch.nn.functional.normalize(vectors, dim=-1)
+        return vectors.cpu().numpy()
