@@ -21,7 +21,7 @@ HEAD_MODULES = {
 }
 
 
-def _shared_weights(model: nn.Module) -> GPT2Weights:
+def shared_weights(model: nn.Module) -> GPT2Weights:
     """The model's own tensors, not copies: the engine reads the same memory."""
     base = model.transformer if hasattr(model, "transformer") else model
 
@@ -51,7 +51,7 @@ def accelerate(
     if name is None:
         raise ValueError(f"accelerate takes one of transformers' GPT-2 classes ({', '.join(HEAD_MODULES)}), got {type(model).__name__}")
     config = GPT2Config.from_dict(model.config.to_dict())
-    weights = _shared_weights(model)
+    weights = shared_weights(model)
     if backend is None and weights.device.type == "cuda":
         backend = "triton"
     engine = Engine(config, weights, backend=resolve_backend(backend), max_batch=max_batch, max_seq=max_seq, cuda_graphs=cuda_graphs)

@@ -4,9 +4,10 @@
 - ``interpret``: the same kernels run by Triton's CPU interpreter (``TRITON_INTERPRET=1``).
 - ``torch``: plain PyTorch ops from ``reference.py``.
 
-Triton decides between compiling and interpreting when a ``@triton.jit`` function is defined, that is
-when a kernel module is first imported. So one process runs either compiled or interpreted kernels,
-never both; asking for the other one is a clear error instead of a silent switch.
+Triton decides between compiling and interpreting when a ``@triton.jit`` function is defined: when a
+kernel module is first imported, and when triton.language itself is (its helpers are jit functions).
+So one process runs either compiled or interpreted kernels, never both; asking for the other one is
+a clear error instead of a silent switch.
 """
 
 from __future__ import annotations
@@ -46,10 +47,11 @@ def resolve_backend(backend: str | None = None) -> str:
             f"{source}{backend!r}: this process runs Triton's interpreter (TRITON_INTERPRET=1), "
             "so kernels cannot be compiled for the GPU here; unset TRITON_INTERPRET and start a new process"
         )
-    if name == "interpret" and mode == "triton":
+    if name == "interpret" and (mode == "triton" or (mode is None and _triton_language_compiled())):
         raise ValueError(
-            f"{source}{backend!r}: the kernels were already built for the GPU in this process; "
-            "set TRITON_INTERPRET=1 (or choose the interpret backend) before the first kernel is used"
+            f"{source}{backend!r}: triton was already imported for the GPU in this process (by the kernels, "
+            "or by a library such as torch.compile or transformers); set TRITON_INTERPRET=1 in the "
+            "environment before anything imports triton"
         )
     return name
 
@@ -65,6 +67,7 @@ def kernel_ops(backend: str) -> ModuleType:
     if backend == "torch":
         return importlib.import_module("tritongpt2.kernels.reference")
     if backend == "interpret":
+        resolve_backend(backend)
         os.environ["TRITON_INTERPRET"] = "1"
     ops = importlib.import_module(_LAUNCHERS)
     if kernel_mode() != backend:
@@ -80,6 +83,17 @@ def kernel_mode() -> str | None:
     from triton.runtime.interpreter import InterpretedFunction
 
     return "interpret" if isinstance(launchers.KERNELS[0], InterpretedFunction) else "triton"
+
+
+def _triton_language_compiled() -> bool:
+    """Whether triton.language was imported without the interpreter: its own @jit helpers (tl.zeros
+    and friends) are then GPU functions that interpreted kernels cannot call."""
+    standard = sys.modules.get("triton.language.standard")
+    if standard is None:
+        return False
+    from triton.runtime.jit import JITFunction
+
+    return any(isinstance(member, JITFunction) for member in vars(standard).values())
 
 
 def _interpret_env_on() -> bool:

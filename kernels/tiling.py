@@ -70,7 +70,8 @@ def head_block(head_dim: int) -> int:
 def attention_tiles(seq: int, head_dim: int) -> AttentionTiles:
     """Tiles for causal flash attention over `seq` queries per row with heads of `head_dim`."""
     block_m = min(64, max(16, triton.next_power_of_2(seq)))
-    return AttentionTiles(block_m, 64, head_block(head_dim), num_warps=4, num_stages=2)
+    block_d = head_block(head_dim)
+    return AttentionTiles(block_m, 32 if block_d > 64 else 64, block_d, num_warps=4, num_stages=2)
 
 
 def decode_tiles(head_dim: int) -> AttentionTiles:

@@ -43,9 +43,14 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def test_interpret_backend_switches_the_interpreter_on_in_a_fresh_process():
+    # The whole public API is imported first: nothing in it may define a jit function early.
     code = (
+        "import torch, tritongpt2\n"
         "from tritongpt2.kernels.backend import kernel_ops, kernel_mode\n"
         "ops = kernel_ops('interpret')\n"
+        "x = torch.randn(2, 32)\n"
+        "w = torch.randn(32, 16)\n"
+        "ops.ln_linear(x, torch.ones(32), torch.zeros(32), 1e-5, w, None, 'gelu_new')\n"
         "print(kernel_mode())\n"
     )
     result = run_python(code)
@@ -65,4 +70,19 @@ def test_interpret_after_compiled_kernels_is_a_clear_error():
     )
     result = run_python(code)
     assert result.returncode == 0, result.stderr
-    assert "already built for the GPU" in result.stdout
+    assert "triton was already imported for the GPU" in result.stdout
+
+
+def test_interpret_after_triton_was_imported_for_the_gpu_is_a_clear_error():
+    # torch.compile and transformers import triton; its own jit helpers are then built for the GPU.
+    code = (
+        "import triton.language\n"
+        "from tritongpt2.kernels.backend import kernel_ops\n"
+        "try:\n"
+        "    kernel_ops('interpret')\n"
+        "except ValueError as e:\n"
+        "    print(e)\n"
+    )
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert "set TRITON_INTERPRET=1 in the environment before anything imports triton" in result.stdout

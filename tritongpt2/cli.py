@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -100,6 +101,35 @@ def _embed(args: argparse.Namespace) -> int:
     return 0
 
 
+PARITY_LIMIT = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.quick:
+        # --quick runs the kernels under the interpreter, which must be on before triton is imported.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+
+    from tritongpt2.bench.report import markdown, write_results
+    from tritongpt2.bench.suite import run_suite
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch.cuda.is_available() is False")
+    on_gpu = device.type == "cuda" and not args.quick
+    models = args.models or (["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"] if on_gpu else ["gpt2"])
+    dtypes = [_dtype(name) for name in (args.dtypes or (["float16", "bfloat16"] if on_gpu else ["float32"]))]
+    document = run_suite(models, dtypes, device, quick=args.quick)
+    print(markdown(document))
+    output = args.output or ("bench/results/quick" if args.quick else "bench/results")
+    for path in write_results(document, Path(output)):
+        print(f"wrote {path}", file=sys.stderr)
+    failed = [c for c in document["parity"] if c["relative_error_vs_hf_eager"] > PARITY_LIMIT[c["dtype"]]]
+    for check in failed:
+        print(f"PARITY FAILED: {check}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder (or hub id, with a network)")
     parser.add_argument("--dtype", choices=list(DTYPES), help="weights dtype (default: the checkpoint's)")
@@ -127,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--output", help="write an .npy file instead of JSON")
     embed.add_argument("texts", nargs="*")
     embed.set_defaults(run=_embed)
+    bench = commands.add_parser("bench", help="time tritongpt2 against transformers, side by side")
+    bench.add_argument("--quick", action="store_true", help="tiny shapes on the CPU backends, with a parity check")
+    bench.add_argument("--models", type=_csv, help="GPT-2 sizes (default: all four on a GPU, gpt2 on the CPU)")
+    bench.add_argument("--dtypes", type=_csv, help="default: float16,bfloat16 on a GPU, float32 on the CPU")
+    bench.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
+    bench.add_argument("--output", help="folder for the JSON, markdown and PNG (default: bench/results)")
+    bench.set_defaults(run=_bench)
+
     audit = commands.add_parser("audit", help="check the kernels for real GPUs without one")
     audits = audit.add_subparsers(dest="audit", required=True)
     compile_ = audits.add_parser("compile", help="compile every kernel configuration for sm_90 and sm_80")
