@@ -39,10 +39,16 @@ class Runner:
         raise NotImplementedError
 
 
+def cache_keyword(model: torch.nn.Module) -> str:
+    """transformers 5 calls the cache argument `cache`; 4.x `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class HFRunner(Runner):
     def __init__(self, model: torch.nn.Module, attention: str) -> None:
         self.name = f"hf-{attention}"
         self.model = model
+        self.cache_keyword = cache_keyword(model)
         model.config._attn_implementation = attention
 
     @torch.no_grad()
@@ -56,12 +62,13 @@ class HFRunner(Runner):
 
     def decode_step(self, ids: torch.Tensor) -> Step:
         with torch.no_grad():
-            cache = self.model(input_ids=ids, use_cache=True).past_key_values
+            out = self.model(input_ids=ids, use_cache=True)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
         token = ids[:, -1:]
 
         @torch.no_grad()
         def step() -> object:
-            return self.model(input_ids=token, past_key_values=cache, use_cache=True).logits
+            return self.model(input_ids=token, use_cache=True, **{self.cache_keyword: cache}).logits
 
         return step
 
@@ -92,14 +99,14 @@ class HFCompiledStaticRunner(HFRunner):
         batch, seq = ids.shape
         cache = _static_cache(self.model, batch, seq + room)
         with torch.no_grad():
-            self.model(input_ids=ids, past_key_values=cache, use_cache=True,
-                       cache_position=torch.arange(seq, device=ids.device))
+            self.model(input_ids=ids, use_cache=True, cache_position=torch.arange(seq, device=ids.device),
+                       **{self.cache_keyword: cache})
         token = ids[:, -1:].clone()
         position = torch.tensor([seq], device=ids.device)
 
         @torch.no_grad()
         def step() -> object:
-            logits = self.compiled(input_ids=token, past_key_values=cache, use_cache=True, cache_position=position).logits
+            logits = self.compiled(input_ids=token, use_cache=True, cache_position=position, **{self.cache_keyword: cache}).logits
             position.add_(1)
             return logits
 

@@ -204,10 +204,13 @@ class Engine:
         return out
 
     def _run_step(self, inputs: dict[str, torch.Tensor | None], new_tokens: torch.Tensor, **options) -> StepOutput:
+        # The torch ops attend over the slots in use only; the kernels skip the rest themselves and
+        # keep the cache's full, static shape, as a captured graph needs.
+        window = self.cache.used + inputs["attention_mask"].shape[1] if self.backend == "torch" else None
         return gpt2_step(
             self.ops, self.config, self.weights, self.cache, inputs["input_ids"], inputs["attention_mask"], new_tokens,
             position_ids=inputs.get("position_ids"), token_type_ids=inputs.get("token_type_ids"),
-            inputs_embeds=inputs.get("inputs_embeds"), **options,
+            inputs_embeds=inputs.get("inputs_embeds"), attention_window=window, **options,
         )
 
     def _graph_step(self, inputs: dict[str, torch.Tensor | None], *, logits: str | None, hidden: bool) -> StepOutput:

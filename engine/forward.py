@@ -46,13 +46,17 @@ def gpt2_step(
     logits: str | None = "last",
     hidden: bool = False,
     layer_inputs: bool = False,
+    attention_window: int | None = None,
 ) -> StepOutput:
     """Run input_ids [B, T] (or inputs_embeds [B, T, C]) through the model, appending to the cache
     at each row's length.
 
     attention_mask [B, T] marks real tokens (1) and padding (0); new_tokens [1] is how far the
     rows' lengths advance (T, or fewer when T was padded up to a graph bucket). T == 1 is a decode
-    step (split-KV attention), T > 1 a prefill (flash attention)."""
+    step (split-KV attention), T > 1 a prefill (flash attention). attention_window, when given, is
+    how many leading cache slots attention is shown: every slot in use, no more. The kernels skip
+    unused slots themselves, but the torch ops would compute over the whole cache; a window fixed by
+    the host's count is for steps that are never captured."""
     batch, seq = attention_mask.shape
     start = cache.lengths[:batch]
     slots = start[:, None] + torch.arange(seq, device=attention_mask.device)
@@ -63,6 +67,8 @@ def gpt2_step(
     x = ops.embedding(input_ids, position_ids, weights.wte, weights.wpe, token_type_ids, inputs_embeds)  # [B, T, C]
     eps, width = config.layer_norm_epsilon, config.n_embd
     collected = []
+    window = slice(None) if attention_window is None else slice(0, attention_window)
+    key_mask = cache.key_mask[:, window]
     for i, layer in enumerate(weights.layers):
         if layer_inputs:
             collected.append(x)
@@ -71,10 +77,11 @@ def gpt2_step(
             x, layer.ln_1_weight, layer.ln_1_bias, eps, layer.attn_weight, layer.attn_bias, keys, values, slots
         )
         scale = config.attention_scale(i)
+        keys, values = keys[:, :, window], values[:, :, window]
         if seq == 1:
-            attn = ops.decode_attention(q.view(batch, width), keys, values, start, cache.key_mask, scale).view(batch, 1, width)
+            attn = ops.decode_attention(q.view(batch, width), keys, values, start, key_mask, scale).view(batch, 1, width)
         else:
-            attn = ops.flash_attention(q, keys, values, start, cache.key_mask, scale)
+            attn = ops.flash_attention(q, keys, values, start, key_mask, scale)
         x = ops.linear_residual(attn, layer.attn_proj_weight, layer.attn_proj_bias, x)
         h = ops.ln_linear(x, layer.ln_2_weight, layer.ln_2_bias, eps, layer.fc_weight, layer.fc_bias, config.activation_function)
         x = ops.linear_residual(h, layer.mlp_proj_weight, layer.mlp_proj_bias, x)

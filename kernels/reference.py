@@ -23,7 +23,7 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 _FORMULAS = {
     "identity": lambda x: x,
-    "gelu_tanh": lambda x: 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3)))),
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_erf": lambda x: F.gelu(x),
     "gelu_erf_clip10": lambda x: F.gelu(x).clamp(-10.0, 10.0),
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
@@ -84,17 +84,19 @@ def ln_linear(
     """act(LN(x) @ weight + bias): [..., K] -> [..., N]. weight is [K, N] (a transposed view works:
     the LM head passes wte.T). The normalized row is rounded to the weight dtype before the matmul."""
     h = _normalize(x, ln_weight, ln_bias, eps).to(weight.dtype).to(_compute_dtype(x))
-    y = h @ weight.to(h.dtype)
-    if bias is not None:
-        y = y + bias.to(h.dtype)
-    return _FORMULAS[activation_formula(activation)](y).to(x.dtype)
+    rows = h.reshape(-1, h.shape[-1])
+    w = weight.to(h.dtype)
+    y = rows @ w if bias is None else torch.addmm(bias.to(h.dtype), rows, w)
+    y = _FORMULAS[activation_formula(activation)](y).to(x.dtype)
+    return y.view(*x.shape[:-1], weight.shape[1])
 
 
 def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """residual + x @ weight + bias: [..., K] -> [..., N]."""
     dtype = _compute_dtype(x)
-    y = x.to(dtype) @ weight.to(dtype) + bias.to(dtype) + residual.to(dtype)
-    return y.to(x.dtype)
+    rows = x.to(dtype).reshape(-1, x.shape[-1])
+    y = torch.addmm(bias.to(dtype), rows, weight.to(dtype)).view(*x.shape[:-1], weight.shape[1])
+    return y.add_(residual.to(dtype)).to(x.dtype)
 
 
 def ln_qkv_projection(
@@ -140,10 +142,11 @@ def flash_attention(
     batch, seq, width = q.shape
     n_head, slots, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     dtype = _compute_dtype(q)
-    qh = q.reshape(batch, seq, n_head, head_dim).transpose(1, 2).to(dtype)
+    # The scale is applied to q (T x D numbers) rather than to the scores (T x S); both are float32.
+    qh = q.reshape(batch, seq, n_head, head_dim).transpose(1, 2).to(dtype) * scale
     k = k_cache[:batch].to(dtype)
     v = v_cache[:batch]
-    scores = (qh @ k.transpose(-1, -2)) * scale  # [B, H, T, S]
+    scores = qh @ k.transpose(-1, -2)  # [B, H, T, S]
     query_slot = query_start.long().view(batch, 1) + torch.arange(seq, device=q.device)  # [B, T]
     key_slot = torch.arange(slots, device=q.device)
     visible = (key_slot.view(1, 1, slots) <= query_slot.unsqueeze(-1)) & (key_mask[:batch] != 0).unsqueeze(1)

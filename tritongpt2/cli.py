@@ -136,6 +136,31 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=["triton", "interpret", "torch"], help="default: triton with CUDA, else torch")
 
 
+def _audit_traffic(args: argparse.Namespace) -> int:
+    # Bytes are counted under the interpreter, which must be on before triton is imported.
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+
+    from tritongpt2.bench.model_shapes import model_shape
+    from tritongpt2.bench.traffic_audit import run_traffic_audit
+
+    shape = model_shape(args.model)
+    rows = run_traffic_audit(shape, args.workload, args.batch, args.context, getattr(torch, args.dtype))
+    print("| impl | workload | batch | context | bytes/step | ideal | ratio to ideal | launches/step | launches/layer |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['impl']} | {r['workload']} | {r['batch']} | {r['context']} | {r['bytes']:,} | {r['ideal_bytes']:,} | "
+              f"{r['ratio_to_ideal']} | {r['launches']} | {r['launches_per_layer']} |")
+    path = Path(args.output) / f"traffic-{shape.name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(path.read_text())["results"] if path.exists() else []
+    keys = {(r["workload"], r["batch"], r["context"], r["dtype"], r["impl"]) for r in rows}
+    kept = [r for r in previous if (r["workload"], r["batch"], r["context"], r["dtype"], r["impl"]) not in keys]
+    path.write_text(json.dumps({"device": "interpreter", "results": kept + rows}, indent=1) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tritongpt2", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -174,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--json", help="write the results as JSON to this file")
     compile_.add_argument("--dump", help="write each cubin into this folder")
     compile_.set_defaults(run=_audit_compile)
+    traffic = audits.add_parser("traffic", help="count the bytes one step moves, against the ideal and transformers")
+    traffic.add_argument("--model", default="gpt2")
+    traffic.add_argument("--workload", choices=["decode", "prefill", "embed"], default="decode")
+    traffic.add_argument("--batch", type=int, default=1)
+    traffic.add_argument("--context", type=int, default=1024, help="cache context (decode) or tokens (prefill, embed)")
+    traffic.add_argument("--dtype", choices=list(DTYPES), default="float16")
+    traffic.add_argument("--output", default="bench/results", help="folder of traffic-<model>.json")
+    traffic.set_defaults(run=_audit_traffic)
     return parser
 
 

@@ -1,0 +1,211 @@
+"""Memory traffic of one step, counted under Triton's interpreter, against the ideal and transformers.
+
+Ours: every interpreted tl.load / tl.store of every kernel launch, in bytes, masked-off lanes counted
+as nothing (loads repeated by several programs count each time, so this is an upper bound on DRAM
+traffic that L2 would partly absorb), plus the small torch ops of the step. Transformers: the bytes
+each aten op of its forward reads and writes, through a TorchDispatchMode; ops that only make views
+move nothing, and a gather (the embedding) reads the rows it gathers, not the table. The step runs at
+the real per-layer shapes with 1 and 2 layers; the difference is one layer, scaled to full depth.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tritongpt2.kernels.launch import LaunchRecord, observing_launches
+
+from .model_shapes import ModelShape
+from .runners import cache_keyword
+
+WORKLOADS = ("decode", "prefill", "embed")
+# Ops that return views or metadata: they move no memory.
+VIEW_OPS = {
+    "view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "slice", "select", "unsqueeze",
+    "squeeze", "split", "split_with_sizes", "as_strided", "alias", "detach", "unbind", "chunk", "narrow",
+    "lift_fresh", "_to_copy_noop", "unflatten", "flatten", "empty", "empty_like", "empty_strided", "new_empty",
+    "diagonal", "view_as", "sym_size", "sym_stride", "sym_numel", "is_same_size", "_reshape_alias",
+}
+GATHER_OPS = {"embedding", "index_select", "index"}
+
+
+@dataclass
+class StepTraffic:
+    bytes: int = 0
+    launches: int = 0
+    per_kernel: dict[str, int] = field(default_factory=dict)
+
+    def add(self, name: str, nbytes: int) -> None:
+        self.bytes += nbytes
+        self.launches += 1
+        self.per_kernel[name] = self.per_kernel.get(name, 0) + nbytes
+
+
+def _tensor_bytes(value: object) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+class AtenTraffic(TorchDispatchMode):
+    """Bytes read and written per aten op, outside kernel launches."""
+
+    def __init__(self, traffic: StepTraffic) -> None:
+        super().__init__()
+        self.traffic = traffic
+        self.in_kernel = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__.rstrip("_")
+        if self.in_kernel or name in VIEW_OPS:
+            return out
+        if name in GATHER_OPS:
+            # The table's gathered rows (as large as the output) and the indices, not the table.
+            nbytes = 2 * _tensor_bytes(out) + sum(_tensor_bytes(a) for a in args[1:])
+        else:
+            nbytes = sum(_tensor_bytes(a) for a in args) + sum(_tensor_bytes(v) for v in (kwargs or {}).values())
+            nbytes += 0 if func.overloadpacket.__name__.endswith("_") else _tensor_bytes(out)
+        self.traffic.add(f"aten.{name}", nbytes)
+        return out
+
+
+@contextmanager
+def counting_kernel_traffic(traffic: StepTraffic, aten: AtenTraffic) -> Iterator[None]:
+    """Count every interpreted load and store into the launch that runs it."""
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    current: list[int] = [0]
+    load, store = InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store
+
+    def element_bytes(ptrs) -> int:
+        return ptrs.get_element_ty().primitive_bitwidth // 8
+
+    def counted_load(self, ptrs, mask, other, cache_policy, is_volatile):
+        current[0] += int(np.count_nonzero(mask.data)) * element_bytes(ptrs)
+        return load(self, ptrs, mask, other, cache_policy, is_volatile)
+
+    def counted_store(self, ptrs, value, mask, cache_policy):
+        current[0] += int(np.count_nonzero(mask.data)) * element_bytes(ptrs)
+        return store(self, ptrs, value, mask, cache_policy)
+
+    @contextmanager
+    def observe(record: LaunchRecord) -> Iterator[None]:
+        current[0] = 0
+        aten.in_kernel = True
+        try:
+            yield
+        finally:
+            aten.in_kernel = False
+            traffic.add(record.kernel.fn.__name__, current[0])
+
+    InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store = counted_load, counted_store
+    try:
+        with observing_launches(observe):
+            yield
+    finally:
+        InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store = load, store
+
+
+def _hf_model(shape: ModelShape, n_layer: int, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=shape.vocab_size, n_positions=shape.n_positions, n_embd=shape.n_embd,
+                        n_layer=n_layer, n_head=shape.n_head)
+    config._attn_implementation = "eager"
+    return GPT2LMHeadModel(config).to(dtype).eval()
+
+
+def _ids(shape: ModelShape, batch: int, seq: int) -> torch.Tensor:
+    return torch.randint(0, shape.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seq))
+
+
+def ours_step(model: torch.nn.Module, shape: ModelShape, workload: str, batch: int, context: int) -> StepTraffic:
+    from tritongpt2.engine.config import GPT2Config
+    from tritongpt2.engine.engine import Engine
+    from tritongpt2.heads.accelerate import shared_weights
+
+    engine = Engine(GPT2Config.from_dict(model.config.to_dict()), shared_weights(model), backend="interpret",
+                    max_batch=batch, max_seq=shape.n_positions)
+    traffic = StepTraffic()
+    aten = AtenTraffic(traffic)
+    if workload == "decode":
+        # The cache as a prefill of context - 1 tokens leaves it; the values do not change the traffic.
+        cache = engine.cache
+        cache.key_mask[:batch, : context - 1] = 1
+        cache.lengths[:batch] = cache.next_position[:batch] = context - 1
+        cache.advance(batch, context - 1)
+        tokens = _ids(shape, batch, 1)[:, 0]
+        run: Callable[[], object] = lambda: engine.decode(tokens)
+    else:
+        ids = _ids(shape, batch, context)
+        run = (lambda: engine.prefill(ids)) if workload == "prefill" else (lambda: engine.prefill(ids, logits=None, hidden=True))
+    with counting_kernel_traffic(traffic, aten), aten:
+        run()
+    return traffic
+
+
+def hf_step(model: torch.nn.Module, shape: ModelShape, workload: str, batch: int, context: int) -> StepTraffic:
+    traffic = StepTraffic()
+    with torch.no_grad():
+        if workload == "decode":
+            out = model(input_ids=_ids(shape, batch, context - 1), use_cache=True)
+            cache = out.cache if hasattr(out, "cache") else out.past_key_values
+            tokens = _ids(shape, batch, 1)
+            with AtenTraffic(traffic):
+                model(input_ids=tokens, use_cache=True, logits_to_keep=1, **{cache_keyword(model): cache})
+        else:
+            ids = _ids(shape, batch, context)
+            with AtenTraffic(traffic):
+                model(input_ids=ids, logits_to_keep=1) if workload == "prefill" else model.transformer(input_ids=ids)
+    return traffic
+
+
+def ideal_bytes(shape: ModelShape, workload: str, batch: int, context: int, element: int) -> int:
+    """Every weight once (wte once: the LM head reads it whole; wpe only the rows used), the KV cache
+    up to the context once, inputs and outputs once."""
+    c, layers = shape.n_embd, shape.n_layer
+    per_layer = (12 * c * c + 13 * c) * element
+    tokens = batch * (1 if workload == "decode" else context)
+    weights = layers * per_layer + (shape.vocab_size * c + 2 * c) * element + tokens * c * element
+    kv_read = 2 * layers * batch * context * c * element if workload == "decode" else 0
+    kv_write = 2 * layers * tokens * c * element
+    outputs = batch * shape.vocab_size * element if workload != "embed" else tokens * c * element
+    if workload == "embed":
+        weights -= shape.vocab_size * c * element - tokens * c * element  # no LM head: wte rows only
+    return weights + kv_read + kv_write + outputs + tokens * 8
+
+
+def scaled(one: StepTraffic, two: StepTraffic, layers: int) -> tuple[int, int]:
+    """(bytes, launches) at full depth from steps with 1 and 2 layers."""
+    return (one.bytes + (layers - 1) * (two.bytes - one.bytes), one.launches + (layers - 1) * (two.launches - one.launches))
+
+
+def run_traffic_audit(shape: ModelShape, workload: str, batch: int, context: int, dtype: torch.dtype) -> list[dict]:
+    if workload not in WORKLOADS:
+        raise ValueError(f"workload {workload!r} must be one of {', '.join(WORKLOADS)}")
+    if not 1 <= context <= shape.n_positions:
+        raise ValueError(f"context {context} must be between 1 and {shape.n_positions}")
+    element = torch.empty((), dtype=dtype).element_size()
+    rows = []
+    models = {n: _hf_model(shape, n, dtype) for n in (1, 2)}
+    ideal = ideal_bytes(shape, workload, batch, context, element)
+    for impl, step in (("tritongpt2", ours_step), ("hf-eager", hf_step)):
+        one, two = (step(models[n], shape, workload, batch, context) for n in (1, 2))
+        total, launches = scaled(one, two, shape.n_layer)
+        rows.append({
+            "model": shape.name, "workload": workload, "batch": batch, "context": context, "n_layer": shape.n_layer,
+            "dtype": str(dtype).removeprefix("torch."), "impl": impl, "bytes": total, "ideal_bytes": ideal,
+            "ratio_to_ideal": round(total / ideal, 3), "launches": launches,
+            "launches_per_layer": two.launches - one.launches,
+            "per_layer_bytes": {k: v - one.per_kernel.get(k, 0) for k, v in two.per_kernel.items() if v - one.per_kernel.get(k, 0)},
+        })
+    return rows
