@@ -1,0 +1,40 @@
+"""Memory traffic of a decode step at gpt2's per-layer shapes, under the interpreter: within 1.1x of
+the ideal, at most 6 launches per layer, and less than transformers moves."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tritongpt2.bench.model_shapes import ModelShape
+from tritongpt2.bench.traffic_audit import run_traffic_audit
+
+pytest.importorskip("transformers")
+
+
+def test_gpt2_decode_at_context_1024_meets_the_targets():
+    # gpt2's layers and context; a smaller vocabulary keeps the interpreted LM head quick (the head's
+    # traffic is one read of wte, in ours and in the ideal alike).
+    shape = ModelShape("gpt2-small-vocab", 768, 12, 12, vocab_size=4096)
+    rows = {r["impl"]: r for r in run_traffic_audit(shape, "decode", 1, 1024, torch.float16)}
+    ours, theirs = rows["tritongpt2"], rows["hf-eager"]
+    assert ours["ratio_to_ideal"] <= 1.1, ours
+    assert ours["launches_per_layer"] <= 6, ours
+    assert theirs["bytes"] > ours["bytes"] and theirs["launches"] > ours["launches"]
+
+
+def test_cli_writes_the_results_file(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "tritongpt2.cli", "audit", "traffic", "--model", "distilgpt2", "--workload", "embed",
+               "--context", "8", "--output", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    document = json.loads((tmp_path / "traffic-distilgpt2.json").read_text())
+    assert document["device"] == "interpreter"
+    assert {r["impl"] for r in document["results"]} == {"tritongpt2", "hf-eager"}
+    for row in document["results"]:
+        assert {"model", "workload", "batch", "context", "n_layer", "impl", "bytes", "ideal_bytes", "launches"} <= set(row)
+        assert row["n_layer"] == 6 and row["bytes"] > row["ideal_bytes"] * 0.9
