@@ -44,6 +44,9 @@ class Workload:
 
 
 DEFAULT_WORKLOADS = (
+    Workload("prefill", 1, 16, 1024),  # embedding latency
+    Workload("prefill", 1, 128, 1024),
+    Workload("prefill", 64, 128, 1024),  # embedding throughput
     Workload("prefill", 1, 1024, 1024),
     Workload("decode", 1, 1, 1024),
     Workload("decode", 8, 1, 1024),
