@@ -27,7 +27,7 @@ LOG2_E = 1.4426950408889634
 def decode_attention_split_kernel(
     q_ptr, k_ptr, v_ptr, start_ptr, mask_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
     stride_qb, stride_cb, stride_ch, stride_cs, stride_mb,
-    n_head, head_dim, chunk, n_splits, qk_scale,
+    n_head, n_slots, head_dim, chunk, n_splits, qk_scale,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pair = tl.program_id(0)
@@ -41,7 +41,9 @@ def decode_attention_split_kernel(
     q = q.to(tl.float32) * qk_scale
     cache = batch.to(tl.int64) * stride_cb + head.to(tl.int64) * stride_ch
     first = split * chunk
-    end = tl.minimum(first + chunk, query_slot + 1)
+    key_mask = mask_ptr + batch.to(tl.int64) * stride_mb
+    # Only slots up to the query's are visible: a chunk past it runs no iteration and loads nothing.
+    end = tl.minimum(tl.minimum(first + chunk, query_slot + 1), n_slots)
 
     part_max = tl.max(tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32), axis=0)
     part_sum = tl.sum(tl.zeros((BLOCK_N,), dtype=tl.float32), axis=0)
@@ -50,17 +52,17 @@ def decode_attention_split_kernel(
         cols = block + tl.arange(0, BLOCK_N)
         col_in = cols < end
         kv_at = cache + cols.to(tl.int64)[:, None] * stride_cs + dims[None, :]
-        kv_mask = col_in[:, None] & dim_in[None, :]
-        k = tl.load(k_ptr + kv_at, mask=kv_mask, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + kv_at, mask=col_in[:, None] & dim_in[None, :], other=0.0).to(tl.float32)
         scores = tl.sum(k * q[None, :], axis=1)
-        keep = tl.load(mask_ptr + batch.to(tl.int64) * stride_mb + cols, mask=col_in, other=0)
-        scores = tl.where(col_in & (keep != 0), scores, float("-inf"))
+        keep = tl.load(key_mask + cols, mask=col_in, other=0) != 0
+        scores = tl.where(keep, scores, float("-inf"))
         new_max = tl.maximum(part_max, tl.max(scores, axis=0))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
         rescale = tl.exp2(part_max - shift)
         p = tl.exp2(scores - shift)
         part_sum = part_sum * rescale + tl.sum(p, axis=0)
-        v = tl.load(v_ptr + kv_at, mask=kv_mask, other=0.0)
+        # Masked slots' V is not read: P is 0 there, but 0 * (whatever a padding slot holds) could be NaN.
+        v = tl.load(v_ptr + kv_at, mask=keep[:, None] & dim_in[None, :], other=0.0)
         # P is rounded to V's dtype before P @ V, as in prefill and in transformers.
         acc = acc * rescale + tl.sum(p.to(v.dtype).to(tl.float32)[:, None] * v.to(tl.float32), axis=0)
         part_max = new_max
@@ -120,7 +122,7 @@ def decode_attention(
         (batch * n_head, splits),
         q, k_cache, v_cache, query_start, key_mask, part_max, part_sum, part_acc,
         q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), key_mask.stride(0),
-        n_head, head_dim, chunk, splits, scale * LOG2_E,
+        n_head, slots, head_dim, chunk, splits, scale * LOG2_E,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d,
     )
     out = torch.empty_like(q)

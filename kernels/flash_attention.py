@@ -5,7 +5,8 @@
 
 Online softmax (flash-attention 2): scores, running max and sum in float32, in base 2 (scale folded
 with log2(e)); P is rounded to V's dtype before P @ V, as transformers does. A query that sees no slot
-(a left-padding position) gets zeros, never NaN.
+(a left-padding position) gets zeros, never NaN. Program (query block, b * H + h) walks the key blocks
+from slot 0 to the last slot its queries can see, so slots past the prompt are never read.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def flash_attention_kernel(
     q_at = batch.to(tl.int64) * stride_qb + rows.to(tl.int64)[:, None] * stride_qt + head * head_dim + dims[None, :]
     q = tl.load(q_ptr + q_at, mask=row_in[:, None] & dim_in[None, :], other=0.0)
     cache = batch.to(tl.int64) * stride_cb + head.to(tl.int64) * stride_ch
+    key_mask = mask_ptr + batch.to(tl.int64) * stride_mb
     # Keys past the block's last query are never visible: stop there (causal skipping).
     end = tl.minimum(start + tl.minimum(seq_len, (block + 1) * BLOCK_M), n_slots)
 
@@ -51,11 +53,10 @@ def flash_attention_kernel(
         cols = first + tl.arange(0, BLOCK_N)
         col_in = cols < end
         kv_at = cache + cols.to(tl.int64)[:, None] * stride_cs + dims[None, :]
-        kv_mask = col_in[:, None] & dim_in[None, :]
-        k = tl.load(k_ptr + kv_at, mask=kv_mask, other=0.0)
+        k = tl.load(k_ptr + kv_at, mask=col_in[:, None] & dim_in[None, :], other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        keep = tl.load(mask_ptr + batch.to(tl.int64) * stride_mb + cols, mask=col_in, other=0)
-        visible = (cols[None, :] <= query_slot[:, None]) & ((keep != 0) & col_in)[None, :]
+        keep = tl.load(key_mask + cols, mask=col_in, other=0) != 0
+        visible = (cols[None, :] <= query_slot[:, None]) & keep[None, :]
         scores = tl.where(visible, scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
         # Rows that have seen nothing yet keep a max of -inf; subtract 0 there so exp2 gives 0, not NaN.
@@ -63,7 +64,8 @@ def flash_attention_kernel(
         rescale = tl.exp2(row_max - shift)
         p = tl.exp2(scores - shift[:, None])
         row_sum = row_sum * rescale + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + kv_at, mask=kv_mask, other=0.0)
+        # Masked slots' V is not read: P is 0 there, but 0 * (whatever a padding slot holds) could be NaN.
+        v = tl.load(v_ptr + kv_at, mask=keep[:, None] & dim_in[None, :], other=0.0)
         acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         row_max = new_max
     out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
@@ -83,7 +85,7 @@ def flash_attention(
     batch, n_head, slots, head_dim = check_attention_inputs(q, k_cache, v_cache, query_start, key_mask, scale, q_ndim=3)
     seq = q.shape[1]
     out = torch.empty_like(q)
-    tiles = attention_tiles(seq, head_dim)
+    tiles = attention_tiles(seq, head_dim, q.element_size())
     launch(
         flash_attention_kernel,
         (triton.cdiv(seq, tiles.block_m), batch * n_head),
@@ -91,6 +93,7 @@ def flash_attention(
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), key_mask.stride(0),
         seq, slots, n_head, head_dim, scale * LOG2_E,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        # float32 must match a float32 reference; the GPU default for it would be tf32.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d,
     )

@@ -67,16 +67,27 @@ def head_block(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def attention_tiles(seq: int, head_dim: int) -> AttentionTiles:
-    """Tiles for causal flash attention over `seq` queries per row with heads of `head_dim`."""
-    block_m = min(64, max(16, triton.next_power_of_2(seq)))
+def attention_tiles(seq: int, head_dim: int, element_size: int = 2) -> AttentionTiles:
+    """Tiles for causal flash attention over `seq` queries per row with heads of `head_dim`.
+    Half precision runs both products on tensor cores; wider heads take narrower key blocks so the
+    accumulator, scores and operands stay in registers (no spills on sm_80 or sm_90). float32 runs
+    tl.dot as exact FMA (input_precision="ieee"), which holds whole operand rows in registers, so
+    its tiles are smaller still."""
     block_d = head_block(head_dim)
-    return AttentionTiles(block_m, 32 if block_d > 64 else 64, block_d, num_warps=4, num_stages=2)
+    if element_size >= 4:
+        block_m, block_n = (32, 32) if block_d <= 64 else (16, 32) if block_d <= 128 else (16, 16)
+        num_warps = 4
+    else:
+        block_m, block_n = 64, 64 if block_d <= 64 else 32
+        num_warps = 8 if block_d > 128 else 4
+    return AttentionTiles(min(block_m, max(16, triton.next_power_of_2(seq))), block_n, block_d, num_warps, num_stages=2)
 
 
 def decode_tiles(head_dim: int) -> AttentionTiles:
-    """Tiles for decode attention: one query row, BLOCK_N cache slots per step."""
-    return AttentionTiles(1, 64, head_block(head_dim), num_warps=4, num_stages=2)
+    """Tiles for decode attention: one query row, BLOCK_N cache slots per step, a K or V tile of
+    4096 elements at most (64 slots of a 64-wide head) so float32 tiles of wide heads do not spill."""
+    block_d = head_block(head_dim)
+    return AttentionTiles(1, min(64, 4096 // block_d), block_d, num_warps=4, num_stages=2)
 
 
 def decode_splits(batch_heads: int, slots: int, block_n: int) -> int:

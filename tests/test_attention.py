@@ -5,7 +5,8 @@ import torch
 
 from numerics import DEVICE, DTYPES, OPS, as_float64, assert_close, poisoned_allocations, randn
 from tritongpt2.kernels import reference
-from tritongpt2.kernels.tiling import decode_splits, decode_tiles
+from tritongpt2.kernels.launch import recording_launches
+from tritongpt2.kernels.tiling import attention_tiles, decode_splits, decode_tiles
 
 
 def cache_case(batch, heads, head_dim, cache_rows, slots, dtype, seed=0):
@@ -16,7 +17,13 @@ def cache_case(batch, heads, head_dim, cache_rows, slots, dtype, seed=0):
     return k_cache, v_cache, key_mask
 
 
+def index(values, dtype=torch.int64):
+    return torch.tensor(values, dtype=dtype, device=DEVICE)
+
+
 def check(op, q, k_cache, v_cache, starts, key_mask, scale):
+    """The launcher's output (every element written) against the float64 oracle, with the error
+    torch makes in the same dtype as the earned part of the tolerance."""
     with poisoned_allocations():
         out = getattr(OPS, op)(q, k_cache, v_cache, starts, key_mask, scale)
     oracle = getattr(reference, op)(*as_float64(q, k_cache, v_cache), starts, key_mask, scale)
@@ -24,13 +31,19 @@ def check(op, q, k_cache, v_cache, starts, key_mask, scale):
     return out
 
 
+def poison_slots(cache, row, slots):
+    poisoned = cache.clone()
+    poisoned[row, :, slots] = float("nan")
+    return poisoned
+
+
 # (batch, seq, heads, head_dim, cache rows, slots, starts)
 PREFILL = [
-    (1, 1, 2, 64, 1, 8, [0]),
-    (2, 7, 3, 64, 3, 16, [0, 5]),  # a cached prefix before row 1's queries
+    (1, 1, 2, 64, 1, 8, [0]),  # T = 1
+    (2, 7, 3, 64, 3, 16, [0, 9]),  # a cached prefix before row 1's queries, which fill the cache
     (3, 20, 5, 80, 4, 70, [0, 10, 50]),  # head_dim 80, slots not a multiple of the block
-    (1, 70, 2, 16, 1, 70, [0]),  # several query blocks, several key blocks
-    (1, 5, 25, 64, 2, 12, [3]),  # gpt2-xl heads
+    (2, 70, 2, 16, 3, 100, [25, 0]),  # several query blocks, whose key ranges differ per row
+    (1, 5, 25, 64, 2, 12, [3]),  # gpt2-xl heads: C = 1600
 ]
 
 
@@ -39,7 +52,7 @@ PREFILL = [
 def test_flash_attention_matches_reference(batch, seq, heads, head_dim, cache_rows, slots, starts, dtype):
     k_cache, v_cache, key_mask = cache_case(batch, heads, head_dim, cache_rows, slots, dtype)
     q = randn(batch, seq, heads * head_dim, dtype=dtype)
-    check("flash_attention", q, k_cache, v_cache, torch.tensor(starts, device=DEVICE), key_mask, head_dim**-0.5)
+    check("flash_attention", q, k_cache, v_cache, index(starts), key_mask, head_dim**-0.5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -49,7 +62,7 @@ def test_flash_attention_with_left_and_right_padding(dtype):
     key_mask[1, 9:12] = 0  # right padding of the prompt
     key_mask[2] = 0  # a row that sees nothing at all
     q = randn(3, 12, 64, dtype=dtype)
-    out = check("flash_attention", q, k_cache, v_cache, torch.zeros(3, dtype=torch.int64, device=DEVICE), key_mask, 0.25)
+    out = check("flash_attention", q, k_cache, v_cache, index([0, 0, 0], torch.int32), key_mask, 0.25)
     assert torch.equal(out[0, :5], torch.zeros_like(out[0, :5])), "a query that sees no slot gets zeros"
     assert torch.equal(out[2], torch.zeros_like(out[2]))
 
@@ -59,13 +72,27 @@ def test_flash_attention_is_causal_by_slot(dtype):
     # Changing a key after a query's slot must not change that query's output.
     k_cache, v_cache, key_mask = cache_case(1, 2, 16, 1, 20, dtype)
     q = randn(1, 20, 32, dtype=dtype)
-    starts = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    starts = index([0])
     before = OPS.flash_attention(q, k_cache, v_cache, starts, key_mask, 0.25)
     k_cache[:, :, 12:] += 5.0
     v_cache[:, :, 12:] -= 5.0
     after = OPS.flash_attention(q, k_cache, v_cache, starts, key_mask, 0.25)
     assert torch.equal(before[0, :12], after[0, :12])
     assert not torch.equal(before[0, 12:], after[0, 12:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_flash_attention_ignores_masked_and_unreached_slots(dtype):
+    # NaN in padding slots and past the last query must not reach the output (0 * NaN is NaN).
+    k_cache, v_cache, key_mask = cache_case(2, 3, 32, 2, 40, dtype)
+    key_mask[0, :2] = 0
+    key_mask[1, 10:13] = 0
+    q, starts = randn(2, 20, 96, dtype=dtype), index([4, 0])
+    clean = check("flash_attention", q, k_cache, v_cache, starts, key_mask, 0.2)
+    k_poisoned, v_poisoned = k_cache, v_cache
+    for row, slots in ((0, slice(0, 2)), (0, slice(24, None)), (1, slice(10, 13)), (1, slice(20, None))):
+        k_poisoned, v_poisoned = poison_slots(k_poisoned, row, slots), poison_slots(v_poisoned, row, slots)
+    assert torch.equal(OPS.flash_attention(q, k_poisoned, v_poisoned, starts, key_mask, 0.2), clean)
 
 
 # (batch, heads, head_dim, cache rows, slots, query slots)
@@ -83,19 +110,91 @@ def test_decode_attention_matches_reference(batch, heads, head_dim, cache_rows, 
     k_cache, v_cache, key_mask = cache_case(batch, heads, head_dim, cache_rows, slots, dtype)
     key_mask[0, : query_slots[0] // 2] = 0  # left padding of row 0
     q = randn(batch, heads * head_dim, dtype=dtype)
-    check("decode_attention", q, k_cache, v_cache, torch.tensor(query_slots, device=DEVICE), key_mask, head_dim**-0.5)
+    check("decode_attention", q, k_cache, v_cache, index(query_slots), key_mask, head_dim**-0.5)
 
 
-def test_long_decode_contexts_are_split():
-    assert decode_splits(2 * 1, 1000, decode_tiles(16).block_n) > 1
-    assert decode_splits(64 * 12, 1024, decode_tiles(64).block_n) == 1
+@pytest.mark.parametrize("op,seq", [("flash_attention", 8), ("decode_attention", 0)])
+def test_probabilities_are_rounded_to_v_dtype_before_p_at_v(op, seq):
+    # As transformers does: P @ V takes P in V's dtype. Slot 0 takes almost all the weight, with V = 0;
+    # the 47 other slots get exp(-16.2) = 9.2e-8 each, which float16 rounds to the subnormal 1.19e-7,
+    # so rounding P moves the output by 30%, far beyond the float16 tolerance. One key block and one
+    # split hold every slot, so the kernel rounds at the same scale as the reference.
+    slots, head_dim = 48, 16
+    k_cache = torch.zeros(1, 1, slots, head_dim, dtype=torch.float16, device=DEVICE)
+    k_cache[0, 0, 1:, 0] = -16.2
+    v_cache = torch.full_like(k_cache, 30000.0)
+    v_cache[0, 0, 0] = 0.0
+    key_mask = torch.ones(1, slots, dtype=torch.int32, device=DEVICE)
+    q = torch.zeros(1, *([seq] if seq else []), head_dim, dtype=torch.float16, device=DEVICE)
+    q[..., 0] = 1.0
+    starts = index([slots - max(seq, 1)])
+    out = getattr(OPS, op)(q, k_cache, v_cache, starts, key_mask, 1.0)
+    rounded = getattr(reference, op)(q, k_cache, v_cache, starts, key_mask, 1.0)
+    exact = getattr(reference, op)(*as_float64(q, k_cache, v_cache), starts, key_mask, 1.0)
+    assert torch.allclose(out.double(), rounded.double(), rtol=0.02)
+    assert not torch.allclose(out.double(), exact, rtol=0.1)
 
 
-def test_decode_row_that_sees_nothing_gets_zeros():
-    k_cache, v_cache, key_mask = cache_case(2, 2, 16, 2, 40, torch.float32)
+def recorded(op, *args):
+    with recording_launches() as records:
+        getattr(OPS, op)(*args)
+    return records
+
+
+def meta_case(batch, seq, heads, head_dim, cache_rows, slots, dtype=torch.float16):
+    def meta(*shape, dtype=dtype):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    q = meta(batch, seq, heads * head_dim) if seq else meta(batch, heads * head_dim)
+    caches = meta(cache_rows, heads, slots, head_dim), meta(cache_rows, heads, slots, head_dim)
+    return q, *caches, meta(batch, dtype=torch.int64), meta(cache_rows, slots, dtype=torch.int32), 0.125
+
+
+def test_decode_cases_split_and_leave_splits_past_a_row():
+    # The split count is fixed by shapes; the launch grid is (B * H, splits) with equal chunks, so
+    # a row whose slot is before the last chunk's start leaves at least that chunk empty.
+    covered = False
+    for batch, heads, head_dim, cache_rows, slots, query_slots in DECODE:
+        split, combine = recorded("decode_attention", *meta_case(batch, 0, heads, head_dim, cache_rows, slots))
+        splits = split.grid[1]
+        assert split.grid == (batch * heads, splits) and combine.grid == (batch * heads,)
+        assert 1 <= splits <= decode_splits(batch * heads, slots, decode_tiles(head_dim).block_n)
+        covered |= splits > 1 and min(query_slots) < (splits - 1) * slots / splits
+    assert covered, "no decode case has several splits with one of them entirely past a row's slot"
+
+
+@pytest.mark.parametrize("model,heads,head_dim", [("gpt2", 12, 64), ("gpt2-xl", 25, 64)])
+def test_launch_configuration_on_meta_tensors(model, heads, head_dim):
+    # The compile audit and CUDA-graph capture call the launchers without reading device data.
+    for batch in (1, 8):
+        (launch,) = recorded("flash_attention", *meta_case(batch, 1024, heads, head_dim, batch, 1024))
+        tiles = attention_tiles(1024, head_dim)
+        assert launch.grid == (1024 // tiles.block_m, batch * heads)
+        assert (launch.num_warps, launch.constexprs["BLOCK_D"]) == (tiles.num_warps, head_dim)
+        split, _ = recorded("decode_attention", *meta_case(batch, 0, heads, head_dim, batch, 1024))
+        assert split.grid[0] == batch * heads
+        assert 1 <= split.grid[1] <= decode_splits(batch * heads, 1024, decode_tiles(head_dim).block_n)
+        assert batch > 1 or split.grid[1] > 1, "a single sequence's context is spread over several programs"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_ignores_masked_and_unreached_slots(dtype):
+    k_cache, v_cache, key_mask = cache_case(2, 2, 16, 2, 300, dtype)
+    key_mask[0, 100:150] = 0
+    q, starts = randn(2, 32, dtype=dtype), index([250, 70], torch.int32)
+    clean = check("decode_attention", q, k_cache, v_cache, starts, key_mask, 0.25)
+    k_poisoned, v_poisoned = k_cache, v_cache
+    for row, slots in ((0, slice(100, 150)), (0, slice(251, None)), (1, slice(71, None))):
+        k_poisoned, v_poisoned = poison_slots(k_poisoned, row, slots), poison_slots(v_poisoned, row, slots)
+    assert torch.equal(OPS.decode_attention(q, k_poisoned, v_poisoned, starts, key_mask, 0.25), clean)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_row_that_sees_nothing_gets_zeros(dtype):
+    k_cache, v_cache, key_mask = cache_case(2, 2, 16, 2, 40, dtype)
     key_mask[1] = 0
-    q = randn(2, 32, dtype=torch.float32)
-    out = check("decode_attention", q, k_cache, v_cache, torch.tensor([30, 30], device=DEVICE), key_mask, 0.25)
+    q = randn(2, 32, dtype=dtype)
+    out = check("decode_attention", q, k_cache, v_cache, index([30, 30], torch.int32), key_mask, 0.25)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
 
 
@@ -103,19 +202,30 @@ def test_decode_row_that_sees_nothing_gets_zeros():
 def test_attention_validation_names_the_offending_value(op, q_shape):
     launcher = getattr(OPS, op)
     k_cache, v_cache, key_mask = cache_case(2, 2, 16, 2, 8, torch.float32)
-    q, starts = randn(*q_shape, dtype=torch.float32), torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    q, starts = randn(*q_shape, dtype=torch.float32), index([0, 0])
+    strided_q = randn(*q_shape[:-1], 2 * q_shape[-1], dtype=torch.float32)[..., ::2]
+    other_rank = len(q_shape) ^ 1  # 2 <-> 3
     cases = [
         ((q.double(), k_cache, v_cache, starts, key_mask, 0.25), "q has dtype torch.float64"),
         ((q.half(), k_cache, v_cache, starts, key_mask, 0.25), "k_cache has dtype torch.float32 but q has torch.float16"),
+        ((q, k_cache, v_cache.half(), starts, key_mask, 0.25), "v_cache has dtype torch.float16 but q has torch.float32"),
+        ((q.reshape(*[2] * (other_rank - 1), -1), k_cache, v_cache, starts, key_mask, 0.25), f"q must have {len(q_shape)} dimensions"),
+        ((q, k_cache[0], v_cache[0], starts, key_mask, 0.25), r"k_cache must have 4 dimensions, got shape \(2, 8, 16\)"),
         ((q[..., :30].contiguous(), k_cache, v_cache, starts, key_mask, 0.25), "q has width 30, but the cache holds 2 heads of 16"),
         ((q, k_cache[:1], v_cache[:1], starts, key_mask[:1], 0.25), "batch 2 is larger than the cache's 1 rows"),
         ((q, k_cache, v_cache[:, :, :4].contiguous(), starts, key_mask, 0.25), r"v_cache has shape \(2, 2, 4, 16\)"),
+        ((strided_q, k_cache, v_cache, starts, key_mask, 0.25), "q must be contiguous"),
         ((q, k_cache.transpose(2, 3), v_cache, starts, key_mask, 0.25), "k_cache must be contiguous"),
+        ((q, k_cache, v_cache.transpose(0, 1), starts, key_mask, 0.25), "v_cache must be contiguous"),
         ((q, k_cache, v_cache, starts.float(), key_mask, 0.25), "query_start has dtype torch.float32"),
+        ((q, k_cache, v_cache, starts[:1], key_mask, 0.25), r"query_start has shape \(1,\); expected \(2,\)"),
         ((q, k_cache, v_cache, starts, key_mask.bool(), 0.25), "key_mask has dtype torch.bool"),
+        ((q, k_cache, v_cache, starts, key_mask.long(), 0.25), "key_mask has dtype torch.int64"),
         ((q, k_cache, v_cache, starts, key_mask[:, :4].contiguous(), 0.25), r"key_mask has shape \(2, 4\)"),
         ((q, k_cache, v_cache, starts.to("meta"), key_mask, 0.25), "query_start is on meta"),
+        ((q, k_cache, v_cache.to("meta"), starts, key_mask, 0.25), "v_cache is on meta"),
         ((q, k_cache, v_cache, starts, key_mask, float("nan")), "scale must be a finite number, got nan"),
+        ((q, k_cache, v_cache, starts, key_mask, float("inf")), "scale must be a finite number, got inf"),
     ]
     for args, message in cases:
         with pytest.raises(ValueError, match=message):
