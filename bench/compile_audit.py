@@ -125,7 +125,7 @@ def step_launches(shape: ModelShape, dtype: torch.dtype, workload: Workload) -> 
         hidden = ops.ln_linear(x, weight(c), weight(c), 1e-5, weight(c, shape.n_inner), weight(shape.n_inner), "gelu_new")
         x = ops.linear_residual(hidden, weight(shape.n_inner, c), weight(c), x)
         ops.layer_norm(x, weight(c), weight(c), 1e-5)
-        ops.ln_linear(x[:, -1], weight(c), weight(c), 1e-5, weight(shape.vocab_size, c).T)
+        ops.ln_linear(x[:, -1].contiguous(), weight(c), weight(c), 1e-5, weight(shape.vocab_size, c).T)
     return records
 
 

@@ -129,7 +129,7 @@ class TritonGPT2Runner(Runner):
     def decode_step(self, ids: torch.Tensor) -> Step:
         self.engine.prefill(ids, logits=None)
         token = ids[:, -1]
-        return lambda: self.engine.decode(token).logits
+        return lambda: self.engine.decode(token, check_ids=False).logits
 
     def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
         return generate(self.engine, ids, max_new_tokens=new_tokens, eos_token_id=[])

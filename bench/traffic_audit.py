@@ -144,7 +144,7 @@ def ours_step(model: torch.nn.Module, shape: ModelShape, workload: str, batch: i
         cache.lengths[:batch] = cache.next_position[:batch] = context - 1
         cache.advance(batch, context - 1)
         tokens = _ids(shape, batch, 1)[:, 0]
-        run: Callable[[], object] = lambda: engine.decode(tokens)
+        run: Callable[[], object] = lambda: engine.decode(tokens, check_ids=False)
     else:
         ids = _ids(shape, batch, context)
         run = (lambda: engine.prefill(ids)) if workload == "prefill" else (lambda: engine.prefill(ids, logits=None, hidden=True))

@@ -146,8 +146,11 @@ class Engine:
         token_type_ids: torch.Tensor | None = None,
         logits: str | None = "last",
         hidden: bool = False,
+        check_ids: bool = True,
     ) -> StepOutput:
-        """Append one token per row: input_ids [B] or [B, 1], B the batch in the cache."""
+        """Append one token per row: input_ids [B] or [B, 1], B the batch in the cache.
+        check_ids=False skips the range check of the ids, which reads them on the host (a device
+        synchronisation): for tokens the engine sampled itself."""
         _check_logits_mode(logits)
         if self.cache.used == 0:
             raise ValueError("decode needs a prefilled cache; call prefill first")
@@ -156,7 +159,8 @@ class Engine:
         ids = as_batch("input_ids", input_ids, self.device)
         if ids.shape[1] != 1:
             raise ValueError(f"decode takes one token per row, got input_ids of shape {tuple(ids.shape)}")
-        check_range("input_ids", ids, self.config.vocab_size)
+        if check_ids:
+            check_range("input_ids", ids, self.config.vocab_size)
         types = self._optional_ids("token_type_ids", token_type_ids, ids, self.config.vocab_size)
         self.cache.reserve(ids.shape[0], 1)
         mask = torch.ones_like(ids, dtype=torch.int32)

@@ -99,7 +99,7 @@ def stream_tokens(
         yield host_tokens
         if step + 1 == max_new_tokens or bool(finished.all()):
             return
-        logits = engine.decode(tokens).logits
+        logits = engine.decode(tokens, check_ids=False).logits
 
 
 def generate(
