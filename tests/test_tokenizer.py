@@ -1,0 +1,50 @@
+"""The tokenizer from a checkpoint folder: tokenizer.json, or vocab.json with merges.txt, and the
+settings of tokenizer_config.json."""
+
+import json
+
+import pytest
+
+from tokenizer_files import write_tokenizer
+from tritongpt2.engine.tokenizer import GPT2Tokenizer
+
+transformers = pytest.importorskip("transformers")
+TEXT = "Hello world, the quick brown fox<|endoftext|> jumps"
+
+
+def hf_tokenizer(folder, **kwargs):
+    return transformers.GPT2TokenizerFast(str(folder / "vocab.json"), str(folder / "merges.txt"), **kwargs)
+
+
+def test_vocab_and_merges_encode_as_transformers(tmp_path):
+    write_tokenizer(tmp_path)
+    ours, theirs = GPT2Tokenizer.from_pretrained(tmp_path), hf_tokenizer(tmp_path)
+    assert ours.encode(TEXT) == theirs.encode(TEXT)
+    assert ours.decode(ours.encode(TEXT)) == TEXT
+    assert ours.eos_token_id == theirs.convert_tokens_to_ids("<|endoftext|>")
+
+
+def test_tokenizer_config_settings_are_honoured(tmp_path):
+    write_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_prefix_space": True, "add_bos_token": True}))
+    ours = GPT2Tokenizer.from_pretrained(tmp_path)
+    theirs = hf_tokenizer(tmp_path, add_prefix_space=True)
+    assert ours.encode("Hello world") == [ours.bos_token_id] + theirs.encode("Hello world")
+    (tmp_path / "tokenizer_config.json").unlink()
+    assert ours.encode("Hello")[1:] == GPT2Tokenizer.from_pretrained(tmp_path).encode(" Hello")
+
+
+def test_tokenizer_json_is_preferred(tmp_path):
+    write_tokenizer(tmp_path)
+    hf_tokenizer(tmp_path).backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "vocab.json").unlink()
+    assert GPT2Tokenizer.from_pretrained(tmp_path).encode(TEXT) == hf_tokenizer_from_json(tmp_path).encode(TEXT)
+
+
+def hf_tokenizer_from_json(folder):
+    return transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+
+
+def test_missing_tokenizer_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no tokenizer in"):
+        GPT2Tokenizer.from_pretrained(tmp_path)
