@@ -118,17 +118,16 @@ class Engine:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         if inputs_embeds is not None:
-            embeds = self._check_embeds(inputs_embeds)
-            ids_shape_like = torch.empty(embeds.shape[:2], dtype=torch.int64, device=self.device)
-            ids = None
+            embeds, ids = self._check_embeds(inputs_embeds), None
+            shape = embeds.shape[:2]
         else:
             ids = as_batch("input_ids", input_ids, self.device)
             check_range("input_ids", ids, self.config.vocab_size)
-            embeds, ids_shape_like = None, ids
+            embeds, shape = None, ids.shape
         past = 0 if reset else self.cache.used
-        mask, past_mask = self._split_mask(attention_mask, ids_shape_like, past)
-        types = self._optional_ids("token_type_ids", token_type_ids, ids_shape_like, self.config.vocab_size)
-        positions = self._optional_ids("position_ids", position_ids, ids_shape_like, self.config.n_positions)
+        mask, past_mask = self._split_mask(attention_mask, shape, past)
+        types = self._optional_ids("token_type_ids", token_type_ids, shape, self.config.vocab_size)
+        positions = self._optional_ids("position_ids", position_ids, shape, self.config.n_positions)
         batch, seq = mask.shape
         if reset:
             self.cache.reserve(batch, seq, reset=True)
@@ -161,7 +160,7 @@ class Engine:
             raise ValueError(f"decode takes one token per row, got input_ids of shape {tuple(ids.shape)}")
         if check_ids:
             check_range("input_ids", ids, self.config.vocab_size)
-        types = self._optional_ids("token_type_ids", token_type_ids, ids, self.config.vocab_size)
+        types = self._optional_ids("token_type_ids", token_type_ids, ids.shape, self.config.vocab_size)
         self.cache.reserve(ids.shape[0], 1)
         mask = torch.ones_like(ids, dtype=torch.int32)
         inputs = {"input_ids": ids, "inputs_embeds": None, "attention_mask": mask, "token_type_ids": types, "position_ids": None}
@@ -179,21 +178,22 @@ class Engine:
         return embeds.to(self.weights.dtype).contiguous()
 
     def _split_mask(
-        self, mask: torch.Tensor | None, ids: torch.Tensor, past: int
+        self, mask: torch.Tensor | None, shape: torch.Size, past: int
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The new tokens' mask [B, T], and the cached tokens' [B, past] when the mask covers them."""
-        if past and isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == past + ids.shape[1]:
-            full = attention_mask_of(mask, torch.empty(mask.shape, dtype=torch.int64, device=ids.device))
+        if past and isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == past + shape[1]:
+            full = attention_mask_of(mask, mask.shape, self.device)
             return full[:, past:].contiguous(), full[:, :past]
-        return attention_mask_of(mask, ids), None
+        return attention_mask_of(mask, shape, self.device), None
 
-    def _optional_ids(self, name: str, values: torch.Tensor | None, ids: torch.Tensor, high: int) -> torch.Tensor | None:
+    def _optional_ids(self, name: str, values: torch.Tensor | None, shape: torch.Size, high: int) -> torch.Tensor | None:
+        """token_type_ids or position_ids of the input's [B, T] shape, range-checked."""
         if values is None:
             return None
-        if isinstance(values, torch.Tensor) and values.dim() == 1 and ids.shape[1] == 1 and values.numel() == ids.shape[0]:
+        if isinstance(values, torch.Tensor) and values.dim() == 1 and shape[1] == 1 and values.numel() == shape[0]:
             values = values.unsqueeze(1)
         values = as_batch(name, values, self.device)
-        check_same_shape(name, values, ids.shape)
+        check_same_shape(name, values, shape)
         check_range(name, values, high)
         return values
 

@@ -38,17 +38,17 @@ def check_same_shape(name: str, values: torch.Tensor, shape: torch.Size) -> None
         raise ValueError(f"{name} has shape {tuple(values.shape)}; expected {tuple(shape)} like input_ids")
 
 
-def attention_mask_of(mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
-    """The [B, T] int32 mask of real tokens (1) and padding (0); all ones when none is given."""
+def attention_mask_of(mask: torch.Tensor | None, shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """The [B, T] (`shape`) int32 mask of real tokens (1) and padding (0); all ones when none is given."""
     if mask is None:
-        return torch.ones_like(input_ids, dtype=torch.int32)
+        return torch.ones(shape, dtype=torch.int32, device=device)
     if not isinstance(mask, torch.Tensor):
         raise ValueError(f"attention_mask must be a torch.Tensor, got {type(mask).__name__}")
-    if mask.device.type != input_ids.device.type:
-        raise ValueError(f"attention_mask is on {mask.device}, but input_ids are on {input_ids.device}")
+    if mask.device.type != device.type:
+        raise ValueError(f"attention_mask is on {mask.device}, but the engine runs on {device}")
     if mask.dim() == 1:
         mask = mask.unsqueeze(0)
-    check_same_shape("attention_mask", mask, input_ids.shape)
+    check_same_shape("attention_mask", mask, shape)
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError(f"attention_mask holds values other than 0 and 1: {sorted(set(mask.unique().tolist()))[:8]}")
-    return mask.to(dtype=torch.int32, device=input_ids.device).contiguous()
+    return mask.to(dtype=torch.int32, device=device).contiguous()
