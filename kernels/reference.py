@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .activations import activation_formula
+from .cpu_matmul import addmm_rows
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -86,7 +87,7 @@ def ln_linear(
     h = _normalize(x, ln_weight, ln_bias, eps).to(weight.dtype).to(_compute_dtype(x))
     rows = h.reshape(-1, h.shape[-1])
     w = weight.to(h.dtype)
-    y = rows @ w if bias is None else torch.addmm(bias.to(h.dtype), rows, w)
+    y = addmm_rows(rows, w, None if bias is None else bias.to(h.dtype))
     y = _FORMULAS[activation_formula(activation)](y).to(x.dtype)
     return y.view(*x.shape[:-1], weight.shape[1])
 
@@ -95,7 +96,7 @@ def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, r
     """residual + x @ weight + bias: [..., K] -> [..., N]."""
     dtype = _compute_dtype(x)
     rows = x.to(dtype).reshape(-1, x.shape[-1])
-    y = torch.addmm(bias.to(dtype), rows, weight.to(dtype)).view(*x.shape[:-1], weight.shape[1])
+    y = addmm_rows(rows, weight.to(dtype), bias.to(dtype)).view(*x.shape[:-1], weight.shape[1])
     return y.add_(residual.to(dtype)).to(x.dtype)
 
 

@@ -1,0 +1,37 @@
+import pytest
+import torch
+
+from tritongpt2.kernels.cpu_matmul import MAX_BLOCKED_ROWS, MIN_BLOCK_COLUMNS, addmm_rows
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("thread_count", [2, 3])
+@pytest.mark.parametrize("rows", [1, 5, MAX_BLOCKED_ROWS, MAX_BLOCKED_ROWS + 1])
+@pytest.mark.parametrize("width", [2 * MIN_BLOCK_COLUMNS, 3 * MIN_BLOCK_COLUMNS + 7, MIN_BLOCK_COLUMNS + 1])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_addmm_rows_matches_addmm(threads, thread_count, rows, width, transposed, with_bias):
+    # Widths that split evenly, that leave a tail of columns, and that are too narrow to split.
+    threads(thread_count)
+    generator = torch.Generator().manual_seed(rows * 31 + width)
+    depth = 48
+    x = torch.randn(rows, depth, generator=generator, dtype=torch.float64)
+    weight = torch.randn(width, depth, generator=generator, dtype=torch.float64).T if transposed else \
+        torch.randn(depth, width, generator=generator, dtype=torch.float64)
+    bias = torch.randn(width, generator=generator, dtype=torch.float64) if with_bias else None
+    expected = x @ weight if bias is None else torch.addmm(bias, x, weight)
+    got = addmm_rows(x, weight, bias)
+    assert got.shape == (rows, width) and got.is_contiguous()
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_addmm_rows_single_thread_is_addmm(threads):
+    threads(1)
+    x, weight, bias = torch.randn(3, 16), torch.randn(16, 4 * MIN_BLOCK_COLUMNS), torch.randn(4 * MIN_BLOCK_COLUMNS)
+    assert torch.equal(addmm_rows(x, weight, bias), torch.addmm(bias, x, weight))
