@@ -26,7 +26,7 @@ def markdown(document: dict) -> str:
         speedups = ", ".join(f"{k} {v}x" for k, v in r.get("speedup_vs", {}).items())
         lines.append(
             f"| {r['model']} | {r['dtype']} | {r['workload']} | {r['batch']} | {r.get('seq', r.get('context'))} | "
-            f"{r['impl']} | {r['median_ms']} | {r['tokens_per_s']} | {r['roofline_pct'] if r['roofline_pct'] is not None else ''} | {speedups} |"
+            f"{r['impl']}{' (' + r['note'] + ')' if 'note' in r else ''} | {r['median_ms']} | {r['tokens_per_s']} | {r['roofline_pct'] if r['roofline_pct'] is not None else ''} | {speedups} |"
         )
     if document.get("parity"):
         lines += ["", "| parity check | impl | relative error vs hf-eager |", "|---|---|---|"]

@@ -1,4 +1,5 @@
-"""The implementations the benchmark puts side by side, each able to run every workload.
+"""The implementations the benchmark puts side by side, each able to run every workload (CTranslate2,
+the CPU baseline, is in ctranslate2_runner.py).
 
 transformers eager and sdpa (dynamic cache), transformers sdpa with a static cache and
 torch.compile(mode="reduce-overhead") for decode, and tritongpt2 with CUDA graphs off and on. All
@@ -17,6 +18,8 @@ from tritongpt2.engine.engine import Engine
 from tritongpt2.engine.generation import generate
 from tritongpt2.heads.accelerate import shared_weights
 
+from .timing import median_ms
+
 Step = Callable[[], object]
 
 
@@ -25,6 +28,8 @@ class Runner:
     appends one token per row each call (the cache grows by one per call)."""
 
     name: str
+    weight_bytes: int | None = None  # bytes of weights a step reads, when not the model's own (a converted copy)
+    embed_note: str | None = None  # what its embed figure measures beyond the hidden states, if anything
 
     def embed(self, ids: torch.Tensor) -> object:
         raise NotImplementedError
@@ -34,6 +39,10 @@ class Runner:
 
     def decode_step(self, ids: torch.Tensor) -> Step:
         raise NotImplementedError
+
+    def decode_ms(self, ids: torch.Tensor, device: torch.device, warmup: int, repeats: int) -> float:
+        """Median ms of one decode step after prefilling ids."""
+        return median_ms(self.decode_step(ids), device, warmup=warmup, repeats=repeats)
 
     def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
         raise NotImplementedError

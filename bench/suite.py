@@ -18,6 +18,7 @@ import torch
 
 from tritongpt2.bench.model_shapes import ModelShape, model_shape
 
+from .ctranslate2_runner import COMPUTE_TYPES, CTranslate2Runner, ctranslate2_installed
 from .peaks import Peaks, measure_peaks
 from .runners import HFCompiledStaticRunner, HFRunner, Runner, TritonGPT2Runner
 from .timing import median_ms
@@ -96,9 +97,8 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def roofline_pct(shape: ModelShape, model: torch.nn.Module, work: Workload, ms: float, peaks: Peaks) -> float | None:
-    size = next(model.parameters()).element_size()
-    weights = weight_bytes(model)
+def roofline_pct(shape: ModelShape, weights: int, size: int, work: Workload, ms: float, peaks: Peaks) -> float | None:
+    """100 x the ideal time over ms. weights: bytes of weights a step reads; size: bytes per KV element."""
     kv_per_token = 2 * shape.n_layer * shape.n_embd * size
     if work.kind == "decode":
         ideal_ms = (weights + work.batch * work.seq * kv_per_token) / (peaks.copy_gb_s * 1e6)
@@ -120,8 +120,7 @@ def _time(runner: Runner, work: Workload, ids: torch.Tensor, device: torch.devic
     if work.kind == "prefill":
         return median_ms(lambda: runner.prefill(ids), device, warmup=warmup, repeats=repeats)
     if work.kind == "decode":
-        step = runner.decode_step(ids)
-        return median_ms(step, device, warmup=warmup, repeats=repeats)
+        return runner.decode_ms(ids, device, warmup, repeats)
     return median_ms(lambda: runner.generate(ids, work.new_tokens), device, warmup=1, repeats=max(1, repeats // 3))
 
 
@@ -140,6 +139,8 @@ def runners_for(model: torch.nn.Module, device: torch.device, max_batch: int, ma
         made.append(lambda: TritonGPT2Runner(model, backend="triton", cuda_graphs=True, max_batch=max_batch, max_seq=max_seq))
     else:
         made.append(lambda: TritonGPT2Runner(model, backend="torch", cuda_graphs=False, max_batch=max_batch, max_seq=max_seq))
+        if ctranslate2_installed() and model.dtype == torch.float32:
+            made += [lambda c=compute_type: CTranslate2Runner(model, c) for compute_type in COMPUTE_TYPES]
     return made
 
 
@@ -182,12 +183,16 @@ def run_suite(
                 for runner in runners:
                     ms = _time(runner, work, ids, device, warmup, repeats)
                     tokens = work.batch * (work.new_tokens if work.kind == "generate" else 1 if work.kind == "decode" else work.seq)
-                    results.append({
+                    weights = runner.weight_bytes or weight_bytes(model)
+                    record = {
                         "model": shape.name, "dtype": str(dtype).removeprefix("torch."), "workload": work.kind,
                         "batch": work.batch, ("context" if work.kind == "decode" else "seq"): work.seq,
                         "impl": runner.name, "median_ms": round(ms, 4), "tokens_per_s": round(tokens / ms * 1e3, 1),
-                        "roofline_pct": roofline_pct(shape, model, work, ms, peaks),
-                    })
+                        "roofline_pct": roofline_pct(shape, weights, dtype.itemsize, work, ms, peaks),
+                    }
+                    if work.kind == "embed" and runner.embed_note:
+                        record["note"] = runner.embed_note
+                    results.append(record)
             checked = [r for r in runners if r.name.startswith("tritongpt2")]
             if quick:
                 # The kernels themselves, under the interpreter: checked, not timed (its speed means

@@ -10,11 +10,14 @@ import pytest
 import torch
 
 from checkpoints import save_model
-from tritongpt2.bench.suite import add_ratios, roofline_pct, QUICK_SHAPE, Workload
+from tritongpt2.bench.ctranslate2_runner import CTranslate2Runner
+from tritongpt2.bench.runners import HFRunner
+from tritongpt2.bench.suite import add_ratios, build_model, roofline_pct, QUICK_SHAPE, Workload
 from tritongpt2.bench.peaks import Peaks
 from tritongpt2.engine.engine import Engine
 
 pytest.importorskip("transformers")
+BASELINES = {"hf-eager", "hf-sdpa", "ctranslate2-float32", "ctranslate2-int8"}
 RECORD_KEYS = {"model", "dtype", "workload", "batch", "impl", "median_ms", "tokens_per_s", "roofline_pct"}
 
 
@@ -28,21 +31,26 @@ def test_quick_bench_runs_and_checks_parity(tmp_path):
     assert document["device"].startswith("CPU") and document["quick"] is True
     assert {"torch", "triton"} <= set(document["versions"]) and set(document["peak"]) == {"copy_gb_s", "matmul_tflop_s"}
     assert {r["workload"] for r in document["results"]} == {"embed", "prefill", "decode", "generate"}
-    assert {r["impl"] for r in document["results"]} == {"hf-eager", "hf-sdpa", "tritongpt2"}
+    assert {r["impl"] for r in document["results"]} == BASELINES | {"tritongpt2"}
     for record in document["results"]:
         assert RECORD_KEYS <= set(record) and ("seq" in record or "context" in record)
+        assert record["median_ms"] > 0 and record["tokens_per_s"] > 0
         if record["impl"] == "tritongpt2":
-            assert set(record["speedup_vs"]) == {"hf-eager", "hf-sdpa"}
+            assert set(record["speedup_vs"]) == BASELINES
+        assert ("note" in record) == (record["impl"].startswith("ctranslate2") and record["workload"] == "embed")
     assert {c["impl"] for c in document["parity"]} == {"tritongpt2 (torch)", "tritongpt2 (interpret)"}
     assert all(c["relative_error_vs_hf_eager"] < 1e-4 for c in document["parity"])
-    assert path.with_suffix(".md").exists()
+    assert "includes the LM head" in path.with_suffix(".md").read_text()
+    assert path.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_roofline_and_ratios_arithmetic():
     peaks = Peaks(copy_gb_s=1000.0, matmul_tflop_s=100.0)
-    model = torch.nn.Linear(1000, 1000, bias=False)  # 4 MB of float32 weights
-    decode = roofline_pct(QUICK_SHAPE, model, Workload("decode", 1, 0), ms=0.008, peaks=peaks)
+    decode = roofline_pct(QUICK_SHAPE, 4_000_000, 4, Workload("decode", 1, 0), ms=0.008, peaks=peaks)
     assert decode == pytest.approx(50.0)  # 4 MB at 1 TB/s is 4 us: half of 8 us
+    kv = 2 * QUICK_SHAPE.n_layer * QUICK_SHAPE.n_embd * 4 * 100  # 100 cached tokens, float32
+    with_cache = roofline_pct(QUICK_SHAPE, 4_000_000, 4, Workload("decode", 1, 100), ms=0.008, peaks=peaks)
+    assert with_cache == pytest.approx(100 * (4_000_000 + kv) / 1e12 / 8e-6, abs=0.05)
     records = [{"model": "m", "dtype": "f", "workload": "decode", "batch": 1, "context": 8, "impl": impl, "median_ms": ms}
                for impl, ms in [("hf-eager", 4.0), ("tritongpt2", 1.0)]]
     add_ratios(records)
@@ -59,3 +67,28 @@ def test_engine_embedding_speed(benchmark, engine):
     ids = torch.randint(0, 300, (1, 16))
     out = benchmark(lambda: engine.prefill(ids, logits=None, hidden=True))
     assert out.hidden_states.shape == (1, 16, 80)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return build_model(QUICK_SHAPE, torch.float32, torch.device("cpu"))
+
+
+def test_ctranslate2_baseline_computes_gpt2(tiny_model):
+    runner = CTranslate2Runner(tiny_model, "float32")
+    ids = torch.randint(0, QUICK_SHAPE.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    reference = HFRunner(tiny_model, "eager")
+    expected = reference.prefill(ids)
+    assert ((runner.prefill(ids) - expected).norm() / expected.norm()).item() < 1e-4
+    hf_greedy = reference.generate(ids, 6)[:, ids.shape[1]:]
+    assert torch.equal(runner.generate(ids, 6), hf_greedy)
+    assert runner.decode_ms(ids, torch.device("cpu"), warmup=1, repeats=3) > 0
+    quantized = CTranslate2Runner(tiny_model, "int8")
+    assert quantized.weight_bytes < runner.weight_bytes / 2
+
+
+def test_ctranslate2_baseline_rejects_what_it_cannot_run(tiny_model):
+    with pytest.raises(ValueError, match="'int4'"):
+        CTranslate2Runner(tiny_model, "int4")
+    with pytest.raises(ValueError, match="bfloat16"):
+        CTranslate2Runner(build_model(QUICK_SHAPE, torch.bfloat16, torch.device("cpu")), "float32")
