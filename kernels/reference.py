@@ -114,16 +114,15 @@ def ln_qkv_projection(
     """LN(x) @ W_attn + b_attn for x [B, T, C], split q | k | v. K and V go into the caches
     [B_cache, H, S, D] at row b, slot cache_slots[b, t] (slots outside [0, S) are not written);
     q is returned as [B, T, C], heads contiguous along C."""
-    batch, seq, width = x.shape
+    width = x.shape[-1]
     n_head, head_dim = k_cache.shape[1], k_cache.shape[3]
     qkv = ln_linear(x, ln_weight, ln_bias, eps, weight, bias)
     q, k, v = qkv.split(width, dim=-1)
-    rows = torch.arange(batch, device=x.device).unsqueeze(1).expand(batch, seq)
-    slots = cache_slots.long()
-    keep = (slots >= 0) & (slots < k_cache.shape[2])
-    rows, slots = rows[keep], slots[keep]
-    k_cache[rows, :, slots] = k[keep].reshape(-1, n_head, head_dim).to(k_cache.dtype)
-    v_cache[rows, :, slots] = v[keep].reshape(-1, n_head, head_dim).to(v_cache.dtype)
+    rows, tokens = ((cache_slots >= 0) & (cache_slots < k_cache.shape[2])).nonzero(as_tuple=True)
+    slots = cache_slots[rows, tokens].long()
+    # Through a [B, S, H, D] view, (row, slot) picks one token's [H, D] block.
+    k_cache.transpose(1, 2).index_put_((rows, slots), k[rows, tokens].view(-1, n_head, head_dim).to(k_cache.dtype))
+    v_cache.transpose(1, 2).index_put_((rows, slots), v[rows, tokens].view(-1, n_head, head_dim).to(v_cache.dtype))
     return q.contiguous()
 
 
@@ -143,17 +142,20 @@ def flash_attention(
     batch, seq, width = q.shape
     n_head, slots, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     dtype = _compute_dtype(q)
-    # The scale is applied to q (T x D numbers) rather than to the scores (T x S); both are float32.
-    qh = q.reshape(batch, seq, n_head, head_dim).transpose(1, 2).to(dtype) * scale
-    k = k_cache[:batch].to(dtype)
-    v = v_cache[:batch]
-    scores = qh @ k.transpose(-1, -2)  # [B, H, T, S]
-    query_slot = query_start.long().view(batch, 1) + torch.arange(seq, device=q.device)  # [B, T]
-    key_slot = torch.arange(slots, device=q.device)
-    visible = (key_slot.view(1, 1, slots) <= query_slot.unsqueeze(-1)) & (key_mask[:batch] != 0).unsqueeze(1)
-    scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row that sees nothing is all NaN here
-    out = probs.to(v.dtype).to(dtype) @ v.to(dtype)  # [B, H, T, D]
+    qh = q.reshape(batch, seq, n_head, head_dim).transpose(1, 2).to(dtype)  # [B, H, T, D]
+    k, v = k_cache[:batch].to(dtype), v_cache[:batch]
+    query_slot = query_start.view(batch, 1, 1) + torch.arange(seq, device=q.device).view(1, seq, 1)  # [B, T, 1]
+    visible = (torch.arange(slots, device=q.device) <= query_slot) & (key_mask[:batch] != 0).unsqueeze(1)
+    visible = visible.unsqueeze(1)  # [B, 1, T, S]
+    if v.dtype == dtype:
+        # Rounding P to V's dtype is a no-op here, so torch's fused attention computes the same math.
+        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=visible, scale=scale)
+    else:
+        # The scale is applied to q (T x D numbers) rather than to the scores (T x S); both are float32.
+        scores = (qh * scale) @ k.transpose(-1, -2)  # [B, H, T, S]
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+        out = probs.to(v.dtype).to(dtype) @ v.to(dtype)  # [B, H, T, D]
+    out = out.masked_fill(~visible.any(-1, keepdim=True), 0.0)  # a query that sees no slot: NaN until here
     return out.transpose(1, 2).reshape(batch, seq, width).to(q.dtype)
 
 
