@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import platform
+import statistics
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -24,6 +25,9 @@ from .runners import HFCompiledStaticRunner, HFRunner, Runner, TritonGPT2Runner
 from .timing import median_ms
 
 WARMUP, REPEATS = 3, 10
+# The CPU's timings drift with whatever else the machine runs: every implementation is timed in each
+# of several rounds, taken in turn, and a figure is the median of its rounds.
+CPU_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -163,10 +167,12 @@ def run_suite(
     quick: bool = False,
     warmup: int = WARMUP,
     repeats: int = REPEATS,
+    rounds: int | None = None,
 ) -> dict:
     """Run every workload for every model and dtype; returns the results document."""
     shapes = [QUICK_SHAPE] if quick else [model_shape(name) for name in models]
     workloads = QUICK_WORKLOADS if quick else GPU_WORKLOADS if device.type == "cuda" else CPU_WORKLOADS
+    rounds = rounds or (1 if quick or device.type == "cuda" else CPU_ROUNDS)
     peaks = measure_peaks(device, dtypes[0], copy_mb=64 if quick else 512, matmul_n=512 if quick else 4096)
     results, checks = [], []
     total = len(shapes) * len(dtypes) * len(workloads)
@@ -180,8 +186,8 @@ def run_suite(
                 done += 1
                 progress(done, total, f"{shape.name} {dtype} {work.kind} b{work.batch}x{work.seq}")
                 ids = prompt_ids(shape, work, device, warmup, repeats)
-                for runner in runners:
-                    ms = _time(runner, work, ids, device, warmup, repeats)
+                timings = [[_time(runner, work, ids, device, warmup, repeats) for runner in runners] for _ in range(rounds)]
+                for runner, ms in zip(runners, map(statistics.median, zip(*timings))):
                     tokens = work.batch * (work.new_tokens if work.kind == "generate" else 1 if work.kind == "decode" else work.seq)
                     weights = runner.weight_bytes or weight_bytes(model)
                     record = {
