@@ -29,7 +29,7 @@ def ctranslate2_installed() -> bool:
 
 
 class CTranslate2Runner(Runner):
-    embed_note = "includes the LM head (CTranslate2 gives no hidden states)"
+    embed_note = "includes the LM head: CTranslate2 gives no hidden states"
 
     def __init__(self, model: torch.nn.Module, compute_type: str) -> None:
         import ctranslate2

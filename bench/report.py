@@ -58,7 +58,7 @@ def chart(document: dict, path: Path) -> bool:
     axis.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels, rotation=45, ha="right", fontsize=7)
     axis.set_ylabel("median ms (lower is better)")
     axis.set_yscale("log")
-    axis.set_title(f"tritongpt2 vs transformers on {document['device']}")
+    axis.set_title(f"tritongpt2 and its baselines on {document['device']}")
     axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
