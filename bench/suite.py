@@ -9,6 +9,7 @@ rate and bytes over the bandwidth for embedding and prefill.
 from __future__ import annotations
 
 import datetime
+import importlib
 import platform
 import statistics
 import sys
@@ -68,12 +69,11 @@ def versions() -> dict[str, str]:
 
     found = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
              "tritongpt2": tritongpt2.__version__}
-    try:
-        import transformers
-
-        found["transformers"] = transformers.__version__
-    except ImportError:
-        pass
+    for package in ("transformers", "ctranslate2"):
+        try:
+            found[package] = importlib.import_module(package).__version__
+        except ImportError:
+            pass
     if torch.cuda.is_available():
         found["cuda"] = torch.version.cuda or ""
     return found
