@@ -13,20 +13,24 @@ def results_stem(document: dict) -> str:
     return f"{device}-{document['date']}" + ("-quick" if document.get("quick") else "")
 
 
+def _blank_none(value: object) -> str:
+    return "" if value is None else str(value)
+
+
 def markdown(document: dict) -> str:
     lines = [
         f"Device: {document['device']} · {document['date']} · "
         + ", ".join(f"{k} {v}" for k, v in document["versions"].items()),
         f"Measured peaks: copy {document['peak']['copy_gb_s']} GB/s, matmul {document['peak']['matmul_tflop_s']} TFLOP/s",
         "",
-        "| model | dtype | workload | batch | seq/context | impl | median ms | tokens/s | % roofline | speed-up vs baselines |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | dtype | workload | batch | seq/context | impl | median ms | tokens/s | % roofline | % copy bandwidth | speed-up vs baselines |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in document["results"]:
         speedups = ", ".join(f"{k} {v}x" for k, v in r.get("speedup_vs", {}).items())
         lines.append(
             f"| {r['model']} | {r['dtype']} | {r['workload']} | {r['batch']} | {r.get('seq', r.get('context'))} | "
-            f"{r['impl']}{' (' + r['note'] + ')' if 'note' in r else ''} | {r['median_ms']} | {r['tokens_per_s']} | {r['roofline_pct'] if r['roofline_pct'] is not None else ''} | {speedups} |"
+            f"{r['impl']}{' (' + r['note'] + ')' if 'note' in r else ''} | {r['median_ms']} | {r['tokens_per_s']} | {_blank_none(r['roofline_pct'])} | {_blank_none(r.get('bandwidth_pct'))} | {speedups} |"
         )
     if document.get("parity"):
         lines += ["", "| parity check | impl | relative error vs hf-eager |", "|---|---|---|"]

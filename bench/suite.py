@@ -3,7 +3,8 @@
 Figures are medians of CUDA-event (GPU) or perf_counter (CPU) timings, warm-up excluded. Each
 record carries its % of the roofline from peaks measured in the same run: bytes (weights read once,
 KV cache up to the context) over the copy bandwidth for decode; the larger of FLOPs over the matmul
-rate and bytes over the bandwidth for embedding and prefill.
+rate and bytes over the bandwidth for embedding and prefill. bandwidth_pct is those bytes alone over
+the copy bandwidth, for every workload: on a CPU, what an app embedding text is bound by.
 """
 
 from __future__ import annotations
@@ -101,21 +102,34 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def roofline_pct(shape: ModelShape, weights: int, size: int, work: Workload, ms: float, peaks: Peaks) -> float | None:
-    """100 x the ideal time over ms. weights: bytes of weights a step reads; size: bytes per KV element."""
-    kv_per_token = 2 * shape.n_layer * shape.n_embd * size
+def bytes_read(shape: ModelShape, weights: int, size: int, work: Workload) -> int | None:
+    """The bytes a step must read at least: the weights, and for decode the KV cache up to the context.
+    weights: bytes of weights a step reads; size: bytes per KV element."""
     if work.kind == "decode":
-        ideal_ms = (weights + work.batch * work.seq * kv_per_token) / (peaks.copy_gb_s * 1e6)
-    elif work.kind in ("embed", "prefill"):
+        return weights + work.batch * work.seq * 2 * shape.n_layer * shape.n_embd * size
+    return weights if work.kind in ("embed", "prefill") else None
+
+
+def roofline_pct(shape: ModelShape, weights: int, size: int, work: Workload, ms: float, peaks: Peaks) -> float | None:
+    """100 x the ideal time over ms: bytes over the copy bandwidth for decode, the larger of that and
+    FLOPs over the matmul rate for embed and prefill."""
+    needed = bytes_read(shape, weights, size, work)
+    if needed is None:
+        return None
+    ideal_ms = needed / (peaks.copy_gb_s * 1e6)
+    if work.kind in ("embed", "prefill"):
         tokens = work.batch * work.seq
         dense = 2 * tokens * 12 * shape.n_layer * shape.n_embd**2
         attention = 2 * shape.n_layer * work.batch * work.seq**2 * shape.n_embd  # causal: half of 4 * T^2 * C
         head = 2 * work.batch * shape.n_embd * shape.vocab_size if work.kind == "prefill" else 0
-        flops_ms = (dense + attention + head) / (peaks.matmul_tflop_s * 1e9)
-        ideal_ms = max(flops_ms, weights / (peaks.copy_gb_s * 1e6))
-    else:
-        return None
+        ideal_ms = max(ideal_ms, (dense + attention + head) / (peaks.matmul_tflop_s * 1e9))
     return round(100 * ideal_ms / ms, 1)
+
+
+def bandwidth_pct(shape: ModelShape, weights: int, size: int, work: Workload, ms: float, peaks: Peaks) -> float | None:
+    """The bytes a step must read, per ms, as a % of the copy bandwidth (what bounds decode)."""
+    needed = bytes_read(shape, weights, size, work)
+    return None if needed is None else round(100 * needed / (peaks.copy_gb_s * 1e6) / ms, 1)
 
 
 def _time(runner: Runner, work: Workload, ids: torch.Tensor, device: torch.device, warmup: int, repeats: int) -> float:
@@ -195,6 +209,7 @@ def run_suite(
                         "batch": work.batch, ("context" if work.kind == "decode" else "seq"): work.seq,
                         "impl": runner.name, "median_ms": round(ms, 4), "tokens_per_s": round(tokens / ms * 1e3, 1),
                         "roofline_pct": roofline_pct(shape, weights, dtype.itemsize, work, ms, peaks),
+                        "bandwidth_pct": bandwidth_pct(shape, weights, dtype.itemsize, work, ms, peaks),
                     }
                     if work.kind == "embed" and runner.embed_note:
                         record["note"] = runner.embed_note

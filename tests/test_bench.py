@@ -12,13 +12,13 @@ import torch
 from checkpoints import save_model
 from tritongpt2.bench.ctranslate2_runner import CTranslate2Runner
 from tritongpt2.bench.runners import HFRunner
-from tritongpt2.bench.suite import add_ratios, build_model, roofline_pct, QUICK_SHAPE, Workload
+from tritongpt2.bench.suite import add_ratios, bandwidth_pct, build_model, roofline_pct, QUICK_SHAPE, Workload
 from tritongpt2.bench.peaks import Peaks
 from tritongpt2.engine.engine import Engine
 
 pytest.importorskip("transformers")
 BASELINES = {"hf-eager", "hf-sdpa", "ctranslate2-float32", "ctranslate2-int8"}
-RECORD_KEYS = {"model", "dtype", "workload", "batch", "impl", "median_ms", "tokens_per_s", "roofline_pct"}
+RECORD_KEYS = {"model", "dtype", "workload", "batch", "impl", "median_ms", "tokens_per_s", "roofline_pct", "bandwidth_pct"}
 
 
 def test_quick_bench_runs_and_checks_parity(tmp_path):
@@ -51,6 +51,16 @@ def test_roofline_and_ratios_arithmetic():
     kv = 2 * QUICK_SHAPE.n_layer * QUICK_SHAPE.n_embd * 4 * 100  # 100 cached tokens, float32
     with_cache = roofline_pct(QUICK_SHAPE, 4_000_000, 4, Workload("decode", 1, 100), ms=0.008, peaks=peaks)
     assert with_cache == pytest.approx(100 * (4_000_000 + kv) / 1e12 / 8e-6, abs=0.05)
+    assert bandwidth_pct(QUICK_SHAPE, 4_000_000, 4, Workload("decode", 1, 100), ms=0.008, peaks=peaks) == with_cache
+    # Embedding 1 x 4096 tokens: compute-bound, so the roofline is FLOPs over the matmul rate, while
+    # the bandwidth figure still counts only the weights.
+    embed = Workload("embed", 1, 4096)
+    c, layers = QUICK_SHAPE.n_embd, QUICK_SHAPE.n_layer
+    flops = 2 * 4096 * 12 * layers * c**2 + 2 * layers * 4096**2 * c
+    assert flops / 100e12 > 4_000_000 / 1e12
+    assert roofline_pct(QUICK_SHAPE, 4_000_000, 4, embed, ms=1.0, peaks=peaks) == pytest.approx(100 * flops / 100e12 / 1e-3, abs=0.05)
+    assert bandwidth_pct(QUICK_SHAPE, 4_000_000, 4, embed, ms=1.0, peaks=peaks) == pytest.approx(0.4)
+    assert roofline_pct(QUICK_SHAPE, 4_000_000, 4, Workload("generate", 1, 8, 8), ms=1.0, peaks=peaks) is None
     records = [{"model": "m", "dtype": "f", "workload": "decode", "batch": 1, "context": 8, "impl": impl, "median_ms": ms}
                for impl, ms in [("hf-eager", 4.0), ("tritongpt2", 1.0)]]
     add_ratios(records)
