@@ -16,8 +16,10 @@ def threads():
 @pytest.mark.parametrize("width", [2 * MIN_BLOCK_COLUMNS, 3 * MIN_BLOCK_COLUMNS + 7, MIN_BLOCK_COLUMNS + 1])
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_addmm_rows_matches_addmm(threads, thread_count, rows, width, transposed, with_bias):
-    # Widths that split evenly, that leave a tail of columns, and that are too narrow to split.
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_addmm_rows_matches_addmm(threads, thread_count, rows, width, transposed, with_bias, dtype):
+    # Widths that split evenly, that leave a tail of columns, and that are too narrow to split;
+    # float32 is what the torch backend runs (BLAS may take another path for it than for float64).
     threads(thread_count)
     generator = torch.Generator().manual_seed(rows * 31 + width)
     depth = 48
@@ -26,9 +28,10 @@ def test_addmm_rows_matches_addmm(threads, thread_count, rows, width, transposed
         torch.randn(depth, width, generator=generator, dtype=torch.float64)
     bias = torch.randn(width, generator=generator, dtype=torch.float64) if with_bias else None
     expected = x @ weight if bias is None else torch.addmm(bias, x, weight)
-    got = addmm_rows(x, weight, bias)
-    assert got.shape == (rows, width) and got.is_contiguous()
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    got = addmm_rows(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    assert got.shape == (rows, width) and got.is_contiguous() and got.dtype == dtype
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance)
 
 
 def test_addmm_rows_single_thread_is_addmm(threads):
