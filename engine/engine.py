@@ -65,6 +65,10 @@ class Engine:
             raise ValueError(f"CUDA graphs need the triton backend; this engine runs {self.backend!r}")
         self.graphs = GraphRunner(graph_capture or CudaGraphs()) if cuda_graphs else None
         self.head_state: dict[str, torch.Tensor] = {}
+        # Small device constants a step needs every call, made once: a decode's mask of ones per
+        # batch, and the token count per length.
+        self._ones_masks: dict[int, torch.Tensor] = {}
+        self._token_counts: dict[int, torch.Tensor] = {}
 
     @classmethod
     def from_pretrained(
@@ -162,9 +166,11 @@ class Engine:
             check_range("input_ids", ids, self.config.vocab_size)
         types = self._optional_ids("token_type_ids", token_type_ids, ids.shape, self.config.vocab_size)
         self.cache.reserve(ids.shape[0], 1)
-        mask = torch.ones_like(ids, dtype=torch.int32)
+        mask = self._ones_masks.get(ids.shape[0])
+        if mask is None:
+            mask = self._ones_masks[ids.shape[0]] = torch.ones(ids.shape, dtype=torch.int32, device=self.device)
         inputs = {"input_ids": ids, "inputs_embeds": None, "attention_mask": mask, "token_type_ids": types, "position_ids": None}
-        return self._step(inputs, logits=logits, hidden=hidden)
+        return self._step(inputs, logits=logits, hidden=hidden, mask_of_ones=True)
 
     def _check_embeds(self, embeds: torch.Tensor) -> torch.Tensor:
         if not isinstance(embeds, torch.Tensor) or not embeds.is_floating_point():
@@ -197,15 +203,23 @@ class Engine:
         check_range(name, values, high)
         return values
 
-    def _step(self, inputs: dict[str, torch.Tensor | None], *, logits: str | None, hidden: bool, layer_inputs: bool = False) -> StepOutput:
+    def _step(
+        self, inputs: dict[str, torch.Tensor | None], *, logits: str | None, hidden: bool, layer_inputs: bool = False,
+        mask_of_ones: bool = False,
+    ) -> StepOutput:
         batch, seq = inputs["attention_mask"].shape
         if self.graphs is None or layer_inputs:
-            out = self._run_step(inputs, torch.full((1,), seq, dtype=torch.int64, device=self.device),
-                                 logits=logits, hidden=hidden, layer_inputs=layer_inputs)
+            out = self._run_step(inputs, self._token_count(seq), logits=logits, hidden=hidden, layer_inputs=layer_inputs)
         else:
-            out = self._graph_step(inputs, logits=logits, hidden=hidden)
+            out = self._graph_step(inputs, logits=logits, hidden=hidden, mask_of_ones=mask_of_ones)
         self.cache.advance(batch, seq)
         return out
+
+    def _token_count(self, seq: int) -> torch.Tensor:
+        count = self._token_counts.get(seq)
+        if count is None:
+            count = self._token_counts[seq] = torch.full((1,), seq, dtype=torch.int64, device=self.device)
+        return count
 
     def _run_step(self, inputs: dict[str, torch.Tensor | None], new_tokens: torch.Tensor, **options) -> StepOutput:
         # The torch ops attend over the slots in use only; the kernels skip the rest themselves and
@@ -217,27 +231,25 @@ class Engine:
             inputs_embeds=inputs.get("inputs_embeds"), attention_window=window, **options,
         )
 
-    def _graph_step(self, inputs: dict[str, torch.Tensor | None], *, logits: str | None, hidden: bool) -> StepOutput:
+    def _graph_step(
+        self, inputs: dict[str, torch.Tensor | None], *, logits: str | None, hidden: bool, mask_of_ones: bool
+    ) -> StepOutput:
         batch, seq = inputs["attention_mask"].shape
         rows = bucket(batch, self.cache.max_batch)
         length = 1 if seq == 1 else bucket(seq, self.cache.max_seq, SMALLEST_PREFILL_BUCKET)
         if self.cache.used + length > self.cache.max_seq:
             length = seq  # padding would run past the cache: capture this exact length instead
-
-        def padded(t: torch.Tensor) -> torch.Tensor:
-            out = torch.zeros(rows, length, *t.shape[2:], dtype=t.dtype, device=t.device)
-            out[:batch, :seq] = t
-            return out
-
-        static = {name: padded(t) for name, t in inputs.items() if t is not None}
-        static["new_tokens"] = torch.full((1,), seq, dtype=torch.int64, device=self.device)
-        key = (rows, length, tuple(sorted(static)), logits, hidden)
+        given = {name: t for name, t in inputs.items() if t is not None}
+        given["new_tokens"] = self._token_count(seq)
+        # The buffers of these hold the same values for every call of the same shape: not copied again.
+        known = {"new_tokens": seq, **({"attention_mask": "ones"} if mask_of_ones else {})}
+        key = (rows, length, tuple(sorted(given)), logits, hidden)
 
         def step(buffers: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
             out = self._run_step(buffers, buffers["new_tokens"], logits=logits, hidden=hidden)
             return out.hidden_states, out.logits
 
-        hidden_states, out_logits = self.graphs.run(key, static, step)
+        hidden_states, out_logits = self.graphs.run(key, given, step, leading=(rows, length), known=known)
         if hidden_states is not None:
             hidden_states = hidden_states[:batch, :seq].clone()
         if out_logits is not None:

@@ -2,15 +2,18 @@
 the host and takes its shapes from the bucket, and the graph runner feeds and reads the right
 buffers (over a CPU stand-in whose replay re-runs the recorded step on the static buffers)."""
 
+from collections import Counter
 from contextlib import contextmanager
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from checkpoints import save_model
 from numerics import BACKEND, OPS, relative_error
 from tritongpt2.engine.engine import Engine
 from tritongpt2.engine.forward import gpt2_step
+from tritongpt2.engine import graphs
 from tritongpt2.engine.graphs import EagerGraphs, bucket
 from tritongpt2.kernels import reference
 from tritongpt2.kernels.launch import recording_launches
@@ -159,3 +162,65 @@ def test_kernels_under_graph_runner(checkpoint):
 def test_graphs_are_refused_on_cpu_backends(checkpoint):
     with pytest.raises(ValueError, match="CUDA graphs need the triton backend"):
         Engine.from_pretrained(checkpoint[0], backend="torch", cuda_graphs=True)
+
+
+class OpsOutsideReplay(TorchDispatchMode):
+    """Counts the aten ops that run outside a graph replay: on a GPU, each that is not a view is a
+    launch of its own, in front of the graph's."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.ops, self.replaying = Counter(), False
+        replay = graphs._EagerGraph.replay
+
+        def counted_replay(graph):
+            self.replaying = True
+            try:
+                replay(graph)
+            finally:
+                self.replaying = False
+
+        monkeypatch.setattr(graphs._EagerGraph, "replay", counted_replay)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.replaying and func.overloadpacket not in (torch.ops.aten.slice, torch.ops.aten.unsqueeze, torch.ops.aten.view):
+            self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_replayed_decode_copies_only_its_token_ids(checkpoint, monkeypatch):
+    eager, graphed, _ = eager_and_graphed(checkpoint[0])
+    ids, mask, _ = step_inputs(3, 5, seed=7)
+    tokens = graphed.prefill(ids, mask).logits.argmax(-1)
+    eager.prefill(ids, mask)
+    graphed.decode(tokens, check_ids=False)
+    eager.decode(tokens, check_ids=False)
+    counter = OpsOutsideReplay(monkeypatch)
+    with counter:
+        got = graphed.decode(tokens, check_ids=False).logits
+    assert counter.ops == Counter({"copy_": 1, "clone": 1}), "the ids in, the logits out; the mask and count stay"
+    assert relative_error(got, eager.decode(tokens, check_ids=False).logits) < 1e-6
+
+
+def test_buffers_refilled_when_the_batch_or_the_mask_changes_in_a_bucket(checkpoint):
+    # Batches of 4 and then 3 rows, prompts of 5 and then 3 tokens, share the (4, 16) prefill and
+    # (4, 1) decode buckets: what the earlier call wrote past the later one's corner must be
+    # padding again. A one-token prefill shares the decode bucket with a mask that is not all ones:
+    # the next decode must not find that mask in the buffer.
+    eager, graphed, _ = eager_and_graphed(checkpoint[0])
+    for batch, seq, seed in ((4, 5, 8), (3, 3, 9)):
+        ids, mask, _ = step_inputs(batch, seq, seed)
+        expected, got = eager.prefill(ids, mask).logits, graphed.prefill(ids, mask).logits
+        assert relative_error(got, expected) < 1e-6
+        tokens = torch.arange(batch) + 11
+        for _ in range(2):
+            assert relative_error(graphed.decode(tokens).logits, eager.decode(tokens).logits) < 1e-6
+        decode_buffers = graphed.graphs.static_inputs((4, 1, ("attention_mask", "input_ids", "new_tokens"), "last", False))
+        assert not decode_buffers["attention_mask"][batch:].any() and not decode_buffers["input_ids"][batch:].any()
+        one, one_mask = tokens[:, None] + 1, torch.ones(batch, 1, dtype=torch.int32)
+        one_mask[0] = 0
+        expected = eager.prefill(one, one_mask, reset=False).logits
+        got = graphed.prefill(one, one_mask, reset=False).logits
+        assert relative_error(got[1:], expected[1:]) < 1e-6
+        assert relative_error(graphed.decode(tokens).logits, eager.decode(tokens).logits) < 1e-6
+    assert [key[:2] for key in graphed.graphs.keys()] == [(4, 16), (4, 1)]
