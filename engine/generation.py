@@ -2,7 +2,9 @@
 
 Sampling draws argmax(probs / Exponential(1)), which picks token i with probability probs[i] and
 needs no host synchronisation (the gpt-fast trick); the host reads each step's tokens once, to stream
-them and to stop when every row has finished.
+them and to stop when every row has finished. It reads them only after queueing the next step, so
+that on a GPU the device computes step t + 1 while the host streams step t: a token then costs the
+longer of the device's time and the host's, not their sum.
 """
 
 from __future__ import annotations
@@ -57,6 +59,27 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     return (probs / noise).argmax(-1)
 
 
+class TokensToHost:
+    """Each step's tokens, copied to the host behind the device's queue: on a GPU into pinned memory
+    with an event, so the host can queue more work before it waits for them."""
+
+    def __init__(self, steps: int, batch: int, device: torch.device) -> None:
+        self.on_gpu = device.type == "cuda"
+        self.rows = torch.empty(steps, batch, dtype=torch.int64, pin_memory=self.on_gpu)
+        self.copied: torch.cuda.Event | None = None
+
+    def start(self, step: int, tokens: torch.Tensor) -> None:
+        self.rows[step].copy_(tokens, non_blocking=self.on_gpu)
+        if self.on_gpu:
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+
+    def wait(self, step: int) -> torch.Tensor:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.rows[step]
+
+
 def stream_tokens(
     engine: Engine,
     input_ids: torch.Tensor,
@@ -71,7 +94,9 @@ def stream_tokens(
 ) -> Iterator[torch.Tensor]:
     """Yield each step's new tokens, [B] on the CPU, until every row has produced an EOS token or
     max_new_tokens are out. A row that has finished yields pad_token_id (EOS when none is set).
-    eos_token_id and pad_token_id default to the config's; eos_token_id=[] never stops early."""
+    eos_token_id and pad_token_id default to the config's; eos_token_id=[] never stops early.
+    Each step is queued before the previous one's tokens are yielded, so a stop on EOS has run the
+    step after it too: the cache then holds the last yielded tokens as well."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
     if seed is not None and generator is not None:
@@ -89,17 +114,23 @@ def stream_tokens(
             f"a prompt of {ids.shape[1]} tokens leaves room for {room + 1} new ones in the cache "
             f"(max_seq={engine.cache.max_seq}), not max_new_tokens={max_new_tokens}"
         )
-    eos_ids = torch.tensor(eos, dtype=torch.int64, device=engine.device)
+    eos_on_host = torch.tensor(eos, dtype=torch.int64)
+    eos_ids = eos_on_host.to(engine.device)
     logits = engine.prefill(ids, attention_mask).logits
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=engine.device)
+    to_host = TokensToHost(max_new_tokens, ids.shape[0], engine.device)
+    finished_on_host = torch.zeros(ids.shape[0], dtype=torch.bool)
     for step in range(max_new_tokens):
         tokens = next_tokens(logits, params, generator).masked_fill(finished, filler)
         finished |= torch.isin(tokens, eos_ids)
-        host_tokens = tokens.cpu()
+        to_host.start(step, tokens)
+        if step + 1 < max_new_tokens:
+            logits = engine.decode(tokens, check_ids=False).logits
+        host_tokens = to_host.wait(step)
         yield host_tokens
-        if step + 1 == max_new_tokens or bool(finished.all()):
+        finished_on_host |= torch.isin(host_tokens, eos_on_host)
+        if step + 1 == max_new_tokens or bool(finished_on_host.all()):
             return
-        logits = engine.decode(tokens, check_ids=False).logits
 
 
 def generate(

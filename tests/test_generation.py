@@ -108,3 +108,13 @@ def test_streaming_yields_tokens_in_order(engine):
 def test_bad_generation_options(engine, options, message):
     with pytest.raises(ValueError, match=message):
         generate(engine, prompt(), **options)
+
+
+def test_each_step_is_queued_before_the_previous_tokens_reach_the_host(engine, monkeypatch):
+    # On a GPU the device then computes step t + 1 while the host streams step t.
+    events = []
+    decode = engine.decode
+    monkeypatch.setattr(engine, "decode", lambda *args, **kwargs: events.append("decode") or decode(*args, **kwargs))
+    for _ in stream_tokens(engine, prompt(), max_new_tokens=4, eos_token_id=[]):
+        events.append("tokens")
+    assert events == ["decode", "tokens"] * 3 + ["tokens"], "no decode after the last step"
