@@ -27,6 +27,8 @@ class StepOutput:
 
 def positions_from_mask(next_position: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids as transformers' generate derives them: count real tokens, padding gets 1."""
+    if attention_mask.shape[1] == 1:  # decode: a row's next position (two launches, not six)
+        return next_position[:, None].masked_fill(attention_mask == 0, 1)
     positions = next_position[:, None] + attention_mask.long().cumsum(-1) - 1
     return positions.masked_fill(attention_mask == 0, 1)
 
@@ -59,7 +61,9 @@ def gpt2_step(
     the host's count is for steps that are never captured."""
     batch, seq = attention_mask.shape
     start = cache.lengths[:batch]
-    slots = start[:, None] + torch.arange(seq, device=attention_mask.device)
+    # Decode takes the shortcuts that one token per row allows (no arange, cumsum or search for the
+    # last token): small launches are a large part of a decode step on a GPU.
+    slots = start[:, None] if seq == 1 else start[:, None] + torch.arange(seq, device=attention_mask.device)
     cache.key_mask[:batch].scatter_(1, slots, attention_mask.to(torch.int32))
     if position_ids is None:
         position_ids = positions_from_mask(cache.next_position[:batch], attention_mask)
@@ -86,15 +90,18 @@ def gpt2_step(
         h = ops.ln_linear(x, layer.ln_2_weight, layer.ln_2_bias, eps, layer.fc_weight, layer.fc_bias, config.activation_function)
         x = ops.linear_residual(h, layer.mlp_proj_weight, layer.mlp_proj_bias, x)
 
-    cache.lengths[:batch] += new_tokens
-    cache.next_position[:batch] += attention_mask.long().sum(-1)
+    cache.lengths[:batch].add_(new_tokens)
+    cache.next_position[:batch].add_(attention_mask.sum(-1))
 
     hidden_states = ops.layer_norm(x, weights.ln_f_weight, weights.ln_f_bias, eps) if hidden else None
     out_logits = None
     if logits == "last":
-        # Each row's last real token: the first 1 of the mask read from the end.
-        last = seq - 1 - attention_mask.flip(-1).long().argmax(-1)
-        final = x[torch.arange(batch, device=x.device), last]  # [B, C]
+        if seq == 1:
+            final = x[:, 0]
+        else:
+            # Each row's last real token: the first 1 of the mask read from the end.
+            last = seq - 1 - attention_mask.flip(-1).long().argmax(-1)
+            final = x[torch.arange(batch, device=x.device), last]  # [B, C]
         out_logits = ops.ln_linear(final, weights.ln_f_weight, weights.ln_f_bias, eps, weights.lm_head.T)
     elif logits == "all":
         out_logits = ops.ln_linear(x, weights.ln_f_weight, weights.ln_f_bias, eps, weights.lm_head.T)
