@@ -27,9 +27,10 @@ from .runners import HFCompiledStaticRunner, HFRunner, Runner, TritonGPT2Runner
 from .timing import median_ms
 
 WARMUP, REPEATS = 3, 10
-# The CPU's timings drift with whatever else the machine runs: every implementation is timed in each
-# of several rounds, taken in turn, and a figure is the median of its rounds.
-CPU_ROUNDS = 3
+# The CPU's timings drift with whatever else the machine runs, in bursts of seconds: every
+# implementation is timed in each of several short rounds, taken in turn, and a figure is the median
+# of its rounds' medians.
+CPU_ROUNDS, CPU_REPEATS = 6, 4
 
 
 @dataclass(frozen=True)
@@ -180,13 +181,15 @@ def run_suite(
     *,
     quick: bool = False,
     warmup: int = WARMUP,
-    repeats: int = REPEATS,
+    repeats: int | None = None,
     rounds: int | None = None,
 ) -> dict:
     """Run every workload for every model and dtype; returns the results document."""
     shapes = [QUICK_SHAPE] if quick else [model_shape(name) for name in models]
     workloads = QUICK_WORKLOADS if quick else GPU_WORKLOADS if device.type == "cuda" else CPU_WORKLOADS
-    rounds = rounds or (1 if quick or device.type == "cuda" else CPU_ROUNDS)
+    timed_once = quick or device.type == "cuda"
+    rounds = rounds or (1 if timed_once else CPU_ROUNDS)
+    repeats = repeats or (REPEATS if timed_once else CPU_REPEATS)
     peaks = measure_peaks(device, dtypes[0], copy_mb=64 if quick else 512, matmul_n=512 if quick else 4096)
     results, checks = [], []
     total = len(shapes) * len(dtypes) * len(workloads)
