@@ -58,31 +58,25 @@ def test_interpret_backend_switches_the_interpreter_on_in_a_fresh_process():
     assert result.stdout.strip() == "interpret"
 
 
+def value_error_in_fresh_process(setup: str, call: str) -> str:
+    """Run `setup`, then `call`, in a new interpreter; the message of the ValueError the call raises."""
+    result = run_python(f"{setup}\ntry:\n    {call}\nexcept ValueError as e:\n    print(e)\n")
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 def test_interpret_after_compiled_kernels_is_a_clear_error():
     # Build the kernels for the GPU (no GPU needed to define them), then ask for the interpreter.
-    code = (
-        "from tritongpt2.kernels.backend import resolve_backend\n"
-        "import tritongpt2.kernels.launchers\n"
-        "try:\n"
-        "    resolve_backend('interpret')\n"
-        "except ValueError as e:\n"
-        "    print(e)\n"
+    message = value_error_in_fresh_process(
+        "from tritongpt2.kernels.backend import resolve_backend\nimport tritongpt2.kernels.launchers",
+        "resolve_backend('interpret')",
     )
-    result = run_python(code)
-    assert result.returncode == 0, result.stderr
-    assert "triton was already imported for the GPU" in result.stdout
+    assert "triton was already imported for the GPU" in message
 
 
 def test_interpret_after_triton_was_imported_for_the_gpu_is_a_clear_error():
     # torch.compile and transformers import triton; its own jit helpers are then built for the GPU.
-    code = (
-        "import triton.language\n"
-        "from tritongpt2.kernels.backend import kernel_ops\n"
-        "try:\n"
-        "    kernel_ops('interpret')\n"
-        "except ValueError as e:\n"
-        "    print(e)\n"
+    message = value_error_in_fresh_process(
+        "import triton.language\nfrom tritongpt2.kernels.backend import kernel_ops", "kernel_ops('interpret')"
     )
-    result = run_python(code)
-    assert result.returncode == 0, result.stderr
-    assert "set TRITON_INTERPRET=1 in the environment before anything imports triton" in result.stdout
+    assert "set TRITON_INTERPRET=1 in the environment before anything imports triton" in message
