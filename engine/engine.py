@@ -65,10 +65,9 @@ class Engine:
             raise ValueError(f"CUDA graphs need the triton backend; this engine runs {self.backend!r}")
         self.graphs = GraphRunner(graph_capture or CudaGraphs()) if cuda_graphs else None
         self.head_state: dict[str, torch.Tensor] = {}
-        # Small device constants a step needs every call, made once: a decode's mask of ones per
-        # batch, and the token count per length.
-        self._ones_masks: dict[int, torch.Tensor] = {}
-        self._token_counts: dict[int, torch.Tensor] = {}
+        # Small device constants a step needs every call (a decode's mask of ones, the token count),
+        # made once each rather than launched every step.
+        self._constants: dict[tuple, torch.Tensor] = {}
 
     @classmethod
     def from_pretrained(
@@ -166,9 +165,7 @@ class Engine:
             check_range("input_ids", ids, self.config.vocab_size)
         types = self._optional_ids("token_type_ids", token_type_ids, ids.shape, self.config.vocab_size)
         self.cache.reserve(ids.shape[0], 1)
-        mask = self._ones_masks.get(ids.shape[0])
-        if mask is None:
-            mask = self._ones_masks[ids.shape[0]] = torch.ones(ids.shape, dtype=torch.int32, device=self.device)
+        mask = self._constant(tuple(ids.shape), 1, torch.int32)
         inputs = {"input_ids": ids, "inputs_embeds": None, "attention_mask": mask, "token_type_ids": types, "position_ids": None}
         return self._step(inputs, logits=logits, hidden=hidden, mask_of_ones=True)
 
@@ -209,17 +206,17 @@ class Engine:
     ) -> StepOutput:
         batch, seq = inputs["attention_mask"].shape
         if self.graphs is None or layer_inputs:
-            out = self._run_step(inputs, self._token_count(seq), logits=logits, hidden=hidden, layer_inputs=layer_inputs)
+            out = self._run_step(inputs, self._constant((1,), seq, torch.int64), logits=logits, hidden=hidden, layer_inputs=layer_inputs)
         else:
             out = self._graph_step(inputs, logits=logits, hidden=hidden, mask_of_ones=mask_of_ones)
         self.cache.advance(batch, seq)
         return out
 
-    def _token_count(self, seq: int) -> torch.Tensor:
-        count = self._token_counts.get(seq)
-        if count is None:
-            count = self._token_counts[seq] = torch.full((1,), seq, dtype=torch.int64, device=self.device)
-        return count
+    def _constant(self, shape: tuple[int, ...], value: int, dtype: torch.dtype) -> torch.Tensor:
+        key = (shape, value, dtype)
+        if key not in self._constants:
+            self._constants[key] = torch.full(shape, value, dtype=dtype, device=self.device)
+        return self._constants[key]
 
     def _run_step(self, inputs: dict[str, torch.Tensor | None], new_tokens: torch.Tensor, **options) -> StepOutput:
         # The torch ops attend over the slots in use only; the kernels skip the rest themselves and
@@ -240,7 +237,7 @@ class Engine:
         if self.cache.used + length > self.cache.max_seq:
             length = seq  # padding would run past the cache: capture this exact length instead
         given = {name: t for name, t in inputs.items() if t is not None}
-        given["new_tokens"] = self._token_count(seq)
+        given["new_tokens"] = self._constant((1,), seq, torch.int64)
         # The buffers of these hold the same values for every call of the same shape: not copied again.
         known = {"new_tokens": seq, **({"attention_mask": "ones"} if mask_of_ones else {})}
         key = (rows, length, tuple(sorted(given)), logits, hidden)

@@ -3,8 +3,8 @@
 A step is a function of a dict of static input tensors that returns a tuple of tensors. The runner
 copies what changed of each call's inputs into the bucket's static buffers and replays the graph;
 the outputs are the graph's static buffers, overwritten by the next replay of the same bucket (the
-engine copies what it hands out). Capturing runs the step once for real, on the call's inputs, and that first
-call's answer comes from that run.
+engine copies what it hands out). Capturing runs the step once for real, on the call's inputs, and
+that first call's answer comes from that run.
 
 `CudaGraphs` captures with torch.cuda.CUDAGraph. `EagerGraphs` is its CPU stand-in: "replay" calls
 the recorded step again on the same static buffers and writes into the same output tensors, so the
