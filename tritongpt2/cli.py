@@ -38,7 +38,7 @@ def _audit_compile(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _dtype(name: str | None):
@@ -132,20 +132,18 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder (or hub id, with a network)")
-    parser.add_argument("--dtype", choices=list(DTYPES), help="weights dtype (default: the checkpoint's)")
+    parser.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: the checkpoint's)")
     parser.add_argument("--backend", choices=["triton", "interpret", "torch"], help="default: triton with CUDA, else torch")
 
 
 def _audit_traffic(args: argparse.Namespace) -> int:
     # Bytes are counted under the interpreter, which must be on before triton is imported.
     os.environ["TRITON_INTERPRET"] = "1"
-    import torch
-
     from tritongpt2.bench.model_shapes import model_shape
     from tritongpt2.bench.traffic_audit import run_traffic_audit
 
     shape = model_shape(args.model)
-    rows = run_traffic_audit(shape, args.workload, args.batch, args.context, getattr(torch, args.dtype))
+    rows = run_traffic_audit(shape, args.workload, args.batch, args.context, _dtype(args.dtype))
     print("| impl | workload | batch | context | bytes/step | ideal | ratio to ideal | launches/step | launches/layer |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -204,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     traffic.add_argument("--workload", choices=["decode", "prefill", "embed"], default="decode")
     traffic.add_argument("--batch", type=int, default=1)
     traffic.add_argument("--context", type=int, default=1024, help="cache context (decode) or tokens (prefill, embed)")
-    traffic.add_argument("--dtype", choices=list(DTYPES), default="float16")
+    traffic.add_argument("--dtype", choices=DTYPES, default="float16")
     traffic.add_argument("--output", default="bench/results", help="folder of traffic-<model>.json")
     traffic.set_defaults(run=_audit_traffic)
     return parser
