@@ -11,7 +11,7 @@ the real per-layer shapes with 1 and 2 layers; the difference is one layer, scal
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import numpy as np
@@ -22,6 +22,7 @@ from tritongpt2.kernels.launch import LaunchRecord, observing_launches
 
 from .model_shapes import ModelShape
 from .runners import cache_keyword
+from .suite import build_model
 
 WORKLOADS = ("decode", "prefill", "embed")
 # Ops that return views or metadata: they move no memory.
@@ -114,16 +115,6 @@ def counting_kernel_traffic(traffic: StepTraffic, aten: AtenTraffic) -> Iterator
         InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store = load, store
 
 
-def _hf_model(shape: ModelShape, n_layer: int, dtype: torch.dtype) -> torch.nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=shape.vocab_size, n_positions=shape.n_positions, n_embd=shape.n_embd,
-                        n_layer=n_layer, n_head=shape.n_head)
-    config._attn_implementation = "eager"
-    return GPT2LMHeadModel(config).to(dtype).eval()
-
-
 def _ids(shape: ModelShape, batch: int, seq: int) -> torch.Tensor:
     return torch.randint(0, shape.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seq))
 
@@ -198,7 +189,9 @@ def run_traffic_audit(shape: ModelShape, workload: str, batch: int, context: int
         raise ValueError(f"context {context} must be between 1 and {shape.n_positions}")
     element = torch.empty((), dtype=dtype).element_size()
     rows = []
-    models = {n: _hf_model(shape, n, dtype) for n in (1, 2)}
+    models = {n: build_model(replace(shape, n_layer=n), dtype, torch.device("cpu")) for n in (1, 2)}
+    for model in models.values():
+        model.config._attn_implementation = "eager"
     ideal = ideal_bytes(shape, workload, batch, context, element)
     for impl, step in (("tritongpt2", ours_step), ("hf-eager", hf_step)):
         one, two = (step(models[n], shape, workload, batch, context) for n in (1, 2))
