@@ -9,18 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import save_model
-from tokenizer_files import write_tokenizer
+from tokenizer_files import hf_tokenizer, save_model_with_tokenizer
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cli")
-    vocab = write_tokenizer(folder)
-    _, model = save_model(folder, vocab_size=vocab, n_layer=2, bos_token_id=vocab - 1, eos_token_id=vocab - 1)
-    return folder, model
+    return save_model_with_tokenizer(tmp_path_factory.mktemp("cli"), n_layer=2)
 
 
 def cli(*args, stdin=None):
@@ -30,7 +26,7 @@ def cli(*args, stdin=None):
 
 
 def hf_greedy_text(folder, model, prompt, new_tokens):
-    tokenizer = transformers.GPT2TokenizerFast(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    tokenizer = hf_tokenizer(folder)
     ids = torch.tensor([tokenizer.encode(prompt)])
     with torch.no_grad():
         out = model.generate(input_ids=ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)

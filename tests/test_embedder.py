@@ -6,26 +6,22 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import save_model
 from numerics import BACKEND
-from tokenizer_files import write_tokenizer
+from tokenizer_files import hf_tokenizer, save_model_with_tokenizer
 from tritongpt2.heads.embedder import Embedder
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hi", "Once upon a time there was a model", "rain"]
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("embedder")
-    vocab = write_tokenizer(folder)
-    _, model = save_model(folder, "GPT2Model", vocab_size=vocab, bos_token_id=vocab - 1, eos_token_id=vocab - 1)
-    return folder, model
+    return save_model_with_tokenizer(tmp_path_factory.mktemp("embedder"), "GPT2Model")
 
 
 def expected(folder, model, texts, pooling, normalize):
-    tokenizer = transformers.GPT2TokenizerFast(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    tokenizer = hf_tokenizer(folder)
     rows = []
     for text in texts:
         ids = torch.tensor([tokenizer.encode(text)])

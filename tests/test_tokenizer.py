@@ -5,15 +5,11 @@ import json
 
 import pytest
 
-from tokenizer_files import write_tokenizer
+from tokenizer_files import hf_tokenizer, write_tokenizer
 from tritongpt2.engine.tokenizer import GPT2Tokenizer
 
 transformers = pytest.importorskip("transformers")
 TEXT = "Hello world, the quick brown fox<|endoftext|> jumps"
-
-
-def hf_tokenizer(folder, **kwargs):
-    return transformers.GPT2TokenizerFast(str(folder / "vocab.json"), str(folder / "merges.txt"), **kwargs)
 
 
 def test_vocab_and_merges_encode_as_transformers(tmp_path):
