@@ -38,6 +38,10 @@ def markdown(document: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _workload_label(record: dict) -> str:
+    return f"{record['model']} {record['dtype']} {record['workload']} {record['batch']}x{record.get('seq', record.get('context'))}"
+
+
 def chart(document: dict, path: Path) -> bool:
     """A bar chart of median ms per workload and implementation; False when matplotlib is missing."""
     try:
@@ -47,17 +51,13 @@ def chart(document: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    records = document["results"]
-    labels = sorted({f"{r['model']} {r['dtype']} {r['workload']} {r['batch']}x{r.get('seq', r.get('context'))}" for r in records})
-    impls = sorted({r["impl"] for r in records})
+    median_ms = {(_workload_label(r), r["impl"]): r["median_ms"] for r in document["results"]}
+    labels = sorted({label for label, _ in median_ms})
+    impls = sorted({impl for _, impl in median_ms})
     figure, axis = plt.subplots(figsize=(max(8, len(labels) * 0.9), 5))
     width = 0.8 / len(impls)
     for i, impl in enumerate(impls):
-        values = []
-        for label in labels:
-            match = [r["median_ms"] for r in records if r["impl"] == impl
-                     and f"{r['model']} {r['dtype']} {r['workload']} {r['batch']}x{r.get('seq', r.get('context'))}" == label]
-            values.append(match[0] if match else 0)
+        values = [median_ms.get((label, impl), 0) for label in labels]
         axis.bar([x + i * width for x in range(len(labels))], values, width, label=impl)
     axis.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels, rotation=45, ha="right", fontsize=7)
     axis.set_ylabel("median ms (lower is better)")
