@@ -100,32 +100,27 @@ class CompileResult:
 
 
 def step_launches(shape: ModelShape, dtype: torch.dtype, workload: Workload) -> list[LaunchRecord]:
-    """The launches of one GPT-2 step (embedding, one layer, ln_f and the LM head on the last
-    position), recorded from the launchers on meta tensors."""
-    from tritongpt2.kernels import launchers as ops
+    """The launches of one GPT-2 step, recorded from `gpt2_step` itself (the engine's forward) over
+    the Triton launchers on meta tensors: the embedding, one layer (every layer launches the same
+    configurations), ln_f and the LM head on each row's last position, and for prefill the final
+    hidden states too."""
+    from tritongpt2.engine.config import GPT2Config
+    from tritongpt2.engine.forward import gpt2_step
+    from tritongpt2.engine.kv_cache import StaticKVCache
+    from tritongpt2.engine.weights import expected_shapes, weights_from_state_dict
+    from tritongpt2.kernels import launchers
 
-    def weight(*size: int) -> torch.Tensor:
-        return torch.empty(*size, dtype=dtype, device="meta")
-
-    def index(*size: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        return torch.empty(*size, dtype=dtype, device="meta")
-
-    b, t, s, c = workload.batch, workload.seq, workload.context, shape.n_embd
-    h, d = shape.n_head, shape.head_dim
-    k_cache, v_cache = weight(b, h, s, d), weight(b, h, s, d)
-    key_mask, starts = index(b, s, dtype=torch.int32), index(b)
+    config = GPT2Config(vocab_size=shape.vocab_size, n_positions=shape.n_positions, n_embd=shape.n_embd, n_layer=1,
+                        n_head=shape.n_head)
+    state = {key: torch.empty(size, dtype=dtype, device="meta") for key, size in expected_shapes(config).items()}
+    weights = weights_from_state_dict(config, state)
+    b, t = workload.batch, workload.seq
+    cache = StaticKVCache(1, b, shape.n_head, workload.context, shape.head_dim, dtype=dtype, device="meta")
+    ids = torch.empty(b, t, dtype=torch.int64, device="meta")
+    mask = torch.empty(b, t, dtype=torch.int32, device="meta")
+    new_tokens = torch.empty(1, dtype=torch.int64, device="meta")
     with recording_launches() as records:
-        x = ops.embedding(index(b, t), index(b, t), weight(shape.vocab_size, c), weight(shape.n_positions, c))
-        q = ops.ln_qkv_projection(x, weight(c), weight(c), 1e-5, weight(c, 3 * c), weight(3 * c), k_cache, v_cache, index(b, t))
-        if t == 1:
-            attn = ops.decode_attention(q.view(b, c), k_cache, v_cache, starts, key_mask, d**-0.5).view(b, 1, c)
-        else:
-            attn = ops.flash_attention(q, k_cache, v_cache, starts, key_mask, d**-0.5)
-        x = ops.linear_residual(attn, weight(c, c), weight(c), x)
-        hidden = ops.ln_linear(x, weight(c), weight(c), 1e-5, weight(c, shape.n_inner), weight(shape.n_inner), "gelu_new")
-        x = ops.linear_residual(hidden, weight(shape.n_inner, c), weight(c), x)
-        ops.layer_norm(x, weight(c), weight(c), 1e-5)
-        ops.ln_linear(x[:, -1].contiguous(), weight(c), weight(c), 1e-5, weight(shape.vocab_size, c).T)
+        gpt2_step(launchers, config, weights, cache, ids, mask, new_tokens, logits="last", hidden=t > 1)
     return records
 
 
@@ -149,17 +144,19 @@ def _specialize(value: Any) -> tuple[str, Any, bool]:
 def compile_job(record: LaunchRecord) -> CompileJob:
     kernel = record.kernel
     names = kernel.arg_names
+    declared = record.constexprs()
     signature, constexprs, divisible = {}, {}, []
-    for i, (name, value) in enumerate(zip(names, record.args)):
+    for i, name in enumerate(names):
+        value = record.arguments[name]
+        if name in declared:
+            signature[name], constexprs[name] = "constexpr", value
+            continue
         kind, constant, aligned = _specialize(value)
         signature[name] = kind
         if kind == "constexpr":
             constexprs[name] = constant
         if aligned:
             divisible.append(i)
-    for name, value in record.constexprs.items():
-        signature[name] = "constexpr"
-        constexprs[name] = value
     ordered = tuple((name, signature[name]) for name in names)
     return CompileJob(
         kernel, kernel.__name__, ordered, tuple((n, constexprs[n]) for n in names if n in constexprs),

@@ -16,7 +16,8 @@ import torch
 from tritongpt2.engine.config import GPT2Config
 from tritongpt2.engine.engine import Engine
 from tritongpt2.engine.generation import generate
-from tritongpt2.heads.accelerate import shared_weights
+from tritongpt2.engine.options import EngineOptions
+from tritongpt2.engine.weights import shared_weights
 
 from .timing import median_ms
 
@@ -126,8 +127,8 @@ class TritonGPT2Runner(Runner):
     def __init__(self, model: torch.nn.Module, *, backend: str, cuda_graphs: bool, max_batch: int, max_seq: int) -> None:
         self.name = "tritongpt2" if cuda_graphs or backend != "triton" else "tritongpt2-nograph"
         config = GPT2Config.from_dict(model.config.to_dict())
-        self.engine = Engine(config, shared_weights(model), backend=backend, cuda_graphs=cuda_graphs,
-                             max_batch=max_batch, max_seq=max_seq)
+        options = EngineOptions(backend=backend, cuda_graphs=cuda_graphs, max_batch=max_batch, max_seq=max_seq)
+        self.engine = Engine(config, shared_weights(model, config), options)
 
     def embed(self, ids: torch.Tensor) -> object:
         return self.engine.prefill(ids, logits=None, hidden=True).hidden_states

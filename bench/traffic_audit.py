@@ -18,20 +18,13 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tritongpt2.kernels.launch import LaunchRecord, observing_launches
+from tritongpt2.kernels.launch import VIEW_OPS, LaunchRecord, observing_launches
 
 from .model_shapes import ModelShape
 from .runners import cache_keyword
 from .suite import build_model
 
 WORKLOADS = ("decode", "prefill", "embed")
-# Ops that return views or metadata: they move no memory.
-VIEW_OPS = {
-    "view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "slice", "select", "unsqueeze",
-    "squeeze", "split", "split_with_sizes", "as_strided", "alias", "detach", "unbind", "chunk", "narrow",
-    "lift_fresh", "_to_copy_noop", "unflatten", "flatten", "empty", "empty_like", "empty_strided", "new_empty",
-    "diagonal", "view_as", "sym_size", "sym_stride", "sym_numel", "is_same_size", "_reshape_alias",
-}
 GATHER_OPS = {"embedding", "index_select", "index"}
 
 
@@ -122,10 +115,11 @@ def _ids(shape: ModelShape, batch: int, seq: int) -> torch.Tensor:
 def ours_step(model: torch.nn.Module, shape: ModelShape, workload: str, batch: int, context: int) -> StepTraffic:
     from tritongpt2.engine.config import GPT2Config
     from tritongpt2.engine.engine import Engine
-    from tritongpt2.heads.accelerate import shared_weights
+    from tritongpt2.engine.options import EngineOptions
+    from tritongpt2.engine.weights import shared_weights
 
-    engine = Engine(GPT2Config.from_dict(model.config.to_dict()), shared_weights(model), backend="interpret",
-                    max_batch=batch, max_seq=shape.n_positions)
+    config = GPT2Config.from_dict(model.config.to_dict())
+    engine = Engine(config, shared_weights(model, config), EngineOptions(backend="interpret", max_batch=batch))
     traffic = StepTraffic()
     aten = AtenTraffic(traffic)
     if workload == "decode":

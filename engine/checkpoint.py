@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,31 +46,61 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
         ) from None
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint folder's config and every tensor in its weight files (base model and head)."""
+
+    folder: Path
+    config: GPT2Config
+    state: dict[str, torch.Tensor]
+
+
+def load_checkpoint(name_or_path: str | Path) -> Checkpoint:
+    """config.json and the weights of a folder or hub id; ValueError naming the file at fault."""
+    folder = resolve_model_dir(name_or_path)
+    return Checkpoint(folder, load_config(folder), load_state_dict(folder))
+
+
 def load_config(folder: Path) -> GPT2Config:
     return GPT2Config.from_json_file(folder / "config.json")
 
 
 def _load_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - unpickling refuses anything but tensors
-        raise ValueError(f"{path} could not be loaded as a weights-only PyTorch file: {error}") from None
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from None
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - unpickling refuses anything but tensors
+            raise ValueError(f"{path} could not be loaded as a weights-only PyTorch file: {error}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a dict of named tensors")
+    return state
 
 
 def _load_sharded(folder: Path, index_name: str) -> dict[str, torch.Tensor]:
-    index = json.loads((folder / index_name).read_text())
-    shards = sorted(set(index.get("weight_map", {}).values()))
-    if not shards:
-        raise ValueError(f"{folder / index_name} has no weight_map")
+    path = folder / index_name
+    try:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{path} has no weight_map of tensor names to shard files")
     state: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        if not (folder / shard).is_file():
-            raise ValueError(f"{folder / index_name} names the shard {shard}, which is not in {folder}")
+    for shard in sorted(set(weight_map.values())):
+        if Path(shard).name != shard or not (folder / shard).is_file():
+            raise ValueError(f"{path} names the shard {shard!r}, which is not a file in {folder}")
         state.update(_load_file(folder / shard))
+    missing = sorted(set(weight_map) - set(state))
+    if missing:
+        raise ValueError(f"{path} lists tensors its shards do not hold: {', '.join(missing[:5])}")
     return state
 
 

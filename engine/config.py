@@ -55,14 +55,42 @@ class GPT2Config:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.id2label = {int(k): v for k, v in self.id2label.items()}
+        if not isinstance(self.id2label, dict):
+            raise ValueError(f"config id2label={self.id2label!r} must be a mapping of label ids to names")
+        try:
+            self.id2label = {int(k): v for k, v in self.id2label.items()}
+        except (TypeError, ValueError):
+            raise ValueError(f"config id2label has keys that are not integers: {sorted(map(repr, self.id2label))[:5]}") from None
         self.validate()
 
     def validate(self) -> None:
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"config {name}={value!r} must be a positive integer")
+        for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout", "initializer_range"):
+            if not _is_number(getattr(self, name)):
+                raise ValueError(f"config {name}={getattr(self, name)!r} must be a number")
+        if not _is_number(self.layer_norm_epsilon) or not 0 < self.layer_norm_epsilon < 1:
+            raise ValueError(f"config layer_norm_epsilon={self.layer_norm_epsilon!r} must be a number in (0, 1)")
+        for name in ("summary_use_proj", "summary_proj_to_labels", "scale_attn_weights", "use_cache",
+                     "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention",
+                     "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"config {name}={getattr(self, name)!r} must be true or false")
+        for name in ("bos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 0):
+                raise ValueError(f"config {name}={value!r} must be a non-negative integer or null")
+        eos = self.eos_token_id
+        if eos is not None and not (_is_int(eos) and eos >= 0) and not (
+            isinstance(eos, list) and all(_is_int(e) and e >= 0 for e in eos)
+        ):
+            raise ValueError(f"config eos_token_id={eos!r} must be a non-negative integer, a list of them, or null")
+        if not isinstance(self.activation_function, str):
+            raise ValueError(f"config activation_function={self.activation_function!r} must be a string")
+        if self.summary_activation is not None and not isinstance(self.summary_activation, str):
+            raise ValueError(f"config summary_activation={self.summary_activation!r} must be a string or null")
         if self.n_embd % self.n_head:
             raise ValueError(f"config n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner < 1):
@@ -113,23 +141,39 @@ class GPT2Config:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> GPT2Config:
+        """ValueError naming the file and the field at fault."""
         path = Path(path)
         try:
             values = json.loads(path.read_text())
         except FileNotFoundError:
             raise ValueError(f"no config.json at {path}") from None
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{path} is not valid JSON: {error}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} holds a JSON {type(values).__name__}, not an object of config fields")
         model_type = values.get("model_type", "gpt2")
         if model_type != "gpt2":
             raise ValueError(f"{path} is a {model_type!r} config, not a GPT-2 ('gpt2') one")
-        return cls.from_dict(values)
+        try:
+            return cls.from_dict(values)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{path}: {error}") from None
 
     def to_dict(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         return {**self.extra, **values, "model_type": "gpt2"}
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
         if name in ALIASES:
             return getattr(self, ALIASES[name])
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -2,104 +2,113 @@
 
 from __future__ import annotations
 
+import functools
+import threading
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 import torch
 
-from tritongpt2.kernels.backend import backend_device, kernel_ops, resolve_backend
-
-from .checkpoint import load_config, load_state_dict, resolve_model_dir
+from .checkpoint import Checkpoint, load_checkpoint
 from .config import GPT2Config
 from .forward import LOGITS_MODES, StepOutput, gpt2_step
 from .graphs import CudaGraphs, GraphCapture, GraphRunner, bucket
 from .inputs import as_batch, attention_mask_of, check_range, check_same_shape
 from .kv_cache import StaticKVCache
+from .options import EngineOptions
 from .weights import GPT2Weights, split_state_dict, weights_from_state_dict
 
-# Tensors of the task heads; the engine keeps them for the heads and checks that nothing else is left.
-HEAD_KEYS = frozenset({
-    "score.weight", "classifier.weight", "classifier.bias", "qa_outputs.weight", "qa_outputs.bias",
-    "multiple_choice_head.summary.weight", "multiple_choice_head.summary.bias",
-})
 SMALLEST_PREFILL_BUCKET = 16
+Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+def serialized(method: Method) -> Method:
+    """Run the method holding the engine's lock (reentrant: a generation holds it across its steps)."""
+
+    @functools.wraps(method)
+    def locked(self: Engine, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return locked  # type: ignore[return-value]
 
 
 class Engine:
     """GPT-2 over a static KV cache. `prefill` starts (or, with reset=False, continues) a batch of
     requests; `decode` appends one token per row. Outputs are fresh tensors, never graph buffers.
 
-    CUDA graphs (triton backend only, on by default there) capture decode per batch bucket
+    CUDA graphs (on by default where the backend can capture) capture decode per batch bucket
     (1, 2, 4, ... max_batch) and prefill per (batch, length) bucket, length padded up to a power of
     two from 16; all graphs share one memory pool. Steps that collect every layer's input, or that
-    would not fit the cache once padded, run eagerly."""
+    would not fit the cache once padded, run eagerly.
+
+    Calls from several threads are serialized on the engine's lock (one KV cache, one set of graph
+    buffers): each caller gets its own answer."""
 
     def __init__(
         self,
         config: GPT2Config,
         weights: GPT2Weights,
+        options: EngineOptions | None = None,
         *,
-        backend: str | None = None,
-        max_batch: int = 8,
-        max_seq: int | None = None,
-        cuda_graphs: bool | None = None,
         graph_capture: GraphCapture | None = None,
     ) -> None:
+        options = options or EngineOptions()
         self.config = config
-        self.backend = resolve_backend(backend)
-        self.ops = kernel_ops(self.backend)
-        self.device = backend_device(self.backend)
-        if weights.device.type != self.device.type:
-            raise ValueError(f"weights are on {weights.device}, but the {self.backend} backend runs on {self.device}")
+        self.options = options
+        self.backend = options.backend_for(weights.device)
+        self.backend.check_dtype(weights.dtype)
+        self.ops = self.backend.ops
+        self.device = weights.device
         self.weights = weights
-        max_seq = config.n_positions if max_seq is None else max_seq
-        if not 1 <= max_seq <= config.n_positions:
+        max_seq = config.n_positions if options.max_seq is None else options.max_seq
+        if max_seq > config.n_positions:
             raise ValueError(f"max_seq={max_seq} must be between 1 and n_positions={config.n_positions}")
-        if max_batch < 1:
-            raise ValueError(f"max_batch={max_batch} must be positive")
         self.cache = StaticKVCache(
-            config.n_layer, max_batch, config.n_head, max_seq, config.head_dim, dtype=weights.dtype, device=self.device
+            config.n_layer, options.max_batch, config.n_head, max_seq, config.head_dim, dtype=weights.dtype, device=self.device
         )
+        cuda_graphs = options.cuda_graphs
         if cuda_graphs is None:
-            cuda_graphs = self.backend == "triton" or graph_capture is not None
-        if cuda_graphs and graph_capture is None and self.backend != "triton":
-            raise ValueError(f"CUDA graphs need the triton backend; this engine runs {self.backend!r}")
+            cuda_graphs = self.backend.cuda_graphs or graph_capture is not None
+        if cuda_graphs and graph_capture is None and not self.backend.cuda_graphs:
+            raise ValueError(f"CUDA graphs need a backend that can capture them; this engine runs {self.backend.name!r}")
         self.graphs = GraphRunner(graph_capture or CudaGraphs()) if cuda_graphs else None
-        self.head_state: dict[str, torch.Tensor] = {}
+        self.lock = threading.RLock()
         # Small device constants a step needs every call (a decode's mask of ones, the token count),
         # made once each rather than launched every step.
         self._constants: dict[tuple, torch.Tensor] = {}
 
     @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str | Path,
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        backend: str | None = None,
-        max_batch: int = 8,
-        max_seq: int | None = None,
-        cuda_graphs: bool | None = None,
-    ) -> Engine:
-        """Load a Hugging Face GPT-2 checkpoint (any head) from a folder or a hub id."""
-        folder = resolve_model_dir(name_or_path)
-        config = load_config(folder)
-        backend = resolve_backend(backend)
-        device = torch.device(device) if device is not None else backend_device(backend)
-        base, rest = split_state_dict(load_state_dict(folder))
-        lm_head = rest.pop("lm_head.weight", None)
-        unexpected = sorted(set(rest) - HEAD_KEYS)
-        if unexpected:
-            raise ValueError(f"checkpoint in {folder} has unexpected keys: {', '.join(unexpected)}")
-        weights = weights_from_state_dict(config, base, lm_head, dtype=dtype, device=device)
-        engine = cls(config, weights, backend=backend, max_batch=max_batch, max_seq=max_seq, cuda_graphs=cuda_graphs)
-        engine.head_state = {k: v.to(device=device, dtype=weights.dtype) for k, v in rest.items()}
-        return engine
+    def from_checkpoint(cls, checkpoint: Checkpoint, options: EngineOptions | None = None) -> Engine:
+        """The engine over a loaded checkpoint's base model (its head tensors are the heads' business)."""
+        options = options or EngineOptions()
+        device = options.device if options.device is not None else options.backend_for().device
+        base, rest = split_state_dict(checkpoint.state)
+        weights = weights_from_state_dict(
+            checkpoint.config, base, rest.get("lm_head.weight"), dtype=options.dtype, device=device, source=checkpoint.folder
+        )
+        return cls(checkpoint.config, weights, options)
 
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, options: EngineOptions | None = None, **option_values: Any) -> Engine:
+        """Load a Hugging Face GPT-2 checkpoint (any head; the head's tensors are not used) from a
+        folder or a hub id. Options as EngineOptions fields (dtype=, device=, backend=, max_batch=,
+        max_seq=, cuda_graphs=) or an EngineOptions."""
+        return cls.from_checkpoint(load_checkpoint(name_or_path), EngineOptions.of(options, **option_values))
+
+    @staticmethod
+    def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """transformers' ACT2FN[name] as a torch function, for the heads' own math."""
+        from tritongpt2.kernels.torch_ops import activation_function
+
+        return activation_function(name)
+
+    @serialized
     def reset(self) -> None:
         """Empty the cache for a new request; nothing is reallocated."""
         self.cache.reset()
 
+    @serialized
     def prefill(
         self,
         input_ids: torch.Tensor | None = None,
@@ -141,6 +150,7 @@ class Engine:
         inputs = {"input_ids": ids, "inputs_embeds": embeds, "attention_mask": mask, "token_type_ids": types, "position_ids": positions}
         return self._step(inputs, logits=logits, hidden=hidden, layer_inputs=layer_inputs)
 
+    @serialized
     def decode(
         self,
         input_ids: torch.Tensor,
@@ -219,13 +229,10 @@ class Engine:
         return self._constants[key]
 
     def _run_step(self, inputs: dict[str, torch.Tensor | None], new_tokens: torch.Tensor, **options) -> StepOutput:
-        # The torch ops attend over the slots in use only; the kernels skip the rest themselves and
-        # keep the cache's full, static shape, as a captured graph needs.
-        window = self.cache.used + inputs["attention_mask"].shape[1] if self.backend == "torch" else None
         return gpt2_step(
             self.ops, self.config, self.weights, self.cache, inputs["input_ids"], inputs["attention_mask"], new_tokens,
             position_ids=inputs.get("position_ids"), token_type_ids=inputs.get("token_type_ids"),
-            inputs_embeds=inputs.get("inputs_embeds"), attention_window=window, **options,
+            inputs_embeds=inputs.get("inputs_embeds"), **options,
         )
 
     def _graph_step(

@@ -48,17 +48,13 @@ def gpt2_step(
     logits: str | None = "last",
     hidden: bool = False,
     layer_inputs: bool = False,
-    attention_window: int | None = None,
 ) -> StepOutput:
     """Run input_ids [B, T] (or inputs_embeds [B, T, C]) through the model, appending to the cache
     at each row's length.
 
     attention_mask [B, T] marks real tokens (1) and padding (0); new_tokens [1] is how far the
     rows' lengths advance (T, or fewer when T was padded up to a graph bucket). T == 1 is a decode
-    step (split-KV attention), T > 1 a prefill (flash attention). attention_window, when given, is
-    how many leading cache slots attention is shown: every slot in use, no more. The kernels skip
-    unused slots themselves, but the torch ops would compute over the whole cache; a window fixed by
-    the host's count is for steps that are never captured."""
+    step (split-KV attention), T > 1 a prefill (flash attention)."""
     batch, seq = attention_mask.shape
     start = cache.lengths[:batch]
     # Decode takes the shortcuts that one token per row allows (no arange, cumsum or search for the
@@ -67,25 +63,23 @@ def gpt2_step(
     cache.key_mask[:batch].scatter_(1, slots, attention_mask.to(torch.int32))
     if position_ids is None:
         position_ids = positions_from_mask(cache.next_position[:batch], attention_mask)
+    access = ops.cache_access(slots, start, cache.key_mask)
 
     x = ops.embedding(input_ids, position_ids, weights.wte, weights.wpe, token_type_ids, inputs_embeds)  # [B, T, C]
     eps, width = config.layer_norm_epsilon, config.n_embd
     collected = []
-    window = slice(None) if attention_window is None else slice(0, attention_window)
-    key_mask = cache.key_mask[:, window]
     for i, layer in enumerate(weights.layers):
         if layer_inputs:
-            collected.append(x)
+            collected.append(x.values)
         keys, values = cache.keys[i], cache.values[i]
         q = ops.ln_qkv_projection(
-            x, layer.ln_1_weight, layer.ln_1_bias, eps, layer.attn_weight, layer.attn_bias, keys, values, slots
+            x, layer.ln_1_weight, layer.ln_1_bias, eps, layer.attn_weight, layer.attn_bias, keys, values, access
         )
         scale = config.attention_scale(i)
-        keys, values = keys[:, :, window], values[:, :, window]
         if seq == 1:
-            attn = ops.decode_attention(q.view(batch, width), keys, values, start, key_mask, scale).view(batch, 1, width)
+            attn = ops.decode_attention(q.view(batch, width), keys, values, access, scale).view(batch, 1, width)
         else:
-            attn = ops.flash_attention(q, keys, values, start, key_mask, scale)
+            attn = ops.flash_attention(q, keys, values, access, scale)
         x = ops.linear_residual(attn, layer.attn_proj_weight, layer.attn_proj_bias, x)
         h = ops.ln_linear(x, layer.ln_2_weight, layer.ln_2_bias, eps, layer.fc_weight, layer.fc_bias, config.activation_function)
         x = ops.linear_residual(h, layer.mlp_proj_weight, layer.mlp_proj_bias, x)
@@ -93,15 +87,15 @@ def gpt2_step(
     cache.lengths[:batch].add_(new_tokens)
     cache.next_position[:batch].add_(attention_mask.sum(-1))
 
-    hidden_states = ops.layer_norm(x, weights.ln_f_weight, weights.ln_f_bias, eps) if hidden else None
+    hidden_states = ops.layer_norm(x.values, weights.ln_f_weight, weights.ln_f_bias, eps) if hidden else None
     out_logits = None
     if logits == "last":
         if seq == 1:
-            final = x[:, 0]
+            final = x.rows((slice(None), 0))
         else:
             # Each row's last real token: the first 1 of the mask read from the end.
             last = seq - 1 - attention_mask.flip(-1).long().argmax(-1)
-            final = x[torch.arange(batch, device=x.device), last]  # [B, C]
+            final = x.rows((torch.arange(batch, device=attention_mask.device), last))  # [B, C]
         out_logits = ops.ln_linear(final, weights.ln_f_weight, weights.ln_f_bias, eps, weights.lm_head.T)
     elif logits == "all":
         out_logits = ops.ln_linear(x, weights.ln_f_weight, weights.ln_f_bias, eps, weights.lm_head.T)

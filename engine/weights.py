@@ -98,9 +98,11 @@ def weights_from_state_dict(
     *,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    source: object = "checkpoint",
 ) -> GPT2Weights:
-    """Check the base tensors against the config (ValueError naming every missing, unexpected or
-    misshapen key) and gather them, cast to `dtype` and moved to `device`."""
+    """Check the base tensors against the config (ValueError naming `source` and every missing,
+    unexpected or misshapen key) and gather them, cast to `dtype` and moved to `device`. Tensors
+    already in that dtype, on that device and contiguous are used as they are, not copied."""
     expected = expected_shapes(config)
     missing = sorted(set(expected) - set(base))
     unexpected = sorted(set(base) - set(expected))
@@ -115,7 +117,10 @@ def weights_from_state_dict(
     if lm_head is not None and tuple(lm_head.shape) != expected["wte.weight"]:
         problems.append(f"lm_head.weight has shape {tuple(lm_head.shape)}, expected {expected['wte.weight']}")
     if problems:
-        raise ValueError("checkpoint does not fit the config: " + " | ".join(problems))
+        raise ValueError(f"{source} does not fit its config: " + " | ".join(problems))
+    floating = sorted(k for k in expected if not base[k].is_floating_point())
+    if floating:
+        raise ValueError(f"{source} holds non-float tensors: {', '.join(floating[:5])}")
 
     dtype = dtype or base["wte.weight"].dtype
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -131,3 +136,10 @@ def weights_from_state_dict(
     tied = lm_head is None or config.tie_word_embeddings
     head = wte if tied else lm_head.to(device=device, dtype=dtype).contiguous()
     return GPT2Weights(wte, take("wpe.weight"), layers, take("ln_f.weight"), take("ln_f.bias"), head)
+
+
+def shared_weights(model: torch.nn.Module, config: GPT2Config) -> GPT2Weights:
+    """A loaded transformers GPT-2 model's own tensors (any of its classes), not copies: an engine
+    over them reads the model's memory, so an in-place update of the model is seen at once."""
+    base, rest = split_state_dict(model.state_dict())
+    return weights_from_state_dict(config, base, rest.get("lm_head.weight"), source=type(model).__name__)

@@ -9,8 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from tritongpt2.engine.checkpoint import load_checkpoint
 from tritongpt2.engine.config import GPT2Config
 from tritongpt2.engine.engine import Engine
+from tritongpt2.engine.options import EngineOptions
+from tritongpt2.engine.weights import split_state_dict
 
 from .cache import StaticCacheHandle
 from .outputs import BaseModelOutputWithPastAndCrossAttentions
@@ -46,24 +49,17 @@ class GPT2PreTrainedModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls,
-        name_or_path: str | Path,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        backend: str | None = None,
-        *,
-        max_batch: int = 8,
-        max_seq: int | None = None,
-        cuda_graphs: bool | None = None,
+        cls, name_or_path: str | Path, options: EngineOptions | None = None, **option_values: Any
     ) -> GPT2PreTrainedModel:
-        """Load any GPT-2 checkpoint (folder or hub id) into this class. Batches larger than
-        max_batch run in chunks (and then return no past_key_values)."""
-        engine = Engine.from_pretrained(
-            name_or_path, dtype=dtype, device=device, backend=backend, max_batch=max_batch, max_seq=max_seq,
-            cuda_graphs=cuda_graphs,
-        )
+        """Load any GPT-2 checkpoint (folder or hub id) into this class. Options as EngineOptions
+        fields (dtype=, device=, backend=, max_batch=, max_seq=, cuda_graphs=) or an EngineOptions.
+        Batches larger than max_batch run in chunks (and then return no past_key_values)."""
+        checkpoint = load_checkpoint(name_or_path)
+        engine = Engine.from_checkpoint(checkpoint, EngineOptions.of(options, **option_values))
         model = cls(engine.config, engine)
-        model._load_heads(engine.head_state)
+        _, head_state = split_state_dict(checkpoint.state)
+        head_state.pop("lm_head.weight", None)  # the engine's: tied to wte or loaded with it
+        model._load_heads({k: v.to(device=engine.device, dtype=engine.weights.dtype) for k, v in head_state.items()})
         return model.eval()
 
     def _load_heads(self, state: dict[str, torch.Tensor]) -> None:
@@ -97,15 +93,16 @@ class GPT2PreTrainedModel(nn.Module):
     @torch.no_grad()
     def _transformer(
         self,
-        input_ids: torch.Tensor | None,
-        past_key_values: Any,
-        attention_mask: torch.Tensor | None,
-        token_type_ids: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
-        inputs_embeds: torch.Tensor | None,
-        use_cache: bool | None,
-        output_hidden_states: bool | None,
-        output_attentions: bool | None,
+        *,
+        input_ids: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         lm_logits: bool = False,
     ) -> tuple[BaseModelOutputWithPastAndCrossAttentions, torch.Tensor | None]:
         """GPT2Model's forward (inputs [..., T], positions past + arange(T) unless given), and the LM

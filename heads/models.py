@@ -117,8 +117,9 @@ class GPT2Model(GPT2PreTrainedModel):
         cache: Any = None,
     ) -> BaseModelOutputWithPastAndCrossAttentions:
         out, _ = self._transformer(
-            input_ids, _past(past_key_values, cache), attention_mask, token_type_ids, position_ids, inputs_embeds,
-            use_cache, output_hidden_states, output_attentions,
+            input_ids=input_ids, past_key_values=_past(past_key_values, cache), attention_mask=attention_mask,
+            token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
         )
         return _as_requested(out, return_dict)
 
@@ -144,8 +145,9 @@ class GPT2LMHeadModel(GenerationMixin, GPT2PreTrainedModel):
         cache: Any = None,
     ) -> CausalLMOutputWithCrossAttentions:
         out, logits = self._transformer(
-            input_ids, _past(past_key_values, cache), attention_mask, token_type_ids, position_ids, inputs_embeds,
-            use_cache, output_hidden_states, output_attentions, lm_logits=True,
+            input_ids=input_ids, past_key_values=_past(past_key_values, cache), attention_mask=attention_mask,
+            token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions, lm_logits=True,
         )
         logits = _keep(logits, logits_to_keep)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
@@ -154,7 +156,7 @@ class GPT2LMHeadModel(GenerationMixin, GPT2PreTrainedModel):
 
 class GPT2DoubleHeadsModel(GenerationMixin, GPT2PreTrainedModel):
     def head_modules(self) -> dict[str, nn.Module]:
-        summary = SequenceSummary(self.config).to(device=self.device, dtype=self.dtype).requires_grad_(False)
+        summary = SequenceSummary(self.config, self.engine.activation).to(device=self.device, dtype=self.dtype).requires_grad_(False)
         return {"lm_head": self._tied_lm_head(), "multiple_choice_head": summary}
 
     def forward(
@@ -175,8 +177,9 @@ class GPT2DoubleHeadsModel(GenerationMixin, GPT2PreTrainedModel):
         cache: Any = None,
     ) -> GPT2DoubleHeadsModelOutput:
         out, logits = self._transformer(
-            input_ids, _past(past_key_values, cache), attention_mask, token_type_ids, position_ids, inputs_embeds,
-            use_cache, output_hidden_states, output_attentions, lm_logits=True,
+            input_ids=input_ids, past_key_values=_past(past_key_values, cache), attention_mask=attention_mask,
+            token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions, lm_logits=True,
         )
         mc_logits = self.multiple_choice_head(out.last_hidden_state, mc_token_ids).squeeze(-1)
         mc_loss = None
@@ -207,8 +210,9 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
     ) -> SequenceClassifierOutputWithPast:
         """Pools the last token that is not pad_token_id (the last token when none is set)."""
         out, _ = self._transformer(
-            input_ids, _past(past_key_values, cache), attention_mask, token_type_ids, position_ids, inputs_embeds,
-            use_cache, output_hidden_states, output_attentions,
+            input_ids=input_ids, past_key_values=_past(past_key_values, cache), attention_mask=attention_mask,
+            token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
         )
         hidden = out.last_hidden_state
         batch = hidden.shape[0]
@@ -249,8 +253,9 @@ class GPT2ForTokenClassification(GPT2PreTrainedModel):
         cache: Any = None,
     ) -> TokenClassifierOutput:
         out, _ = self._transformer(
-            input_ids, _past(past_key_values, cache), attention_mask, token_type_ids, position_ids, inputs_embeds,
-            use_cache, output_hidden_states, output_attentions,
+            input_ids=input_ids, past_key_values=_past(past_key_values, cache), attention_mask=attention_mask,
+            token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
         )
         logits = self.classifier(out.last_hidden_state)
         loss = None
@@ -277,8 +282,9 @@ class GPT2ForQuestionAnswering(GPT2PreTrainedModel):
         return_dict: bool | None = None,
     ) -> QuestionAnsweringModelOutput:
         out, _ = self._transformer(
-            input_ids, None, attention_mask, token_type_ids, position_ids, inputs_embeds,
-            False, output_hidden_states, output_attentions,
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, use_cache=False, output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
         )
         start_logits, end_logits = (t.squeeze(-1).contiguous() for t in self.qa_outputs(out.last_hidden_state).split(1, dim=-1))
         loss = None

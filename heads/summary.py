@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
 from tritongpt2.engine.config import GPT2Config
-from tritongpt2.kernels.activations import activation_formula
-from tritongpt2.kernels.reference import apply_activation
 
 SUMMARY_TYPES = ("last", "first", "mean", "cls_index")
 
@@ -17,7 +17,8 @@ class SequenceSummary(nn.Module):
     dimension 1, or the token at cls_index; then an optional projection (to num_labels or to C) and activation. The
     dropouts are identity at inference."""
 
-    def __init__(self, config: GPT2Config, num_labels: int = 1) -> None:
+    def __init__(self, config: GPT2Config, activation: Callable[[str], Callable], num_labels: int = 1) -> None:
+        """activation(name) gives the function for an ACT2FN name (the engine's `activation`)."""
         super().__init__()
         if config.summary_type not in SUMMARY_TYPES:
             raise ValueError(f"summary_type={config.summary_type!r} is not supported; use one of {SUMMARY_TYPES}")
@@ -26,9 +27,7 @@ class SequenceSummary(nn.Module):
         if config.summary_use_proj:
             classes = num_labels if config.summary_proj_to_labels and num_labels > 0 else config.n_embd
             self.summary = nn.Linear(config.n_embd, classes)
-        self.activation_name = config.summary_activation
-        if self.activation_name:
-            activation_formula(self.activation_name)
+        self.activation = activation(config.summary_activation) if config.summary_activation else None
 
     def forward(self, hidden_states: torch.Tensor, cls_index: torch.Tensor | None = None) -> torch.Tensor:
         # As transformers indexes: dimension 1, which for DoubleHeads' [B, choices, T, C] is the choice.
@@ -46,6 +45,6 @@ class SequenceSummary(nn.Module):
                 cls_index = cls_index.expand((-1,) * (cls_index.dim() - 1) + (hidden_states.shape[-1],))
             output = hidden_states.gather(-2, cls_index).squeeze(-2)
         output = self.summary(output)
-        if self.activation_name:
-            output = apply_activation(output, self.activation_name)
+        if self.activation is not None:
+            output = self.activation(output)
         return output

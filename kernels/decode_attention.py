@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .launch import launch
+from .operands import CacheAccess
 from .tiling import decode_splits, decode_tiles
 from .validation import check_attention_inputs
 
@@ -100,16 +101,11 @@ def decode_attention_combine_kernel(
 
 
 def decode_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    query_start: torch.Tensor,
-    key_mask: torch.Tensor,
-    scale: float,
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, access: CacheAccess, scale: float
 ) -> torch.Tensor:
-    """Attention of one query per row, q [B, C] at slot query_start[b], over the caches
-    [B_cache, H, S, D] with key_mask [B_cache, S] int32; returns [B, C] in q's dtype."""
-    batch, n_head, slots, head_dim = check_attention_inputs(q, k_cache, v_cache, query_start, key_mask, scale, q_ndim=2)
+    """Attention of one query per row, q [B, C], over the caches [B_cache, H, S, D], the slots it
+    sees given by `access` (its query sits at slot query_start[b]); returns [B, C] in q's dtype."""
+    batch, n_head, slots, head_dim = check_attention_inputs(q, k_cache, v_cache, access, scale, q_ndim=2)
     tiles = decode_tiles(head_dim)
     splits = decode_splits(batch * n_head, slots, tiles.block_n)
     chunk = triton.cdiv(triton.cdiv(slots, splits), tiles.block_n) * tiles.block_n
@@ -120,16 +116,20 @@ def decode_attention(
     launch(
         decode_attention_split_kernel,
         (batch * n_head, splits),
-        q, k_cache, v_cache, query_start, key_mask, part_max, part_sum, part_acc,
-        q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), key_mask.stride(0),
-        n_head, slots, head_dim, chunk, splits, scale * LOG2_E,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages, BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d,
+        q_ptr=q, k_ptr=k_cache, v_ptr=v_cache, start_ptr=access.query_start, mask_ptr=access.key_mask,
+        part_max_ptr=part_max, part_sum_ptr=part_sum, part_acc_ptr=part_acc, stride_qb=q.stride(0),
+        stride_cb=k_cache.stride(0), stride_ch=k_cache.stride(1), stride_cs=k_cache.stride(2),
+        stride_mb=access.key_mask.stride(0), n_head=n_head, n_slots=slots, head_dim=head_dim, chunk=chunk,
+        n_splits=splits, qk_scale=scale * LOG2_E, BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     out = torch.empty_like(q)
     launch(
         decode_attention_combine_kernel,
         (batch * n_head,),
-        part_max, part_sum, part_acc, out, out.stride(0), n_head, head_dim, splits,
-        num_warps=1, num_stages=1, SPLITS=max(2, triton.next_power_of_2(splits)), BLOCK_D=tiles.block_d,
+        part_max_ptr=part_max, part_sum_ptr=part_sum, part_acc_ptr=part_acc, out_ptr=out, stride_ob=out.stride(0),
+        n_head=n_head, head_dim=head_dim, n_splits=splits,
+        SPLITS=max(2, triton.next_power_of_2(splits)), BLOCK_D=tiles.block_d,
+        num_warps=1, num_stages=1,
     )
     return out

@@ -1,6 +1,8 @@
 """Token + position embedding: out[m] = wte[ids[m]] + wpe[pos[m]] (+ wte[token_type_ids[m]]).
 
-With inputs_embeds given, its row m takes the place of wte[ids[m]] (ids are then not read)."""
+With inputs_embeds given, its row m takes the place of wte[ids[m]] (ids are then not read). The
+output is the residual stream entering the first layer, so its row moments (one block: the whole row)
+are stored with it for the first LayerNorm."""
 
 from __future__ import annotations
 
@@ -9,14 +11,16 @@ import triton
 import triton.language as tl
 
 from .launch import launch
+from .moments import store_block_moments
+from .operands import MOMENT_FIELDS, Residual
 from .tiling import row_block, row_warps
 from .validation import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_same_dtype, check_shape, check_tensor
 
 
 @triton.jit
 def embedding_kernel(
-    ids_ptr, embeds_ptr, pos_ptr, types_ptr, wte_ptr, wpe_ptr, out_ptr, width,
-    HAS_EMBEDS: tl.constexpr, HAS_TYPES: tl.constexpr, BLOCK: tl.constexpr,
+    pos_ptr, wte_ptr, wpe_ptr, out_ptr, moments_ptr, width, ids_ptr=None, embeds_ptr=None, types_ptr=None,
+    HAS_EMBEDS: tl.constexpr = False, HAS_TYPES: tl.constexpr = False, BLOCK: tl.constexpr = 16,
 ):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -32,7 +36,10 @@ def embedding_kernel(
     if HAS_TYPES:
         token_type = tl.load(types_ptr + row).to(tl.int64)
         acc += tl.load(wte_ptr + token_type * width + cols, mask=inside, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row.to(tl.int64) * width + cols, acc.to(out_ptr.dtype.element_ty), mask=inside)
+    y = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row.to(tl.int64) * width + cols, y, mask=inside)
+    store_block_moments(moments_ptr, 0, 1, row + tl.zeros((1,), tl.int32), tl.full((1,), True, tl.int1),
+                        y.to(tl.float32)[None, :], inside[None, :])
 
 
 def embedding(
@@ -42,10 +49,10 @@ def embedding(
     wpe: torch.Tensor,
     token_type_ids: torch.Tensor | None = None,
     inputs_embeds: torch.Tensor | None = None,
-) -> torch.Tensor:
+) -> Residual:
     """Embeddings of ids [...] (or inputs_embeds [..., C]) at positions [...]: [..., C] in wte's
-    dtype. Ids and positions are not range-checked here (that would read them on the host); the
-    engine checks them."""
+    dtype, with their row moments. Ids and positions are not range-checked here (that would read
+    them on the host); the engine checks them."""
     check_tensor("position_ids", position_ids, dtypes=INDEX_DTYPES)
     check_tensor("wte", wte, dtypes=FLOAT_DTYPES, ndim=2)
     check_tensor("wpe", wpe, dtypes=FLOAT_DTYPES, ndim=2)
@@ -71,12 +78,14 @@ def embedding(
     if position_ids.numel() == 0:
         raise ValueError(f"position_ids is empty (shape {tuple(position_ids.shape)})")
     out = torch.empty(*position_ids.shape, width, dtype=wte.dtype, device=wte.device)
+    moments = torch.empty(*position_ids.shape, 1, MOMENT_FIELDS, dtype=torch.float32, device=wte.device)
     block = row_block(width)
     launch(
         embedding_kernel,
         (position_ids.numel(),),
-        input_ids, inputs_embeds, position_ids, token_type_ids, wte, wpe, out, width,
-        num_warps=row_warps(block), num_stages=1,
+        pos_ptr=position_ids, wte_ptr=wte, wpe_ptr=wpe, out_ptr=out, moments_ptr=moments, width=width,
+        ids_ptr=input_ids, embeds_ptr=inputs_embeds, types_ptr=token_type_ids,
         HAS_EMBEDS=inputs_embeds is not None, HAS_TYPES=token_type_ids is not None, BLOCK=block,
+        num_warps=row_warps(block), num_stages=1,
     )
-    return out
+    return Residual(out, moments)

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .launch import launch
+from .operands import CacheAccess
 from .tiling import attention_tiles
 from .validation import check_attention_inputs
 
@@ -73,28 +74,24 @@ def flash_attention_kernel(
 
 
 def flash_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    query_start: torch.Tensor,
-    key_mask: torch.Tensor,
-    scale: float,
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, access: CacheAccess, scale: float
 ) -> torch.Tensor:
-    """Attention of q [B, T, C] (query t of row b at slot query_start[b] + t) over the caches
-    [B_cache, H, S, D] with key_mask [B_cache, S] int32; returns [B, T, C] in q's dtype."""
-    batch, n_head, slots, head_dim = check_attention_inputs(q, k_cache, v_cache, query_start, key_mask, scale, q_ndim=3)
+    """Attention of q [B, T, C] over the caches [B_cache, H, S, D], the slots each query sees given by
+    `access`; returns [B, T, C] in q's dtype."""
+    batch, n_head, slots, head_dim = check_attention_inputs(q, k_cache, v_cache, access, scale, q_ndim=3)
     seq = q.shape[1]
     out = torch.empty_like(q)
     tiles = attention_tiles(seq, head_dim, q.element_size())
     launch(
         flash_attention_kernel,
         (triton.cdiv(seq, tiles.block_m), batch * n_head),
-        q, k_cache, v_cache, out, query_start, key_mask,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), key_mask.stride(0),
-        seq, slots, n_head, head_dim, scale * LOG2_E,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        q_ptr=q, k_ptr=k_cache, v_ptr=v_cache, out_ptr=out, start_ptr=access.query_start,
+        mask_ptr=access.key_mask, stride_qb=q.stride(0), stride_qt=q.stride(1), stride_cb=k_cache.stride(0),
+        stride_ch=k_cache.stride(1), stride_cs=k_cache.stride(2), stride_mb=access.key_mask.stride(0),
+        seq_len=seq, n_slots=slots, n_head=n_head, head_dim=head_dim, qk_scale=scale * LOG2_E,
         # float32 must match a float32 reference; the GPU default for it would be tf32.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out

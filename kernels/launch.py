@@ -1,6 +1,7 @@
 """The one place where kernels are launched.
 
-Launchers check their inputs, allocate outputs and pick tile sizes, then call `launch`. Inside
+Launchers check their inputs, allocate outputs and pick tile sizes, then call `launch` with every
+argument by name (arguments a kernel declares with a default may be left out). Inside
 `recording_launches()` the call is recorded instead of run, so an audit can call the real launchers
 (on meta tensors, at any shape) and compile or count exactly the configurations they would launch.
 Inside `observing_launches(observer)` every launch runs inside `observer(record)`, a context
@@ -9,9 +10,10 @@ manager, so an audit can attribute what the kernel does (its memory traffic) to 
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Iterator
 
 
@@ -19,27 +21,55 @@ from typing import Any, Callable, ContextManager, Iterator
 class LaunchRecord:
     kernel: Any
     grid: tuple[int, ...]
-    args: tuple[Any, ...]
-    constexprs: dict[str, Any] = field(default_factory=dict)
+    arguments: dict[str, Any]  # every parameter of the kernel by name, defaults filled in
     num_warps: int = 4
     num_stages: int = 3
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__
+
+    def constexprs(self) -> dict[str, Any]:
+        """The compile-time parameters: those annotated tl.constexpr."""
+        return {name: value for name, value in self.arguments.items() if name in _constexpr_names(self.kernel)}
+
+
+# aten ops that return views or metadata (or allocate without writing): they launch no work on a
+# device and move no memory. Everything else a step runs outside the kernels is a launch of its own.
+VIEW_OPS = {
+    "view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "slice", "select", "unsqueeze",
+    "squeeze", "split", "split_with_sizes", "as_strided", "alias", "detach", "unbind", "chunk", "narrow",
+    "lift_fresh", "_to_copy_noop", "unflatten", "flatten", "empty", "empty_like", "empty_strided", "new_empty",
+    "diagonal", "view_as", "sym_size", "sym_stride", "sym_numel", "is_same_size", "_reshape_alias",
+}
 
 
 _recorder: ContextVar[Callable[[LaunchRecord], None] | None] = ContextVar("tritongpt2_launch_recorder", default=None)
 _observer: ContextVar[Callable[[LaunchRecord], ContextManager] | None] = ContextVar("tritongpt2_launch_observer", default=None)
 
 
-def launch(kernel: Any, grid: tuple[int, ...], *args: Any, num_warps: int, num_stages: int, **constexprs: Any) -> None:
-    """Run ``kernel[grid](*args, **constexprs)``, or hand it to the active recorder."""
+def _parameters(kernel: Any) -> inspect.Signature:
+    return inspect.signature(kernel.fn)
+
+
+def _constexpr_names(kernel: Any) -> set[str]:
+    return {name for name, p in _parameters(kernel).parameters.items() if "constexpr" in str(p.annotation)}
+
+
+def launch(kernel: Any, grid: tuple[int, ...], *, num_warps: int, num_stages: int, **arguments: Any) -> None:
+    """Run ``kernel[grid](**arguments)``, or hand it to the active recorder."""
     record, observe = _recorder.get(), _observer.get()
+    if record is None and observe is None:
+        kernel[grid](**arguments, num_warps=num_warps, num_stages=num_stages)
+        return
+    bound = _parameters(kernel).bind(**arguments)
+    bound.apply_defaults()
+    launched = LaunchRecord(kernel, grid, dict(bound.arguments), num_warps, num_stages)
     if record is not None:
-        record(LaunchRecord(kernel, grid, args, constexprs, num_warps, num_stages))
+        record(launched)
         return
-    if observe is None:
-        kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
-        return
-    with observe(LaunchRecord(kernel, grid, args, constexprs, num_warps, num_stages)):
-        kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
+    with observe(launched):
+        kernel[grid](**arguments, num_warps=num_warps, num_stages=num_stages)
 
 
 @contextmanager

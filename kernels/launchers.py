@@ -1,12 +1,26 @@
-"""The Triton backend's ops: one launcher per fused operation, named and called as in reference.py."""
+"""The Triton backend's ops: one launcher per fused operation, named and called as in torch_ops.py."""
+
+from __future__ import annotations
+
+import torch
 
 from .decode_attention import decode_attention, decode_attention_combine_kernel, decode_attention_split_kernel
 from .embedding import embedding, embedding_kernel
 from .flash_attention import flash_attention, flash_attention_kernel
 from .layer_norm import layer_norm, layer_norm_kernel
 from .linear import linear_kernel, linear_residual, ln_linear, ln_qkv_projection
+from .operands import CacheAccess
 
-OPS = (embedding, layer_norm, ln_linear, linear_residual, ln_qkv_projection, flash_attention, decode_attention)
+
+def cache_access(slots: torch.Tensor, query_start: torch.Tensor, key_mask: torch.Tensor) -> CacheAccess:
+    """The kernels read the slots, the start slots and the key mask themselves: nothing to precompute."""
+    return CacheAccess(slots, query_start, key_mask)
+
+
+OPS = (
+    embedding, layer_norm, ln_linear, linear_residual, ln_qkv_projection, cache_access, flash_attention,
+    decode_attention,
+)
 KERNELS = (
     layer_norm_kernel,
     embedding_kernel,

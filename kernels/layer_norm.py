@@ -46,7 +46,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     launch(
         layer_norm_kernel,
         (rows.shape[0],),
-        rows, rows.stride(0), weight, bias, y, y.stride(0), width, eps,
-        num_warps=row_warps(block), num_stages=1, BLOCK=block,
+        x_ptr=rows, stride_x=rows.stride(0), w_ptr=weight, b_ptr=bias, y_ptr=y, stride_y=y.stride(0), width=width, eps=eps,
+        BLOCK=block, num_warps=row_warps(block), num_stages=1,
     )
     return y.view(x.shape)

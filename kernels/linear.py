@@ -1,14 +1,15 @@
 """The fused linear layer of every GPT-2 matmul: y = epilogue(prologue(x) @ W + b).
 
-    prologue  LayerNorm of each row (NORMALIZE), rounded to W's dtype before the product
-    epilogue  + bias (HAS_BIAS), activation (ACTIVATION), + residual (HAS_RESIDUAL), then either a
-              plain row-major store or, for c_attn (QKV), q to [B, T, C] and k, v into the KV cache
-              [B_cache, H, S, D] at each row's slot.
+    prologue  LayerNorm of each row (NORMALIZE), rounded to W's dtype before the product. The row's
+              mean and 1/std are merged from the moments its writer stored (moments.py): a few
+              numbers per row, so x is read once, by the product itself.
+    epilogue  + bias (HAS_BIAS), activation (ACTIVATION), + residual (HAS_RESIDUAL, which also stores
+              the output's row moments for the next LayerNorm), then either a plain row-major store
+              or, for c_attn (QKV), q to [B, T, C] and k, v into the KV cache at each row's slot.
 
 W is [K, N] with any strides, so the LM head reads wte [N, K] as wte.T without a copy. Accumulation is
-float32. The LayerNorm statistics come from one pass over the row in BLOCK_K chunks merged with
-Chan's formula, which stays exact when the mean is large next to the spread (GPT-2's residual stream
-has such outlier features) at no extra read of x.
+float32. Program (i, j) computes rows i * BLOCK_M.. and columns j * BLOCK_N..; each reads its rows of
+x once per K step and its columns of W once.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ import triton.language as tl
 
 from .activations import activation_formula
 from .launch import launch
+from .moments import merged_row_statistics, store_block_moments
+from .operands import MOMENT_FIELDS, CacheAccess, Residual
 from .tiling import matmul_tiles
 from .validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     check_finite,
+    check_residual,
     check_same_device,
     check_same_dtype,
     check_shape,
@@ -82,15 +86,42 @@ def apply_activation(x, FORMULA: tl.constexpr):
 
 
 @triton.jit
+def store_qkv(
+    y, rows, cols, row_in, inside, q_ptr, stride_qm, k_cache_ptr, v_cache_ptr, slots_ptr,
+    stride_cb, stride_ch, stride_cs, n_slots, seq_len, width, head_dim,
+):
+    """c_attn's output columns are q | k | v, each `width` wide: q goes row-major to q_ptr, k and v
+    into the caches [B_cache, H, S, D] at row (m // seq_len), slot slots[m], head and dim from the
+    channel. A slot outside the cache is dropped rather than written out of bounds."""
+    part = cols // width
+    channel = cols % width
+    tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_qm + channel[None, :], y, mask=inside & (part == 0)[None, :])
+    slot = tl.load(slots_ptr + rows, mask=row_in, other=-1).to(tl.int64)
+    slot_in = (slot >= 0) & (slot < n_slots)
+    batch = (rows // seq_len).to(tl.int64)
+    cache_at = (
+        batch[:, None] * stride_cb
+        + (channel // head_dim).to(tl.int64)[None, :] * stride_ch
+        + slot[:, None] * stride_cs
+        + (channel % head_dim)[None, :]
+    )
+    kv_inside = inside & slot_in[:, None]
+    tl.store(k_cache_ptr + cache_at, y, mask=kv_inside & (part == 1)[None, :])
+    tl.store(v_cache_ptr + cache_at, y, mask=kv_inside & (part == 2)[None, :])
+
+
+@triton.jit
 def linear_kernel(
-    x_ptr, stride_xm, ln_w_ptr, ln_b_ptr, eps,
-    w_ptr, stride_wk, stride_wn, bias_ptr,
-    res_ptr, stride_rm, out_ptr, stride_om,
-    k_cache_ptr, v_cache_ptr, slots_ptr, stride_cb, stride_ch, stride_cs, n_slots, seq_len, width, head_dim,
-    M, N, K,
-    NORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
-    QKV: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, stride_xm, w_ptr, stride_wk, stride_wn, out_ptr, stride_om, M, N, K,
+    bias_ptr=None,
+    ln_weight_ptr=None, ln_bias_ptr=None, eps=0.0, moments_ptr=None, moment_blocks=1,
+    residual_ptr=None, stride_rm=0, out_moments_ptr=None,
+    k_cache_ptr=None, v_cache_ptr=None, slots_ptr=None, stride_cb=0, stride_ch=0, stride_cs=0, n_slots=0, seq_len=1,
+    head_dim=1,
+    NORMALIZE: tl.constexpr = False, HAS_BIAS: tl.constexpr = False, ACTIVATION: tl.constexpr = "identity",
+    HAS_RESIDUAL: tl.constexpr = False, QKV: tl.constexpr = False, DOT_PRECISION: tl.constexpr = "tf32",
+    BLOCK_M: tl.constexpr = 16, BLOCK_N: tl.constexpr = 64, BLOCK_K: tl.constexpr = 64,
+    BLOCK_MOMENTS: tl.constexpr = 1,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -99,22 +130,7 @@ def linear_kernel(
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
 
     if NORMALIZE:
-        mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        n_seen = 0.0
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_in = ks < K
-            a = tl.load(x_rows + ks[None, :], mask=row_in[:, None] & k_in[None, :], other=0.0).to(tl.float32)
-            n_chunk = tl.sum(k_in.to(tl.float32), axis=0)
-            chunk_mean = tl.sum(a, axis=1) / n_chunk
-            centered = tl.where(k_in[None, :], a - chunk_mean[:, None], 0.0)
-            delta = chunk_mean - mean
-            total = n_seen + n_chunk
-            mean += delta * (n_chunk / total)
-            m2 += tl.sum(centered * centered, axis=1) + delta * delta * (n_seen * n_chunk / total)
-            n_seen = total
-        rstd = 1.0 / tl.sqrt(m2 / K + eps)
+        mean, rstd = merged_row_statistics(moments_ptr, moment_blocks, rows, row_in, K, eps, BLOCK_MOMENTS)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -122,8 +138,8 @@ def linear_kernel(
         k_in = ks < K
         a = tl.load(x_rows + ks[None, :], mask=row_in[:, None] & k_in[None, :], other=0.0)
         if NORMALIZE:
-            gamma = tl.load(ln_w_ptr + ks, mask=k_in, other=0.0).to(tl.float32)
-            beta = tl.load(ln_b_ptr + ks, mask=k_in, other=0.0).to(tl.float32)
+            gamma = tl.load(ln_weight_ptr + ks, mask=k_in, other=0.0).to(tl.float32)
+            beta = tl.load(ln_bias_ptr + ks, mask=k_in, other=0.0).to(tl.float32)
             a = (a.to(tl.float32) - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
         w = tl.load(
             w_ptr + ks.to(tl.int64)[:, None] * stride_wk + cols.to(tl.int64)[None, :] * stride_wn,
@@ -137,30 +153,24 @@ def linear_kernel(
     acc = apply_activation(acc, ACTIVATION)
     inside = row_in[:, None] & col_in[None, :]
     if HAS_RESIDUAL:
-        acc += tl.load(res_ptr + rows.to(tl.int64)[:, None] * stride_rm + cols[None, :], mask=inside, other=0.0).to(
+        acc += tl.load(residual_ptr + rows.to(tl.int64)[:, None] * stride_rm + cols[None, :], mask=inside, other=0.0).to(
             tl.float32
         )
     y = acc.to(out_ptr.dtype.element_ty)
-
+    if HAS_RESIDUAL:
+        store_block_moments(out_moments_ptr, tl.program_id(1), tl.num_programs(1), rows, row_in, y.to(tl.float32), inside)
     if QKV:
-        part = cols // width
-        channel = cols % width
-        tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + channel[None, :], y, mask=inside & (part == 0)[None, :])
-        slot = tl.load(slots_ptr + rows, mask=row_in, other=-1).to(tl.int64)
-        # A slot outside the cache is dropped rather than written out of bounds; the engine checks slots.
-        slot_in = (slot >= 0) & (slot < n_slots)
-        batch = (rows // seq_len).to(tl.int64)
-        cache_at = (
-            batch[:, None] * stride_cb
-            + (channel // head_dim).to(tl.int64)[None, :] * stride_ch
-            + slot[:, None] * stride_cs
-            + (channel % head_dim)[None, :]
+        store_qkv(
+            y, rows, cols, row_in, inside, out_ptr, stride_om, k_cache_ptr, v_cache_ptr, slots_ptr,
+            stride_cb, stride_ch, stride_cs, n_slots, seq_len, N // 3, head_dim,
         )
-        kv_inside = inside & slot_in[:, None]
-        tl.store(k_cache_ptr + cache_at, y, mask=kv_inside & (part == 1)[None, :])
-        tl.store(v_cache_ptr + cache_at, y, mask=kv_inside & (part == 2)[None, :])
     else:
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], y, mask=inside)
+
+
+# Blocks of row moments a LayerNorm prologue merges per step: 8 x 3 floats per row stay in registers
+# beside a 64-row tile without spilling.
+MOMENTS_PER_STEP = 8
 
 
 def _check_weight(weight: torch.Tensor, bias: torch.Tensor | None, in_features: int) -> int:
@@ -190,44 +200,37 @@ def _check_layer_norm(ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float
     check_finite("eps", eps)
 
 
-def _run(
-    rows: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    out: torch.Tensor,
-    *,
-    layer_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
-    residual: torch.Tensor | None = None,
-    activation: str = "linear",
-    kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
-) -> None:
+def _normalized_input(x: Residual, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float) -> dict:
+    """The prologue's arguments for a LayerNorm of x.values from its row moments."""
+    moments = check_residual("x", x, needs_moments=True)
+    _check_layer_norm(ln_weight, ln_bias, eps, x.values.shape[-1])
+    blocks = moments.shape[-2]
+    return dict(
+        NORMALIZE=True, ln_weight_ptr=ln_weight, ln_bias_ptr=ln_bias, eps=eps, moments_ptr=moments,
+        moment_blocks=blocks, BLOCK_MOMENTS=min(MOMENTS_PER_STEP, triton.next_power_of_2(blocks)),
+    )
+
+
+def _run(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, **options) -> None:
     m, k = rows.shape
     n = weight.shape[1]
     tiles = matmul_tiles(m, n, k, rows.element_size())
-    ln_w, ln_b, eps = layer_norm if layer_norm is not None else (None, None, 0.0)
-    if kv_cache is not None:
-        k_cache, v_cache, slots, seq_len = kv_cache
-        cache_args = (k_cache, v_cache, slots, *k_cache.stride()[:3], k_cache.shape[2], seq_len, n // 3, k_cache.shape[3])
-    else:
-        cache_args = (None, None, None, 0, 0, 0, 1, 1, 1, 1)
     launch(
         linear_kernel,
         (triton.cdiv(m, tiles.block_m), triton.cdiv(n, tiles.block_n)),
-        rows, rows.stride(0), ln_w, ln_b, eps,
-        weight, weight.stride(0), weight.stride(1), bias,
-        residual, residual.stride(0) if residual is not None else 0, out, out.stride(0),
-        *cache_args,
-        m, n, k,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-        NORMALIZE=layer_norm is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        ACTIVATION=activation_formula(activation), QKV=kv_cache is not None,
+        x_ptr=rows, stride_xm=rows.stride(0), w_ptr=weight, stride_wk=weight.stride(0), stride_wn=weight.stride(1),
+        out_ptr=out, stride_om=out.stride(0), M=m, N=n, K=k,
+        bias_ptr=bias, HAS_BIAS=bias is not None,
+        # float32 must match a float32 reference; the GPU default for it would be tf32.
         DOT_PRECISION="ieee" if rows.dtype == torch.float32 else "tf32",
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        **options,
     )
 
 
 def ln_linear(
-    x: torch.Tensor,
+    x: Residual,
     ln_weight: torch.Tensor,
     ln_bias: torch.Tensor,
     eps: float,
@@ -235,35 +238,39 @@ def ln_linear(
     bias: torch.Tensor | None = None,
     activation: str = "linear",
 ) -> torch.Tensor:
-    """act(LN(x) @ weight + bias) for x [..., K], weight [K, N]: c_fc with its activation, or the LM
-    head with ln_f folded in (weight = wte.T, no bias). Returns [..., N] in x's dtype."""
-    rows = _check_rows(x)
+    """act(LN(x) @ weight + bias) for x [..., K] with its row moments, weight [K, N]: c_fc with its
+    activation, or the LM head with ln_f folded in (weight = wte.T, no bias). [..., N] in x's dtype."""
+    options = _normalized_input(x, ln_weight, ln_bias, eps)
+    rows = _check_rows(x.values)
     n = _check_weight(weight, bias, rows.shape[1])
-    _check_layer_norm(ln_weight, ln_bias, eps, rows.shape[1])
-    check_same_dtype(x=x, ln_weight=ln_weight, ln_bias=ln_bias, weight=weight, bias=bias)
-    check_same_device(x=x, ln_weight=ln_weight, ln_bias=ln_bias, weight=weight, bias=bias)
-    activation_formula(activation)
-    out = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
-    _run(rows, weight, bias, out, layer_norm=(ln_weight, ln_bias, eps), activation=activation)
-    return out.view(*x.shape[:-1], n)
+    check_same_dtype(x=x.values, ln_weight=ln_weight, ln_bias=ln_bias, weight=weight, bias=bias)
+    check_same_device(x=x.values, moments=x.moments, ln_weight=ln_weight, ln_bias=ln_bias, weight=weight, bias=bias)
+    out = torch.empty(rows.shape[0], n, dtype=x.values.dtype, device=x.values.device)
+    _run(rows, weight, bias, out, ACTIVATION=activation_formula(activation), **options)
+    return out.view(*x.values.shape[:-1], n)
 
 
-def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: Residual) -> Residual:
     """residual + x @ weight + bias for x [..., K], weight [K, N], residual [..., N]: the c_proj of
-    attention and of the MLP. Returns [..., N] in x's dtype."""
+    attention and of the MLP. Returns the new residual stream [..., N] in x's dtype, with its moments."""
     rows = _check_rows(x)
     n = _check_weight(weight, bias, rows.shape[1])
-    check_tensor("residual", residual, dtypes=FLOAT_DTYPES)
-    check_shape("residual", residual, (*x.shape[:-1], n))
-    check_same_dtype(x=x, weight=weight, bias=bias, residual=residual)
-    check_same_device(x=x, weight=weight, bias=bias, residual=residual)
+    check_residual("residual", residual)
+    check_shape("residual", residual.values, (*x.shape[:-1], n))
+    check_same_dtype(x=x, weight=weight, bias=bias, residual=residual.values)
+    check_same_device(x=x, weight=weight, bias=bias, residual=residual.values)
     out = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
-    _run(rows, weight, bias, out, residual=residual.reshape(-1, n))
-    return out.view(*x.shape[:-1], n)
+    # One block of moments per program along N: the same tiles _run picks.
+    blocks = triton.cdiv(n, matmul_tiles(rows.shape[0], n, rows.shape[1], rows.element_size()).block_n)
+    moments = torch.empty(rows.shape[0], blocks, MOMENT_FIELDS, dtype=torch.float32, device=x.device)
+    source = residual.values.reshape(-1, n)
+    _run(rows, weight, bias, out, HAS_RESIDUAL=True, residual_ptr=source, stride_rm=source.stride(0), out_moments_ptr=moments)
+    lead = x.shape[:-1]
+    return Residual(out.view(*lead, n), moments.view(*lead, blocks, MOMENT_FIELDS))
 
 
 def ln_qkv_projection(
-    x: torch.Tensor,
+    x: Residual,
     ln_weight: torch.Tensor,
     ln_bias: torch.Tensor,
     eps: float,
@@ -271,35 +278,41 @@ def ln_qkv_projection(
     bias: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    cache_slots: torch.Tensor,
+    access: CacheAccess,
 ) -> torch.Tensor:
-    """c_attn: LN(x) @ W + b for x [B, T, C], W [C, 3C], split q | k | v. k and v are written into
-    the caches [B_cache, H, S, D] at row b, slot cache_slots[b, t]; q is returned as [B, T, C]."""
-    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=3)
-    batch, seq, width = x.shape
-    rows = _check_rows(x)
+    """c_attn: LN(x) @ W + b for x [B, T, C] (with its row moments), W [C, 3C], split q | k | v. k and
+    v are written into the caches [B_cache, H, S, D] at row b, slot access.slots[b, t]; q is returned
+    as [B, T, C]."""
+    options = _normalized_input(x, ln_weight, ln_bias, eps)
+    check_tensor("x", x.values, dtypes=FLOAT_DTYPES, ndim=3)
+    batch, seq, width = x.values.shape
+    rows = _check_rows(x.values)
     n = _check_weight(weight, bias, width)
     if n != 3 * width:
         raise ValueError(f"weight has shape {tuple(weight.shape)}; c_attn needs [{width}, {3 * width}]")
-    _check_layer_norm(ln_weight, ln_bias, eps, width)
     check_tensor("k_cache", k_cache, dtypes=FLOAT_DTYPES, ndim=4)
     check_tensor("v_cache", v_cache, dtypes=FLOAT_DTYPES, ndim=4)
     check_shape("v_cache", v_cache, tuple(k_cache.shape))
-    cache_batch, n_head, _, head_dim = k_cache.shape
+    cache_batch, n_head, n_slots, head_dim = k_cache.shape
     if n_head * head_dim != width:
         raise ValueError(f"k_cache has {n_head} heads of {head_dim}, which does not make x's width {width}")
     if batch > cache_batch:
         raise ValueError(f"batch {batch} is larger than the cache's {cache_batch} rows")
+    if not isinstance(access, CacheAccess):
+        raise ValueError(f"access must be a CacheAccess, got {type(access).__name__}")
+    cache_slots = access.slots
     check_tensor("cache_slots", cache_slots, dtypes=INDEX_DTYPES)
     check_shape("cache_slots", cache_slots, (batch, seq))
-    check_same_dtype(x=x, ln_weight=ln_weight, ln_bias=ln_bias, weight=weight, bias=bias, k_cache=k_cache, v_cache=v_cache)
+    check_same_dtype(x=x.values, ln_weight=ln_weight, ln_bias=ln_bias, weight=weight, bias=bias, k_cache=k_cache, v_cache=v_cache)
     check_same_device(
-        x=x, ln_weight=ln_weight, ln_bias=ln_bias, weight=weight, bias=bias,
+        x=x.values, moments=x.moments, ln_weight=ln_weight, ln_bias=ln_bias, weight=weight, bias=bias,
         k_cache=k_cache, v_cache=v_cache, cache_slots=cache_slots,
     )
-    q = torch.empty(batch, seq, width, dtype=x.dtype, device=x.device)
+    q = torch.empty(batch, seq, width, dtype=x.values.dtype, device=x.values.device)
+    stride_cb, stride_ch, stride_cs = k_cache.stride()[:3]
     _run(
-        rows, weight, bias, q.view(-1, width),
-        layer_norm=(ln_weight, ln_bias, eps), kv_cache=(k_cache, v_cache, cache_slots, seq),
+        rows, weight, bias, q.view(-1, width), QKV=True, k_cache_ptr=k_cache, v_cache_ptr=v_cache, slots_ptr=cache_slots,
+        stride_cb=stride_cb, stride_ch=stride_ch, stride_cs=stride_cs, n_slots=n_slots, seq_len=seq, head_dim=head_dim,
+        **options,
     )
     return q

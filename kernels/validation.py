@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from .operands import MOMENT_FIELDS, CacheAccess, Residual
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -61,18 +63,40 @@ def check_positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be positive, got {value!r}")
 
 
+def check_residual(name: str, x: Residual, *, needs_moments: bool = False) -> torch.Tensor | None:
+    """x is a Residual whose moments, when present (required with needs_moments), are
+    [..., blocks, 3] float32 over the same leading dimensions as its values. Returns the moments."""
+    if not isinstance(x, Residual):
+        raise ValueError(f"{name} must be a Residual (values and row moments), got {type(x).__name__}")
+    check_tensor(f"{name}.values", x.values, dtypes=FLOAT_DTYPES)
+    if x.moments is None:
+        if needs_moments:
+            raise ValueError(
+                f"{name} has no row moments; the LayerNorm kernels take the Residual that embedding or "
+                "linear_residual returned"
+            )
+        return None
+    check_tensor(f"{name}.moments", x.moments, dtypes=(torch.float32,))
+    lead = tuple(x.values.shape[:-1])
+    if x.moments.dim() != len(lead) + 2 or tuple(x.moments.shape[:-2]) != lead or x.moments.shape[-1] != MOMENT_FIELDS:
+        raise ValueError(f"{name}.moments has shape {tuple(x.moments.shape)}; expected {lead + ('blocks', MOMENT_FIELDS)}")
+    return x.moments
+
+
 def check_attention_inputs(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    query_start: torch.Tensor,
-    key_mask: torch.Tensor,
+    access: CacheAccess,
     scale: float,
     *,
     q_ndim: int,
 ) -> tuple[int, int, int, int]:
     """Checks shared by both attention launchers: q [B, (T,) C], caches [B_cache, H, S, D] with
-    C = H * D, query_start [B], key_mask [B_cache, S] int32. Returns (B, H, S, D)."""
+    C = H * D, the access's query_start [B] and key_mask [B_cache, S] int32. Returns (B, H, S, D)."""
+    if not isinstance(access, CacheAccess):
+        raise ValueError(f"access must be a CacheAccess, got {type(access).__name__}")
+    query_start, key_mask = access.query_start, access.key_mask
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=q_ndim)
     check_tensor("k_cache", k_cache, dtypes=FLOAT_DTYPES, ndim=4)
     check_tensor("v_cache", v_cache, dtypes=FLOAT_DTYPES, ndim=4)
@@ -92,4 +116,7 @@ def check_attention_inputs(
     check_shape("key_mask", key_mask, (cache_batch, slots))
     check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, query_start=query_start, key_mask=key_mask)
     check_finite("scale", scale)
+    queries = 1 if q_ndim == 2 else q.shape[1]
+    if access.queries != queries:
+        raise ValueError(f"access is for {access.queries} queries per row, q has {queries}")
     return batch, n_head, slots, head_dim

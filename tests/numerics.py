@@ -7,12 +7,14 @@ from typing import Iterator
 
 import torch
 
-from tritongpt2.kernels.backend import kernel_ops, resolve_backend
+from tritongpt2.kernels.backend import resolve_backend
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-BACKEND = resolve_backend("triton" if ON_GPU else "interpret")
-OPS = kernel_ops(BACKEND)
+BACKEND = "triton" if ON_GPU else "interpret"
+OPS = resolve_backend(BACKEND).ops  # the kernels' launchers
+# Every backend's ops on the tests' device, each held to the reference the same way.
+BACKEND_OPS = {name: resolve_backend(name).ops for name in ([BACKEND] if ON_GPU else [BACKEND, "torch"])}
 # The interpreter's bfloat16 tl.dot is wrong (a known interpreter limit), so bfloat16 runs on a GPU only.
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
 

@@ -1,4 +1,4 @@
-"""Flash attention (prefill) and split-KV decode attention against the reference."""
+"""Flash attention (prefill) and split-KV decode attention of every backend against the reference."""
 
 import pytest
 import torch
@@ -6,6 +6,7 @@ import torch
 from numerics import DEVICE, DTYPES, OPS, as_float64, assert_close, poisoned_allocations, randn
 from tritongpt2.kernels import reference
 from tritongpt2.kernels.launch import recording_launches
+from tritongpt2.kernels.operands import CacheAccess
 from tritongpt2.kernels.tiling import attention_tiles, decode_splits, decode_tiles
 
 
@@ -21,13 +22,27 @@ def index(values, dtype=torch.int64):
     return torch.tensor(values, dtype=dtype, device=DEVICE)
 
 
-def check(op, q, k_cache, v_cache, starts, key_mask, scale):
-    """The launcher's output (every element written) against the float64 oracle, with the error
+def attend(ops, op, q, k_cache, v_cache, starts, key_mask, scale):
+    """ops.<op> (flash_attention, q [B, T, C], or decode_attention, q [B, C]) with the queries at
+    slots starts[b] + t, as the engine calls it: through the backend's cache_access."""
+    seq = q.shape[1] if q.dim() == 3 else 1
+    slots = starts[:, None].long() + torch.arange(seq, device=q.device)
+    return getattr(ops, op)(q, k_cache, v_cache, ops.cache_access(slots, starts, key_mask), scale)
+
+
+def oracle(op, q, k_cache, v_cache, starts, key_mask, scale):
+    if op == "decode_attention":
+        return reference.attention(q.unsqueeze(1), k_cache, v_cache, starts, key_mask, scale).squeeze(1)
+    return reference.attention(q, k_cache, v_cache, starts, key_mask, scale)
+
+
+def check(ops, op, q, k_cache, v_cache, starts, key_mask, scale):
+    """The backend's output (every element written) against the float64 oracle, with the error
     torch makes in the same dtype as the earned part of the tolerance."""
     with poisoned_allocations():
-        out = getattr(OPS, op)(q, k_cache, v_cache, starts, key_mask, scale)
-    oracle = getattr(reference, op)(*as_float64(q, k_cache, v_cache), starts, key_mask, scale)
-    assert_close(out, oracle, getattr(reference, op)(q, k_cache, v_cache, starts, key_mask, scale))
+        out = attend(ops, op, q, k_cache, v_cache, starts, key_mask, scale)
+    exact = oracle(op, *as_float64(q, k_cache, v_cache), starts, key_mask, scale)
+    assert_close(out, exact, oracle(op, q, k_cache, v_cache, starts, key_mask, scale))
     return out
 
 
@@ -49,50 +64,53 @@ PREFILL = [
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch,seq,heads,head_dim,cache_rows,slots,starts", PREFILL)
-def test_flash_attention_matches_reference(batch, seq, heads, head_dim, cache_rows, slots, starts, dtype):
+def test_flash_attention_matches_reference(ops, batch, seq, heads, head_dim, cache_rows, slots, starts, dtype):
     k_cache, v_cache, key_mask = cache_case(batch, heads, head_dim, cache_rows, slots, dtype)
     q = randn(batch, seq, heads * head_dim, dtype=dtype)
-    check("flash_attention", q, k_cache, v_cache, index(starts), key_mask, head_dim**-0.5)
+    check(ops, "flash_attention", q, k_cache, v_cache, index(starts), key_mask, head_dim**-0.5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_flash_attention_with_left_and_right_padding(dtype):
+def test_flash_attention_with_left_and_right_padding(ops, dtype):
     k_cache, v_cache, key_mask = cache_case(3, 4, 16, 3, 24, dtype)
     key_mask[0, :5] = 0  # left padding: queries 0..4 of row 0 see nothing
     key_mask[1, 9:12] = 0  # right padding of the prompt
     key_mask[2] = 0  # a row that sees nothing at all
     q = randn(3, 12, 64, dtype=dtype)
-    out = check("flash_attention", q, k_cache, v_cache, index([0, 0, 0], torch.int32), key_mask, 0.25)
+    out = check(ops, "flash_attention", q, k_cache, v_cache, index([0, 0, 0], torch.int32), key_mask, 0.25)
     assert torch.equal(out[0, :5], torch.zeros_like(out[0, :5])), "a query that sees no slot gets zeros"
     assert torch.equal(out[2], torch.zeros_like(out[2]))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_flash_attention_is_causal_by_slot(dtype):
+def test_flash_attention_is_causal_by_slot(ops, dtype):
     # Changing a key after a query's slot must not change that query's output.
     k_cache, v_cache, key_mask = cache_case(1, 2, 16, 1, 20, dtype)
     q = randn(1, 20, 32, dtype=dtype)
     starts = index([0])
-    before = OPS.flash_attention(q, k_cache, v_cache, starts, key_mask, 0.25)
+    before = attend(ops, "flash_attention", q, k_cache, v_cache, starts, key_mask, 0.25)
     k_cache[:, :, 12:] += 5.0
     v_cache[:, :, 12:] -= 5.0
-    after = OPS.flash_attention(q, k_cache, v_cache, starts, key_mask, 0.25)
+    after = attend(ops, "flash_attention", q, k_cache, v_cache, starts, key_mask, 0.25)
     assert torch.equal(before[0, :12], after[0, :12])
     assert not torch.equal(before[0, 12:], after[0, 12:])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_flash_attention_ignores_masked_and_unreached_slots(dtype):
-    # NaN in padding slots and past the last query must not reach the output (0 * NaN is NaN).
+    # NaN in padding slots and past the last query must not reach the output (0 * NaN is NaN). The
+    # kernels never read them; the torch backend reads masked slots below the last query, as
+    # transformers does (the engine fills them with the request's own padding tokens).
+    ops = OPS
     k_cache, v_cache, key_mask = cache_case(2, 3, 32, 2, 40, dtype)
     key_mask[0, :2] = 0
     key_mask[1, 10:13] = 0
     q, starts = randn(2, 20, 96, dtype=dtype), index([4, 0])
-    clean = check("flash_attention", q, k_cache, v_cache, starts, key_mask, 0.2)
+    clean = check(ops, "flash_attention", q, k_cache, v_cache, starts, key_mask, 0.2)
     k_poisoned, v_poisoned = k_cache, v_cache
     for row, slots in ((0, slice(0, 2)), (0, slice(24, None)), (1, slice(10, 13)), (1, slice(20, None))):
         k_poisoned, v_poisoned = poison_slots(k_poisoned, row, slots), poison_slots(v_poisoned, row, slots)
-    assert torch.equal(OPS.flash_attention(q, k_poisoned, v_poisoned, starts, key_mask, 0.2), clean)
+    assert torch.equal(attend(ops, "flash_attention", q, k_poisoned, v_poisoned, starts, key_mask, 0.2), clean)
 
 
 # (batch, heads, head_dim, cache rows, slots, query slots)
@@ -106,15 +124,15 @@ DECODE = [
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch,heads,head_dim,cache_rows,slots,query_slots", DECODE)
-def test_decode_attention_matches_reference(batch, heads, head_dim, cache_rows, slots, query_slots, dtype):
+def test_decode_attention_matches_reference(ops, batch, heads, head_dim, cache_rows, slots, query_slots, dtype):
     k_cache, v_cache, key_mask = cache_case(batch, heads, head_dim, cache_rows, slots, dtype)
     key_mask[0, : query_slots[0] // 2] = 0  # left padding of row 0
     q = randn(batch, heads * head_dim, dtype=dtype)
-    check("decode_attention", q, k_cache, v_cache, index(query_slots), key_mask, head_dim**-0.5)
+    check(ops, "decode_attention", q, k_cache, v_cache, index(query_slots), key_mask, head_dim**-0.5)
 
 
 @pytest.mark.parametrize("op,seq", [("flash_attention", 8), ("decode_attention", 0)])
-def test_probabilities_are_rounded_to_v_dtype_before_p_at_v(op, seq):
+def test_probabilities_are_rounded_to_v_dtype_before_p_at_v(ops, op, seq):
     # As transformers does: P @ V takes P in V's dtype. Slot 0 takes almost all the weight, with V = 0;
     # the 47 other slots get exp(-16.2) = 9.2e-8 each, which float16 rounds to the subnormal 1.19e-7,
     # so rounding P moves the output by 30%, far beyond the float16 tolerance. One key block and one
@@ -128,9 +146,9 @@ def test_probabilities_are_rounded_to_v_dtype_before_p_at_v(op, seq):
     q = torch.zeros(1, *([seq] if seq else []), head_dim, dtype=torch.float16, device=DEVICE)
     q[..., 0] = 1.0
     starts = index([slots - max(seq, 1)])
-    out = getattr(OPS, op)(q, k_cache, v_cache, starts, key_mask, 1.0)
-    rounded = getattr(reference, op)(q, k_cache, v_cache, starts, key_mask, 1.0)
-    exact = getattr(reference, op)(*as_float64(q, k_cache, v_cache), starts, key_mask, 1.0)
+    out = attend(ops, op, q, k_cache, v_cache, starts, key_mask, 1.0)
+    rounded = oracle(op, q, k_cache, v_cache, starts, key_mask, 1.0)
+    exact = oracle(op, *as_float64(q, k_cache, v_cache), starts, key_mask, 1.0)
     assert torch.allclose(out.double(), rounded.double(), rtol=0.02)
     assert not torch.allclose(out.double(), exact, rtol=0.1)
 
@@ -147,7 +165,9 @@ def meta_case(batch, seq, heads, head_dim, cache_rows, slots, dtype=torch.float1
 
     q = meta(batch, seq, heads * head_dim) if seq else meta(batch, heads * head_dim)
     caches = meta(cache_rows, heads, slots, head_dim), meta(cache_rows, heads, slots, head_dim)
-    return q, *caches, meta(batch, dtype=torch.int64), meta(cache_rows, slots, dtype=torch.int32), 0.125
+    access = CacheAccess(meta(batch, max(seq, 1), dtype=torch.int64), meta(batch, dtype=torch.int64),
+                         meta(cache_rows, slots, dtype=torch.int32))
+    return q, *caches, access, 0.125
 
 
 def test_decode_cases_split_and_leave_splits_past_a_row():
@@ -170,7 +190,7 @@ def test_launch_configuration_on_meta_tensors(model, heads, head_dim):
         (launch,) = recorded("flash_attention", *meta_case(batch, 1024, heads, head_dim, batch, 1024))
         tiles = attention_tiles(1024, head_dim)
         assert launch.grid == (1024 // tiles.block_m, batch * heads)
-        assert (launch.num_warps, launch.constexprs["BLOCK_D"]) == (tiles.num_warps, head_dim)
+        assert (launch.num_warps, launch.arguments["BLOCK_D"]) == (tiles.num_warps, head_dim)
         split, _ = recorded("decode_attention", *meta_case(batch, 0, heads, head_dim, batch, 1024))
         assert split.grid[0] == batch * heads
         assert 1 <= split.grid[1] <= decode_splits(batch * heads, 1024, decode_tiles(head_dim).block_n)
@@ -179,22 +199,23 @@ def test_launch_configuration_on_meta_tensors(model, heads, head_dim):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_ignores_masked_and_unreached_slots(dtype):
+    ops = OPS  # the kernels only, as for prefill
     k_cache, v_cache, key_mask = cache_case(2, 2, 16, 2, 300, dtype)
     key_mask[0, 100:150] = 0
     q, starts = randn(2, 32, dtype=dtype), index([250, 70], torch.int32)
-    clean = check("decode_attention", q, k_cache, v_cache, starts, key_mask, 0.25)
+    clean = check(ops, "decode_attention", q, k_cache, v_cache, starts, key_mask, 0.25)
     k_poisoned, v_poisoned = k_cache, v_cache
     for row, slots in ((0, slice(100, 150)), (0, slice(251, None)), (1, slice(71, None))):
         k_poisoned, v_poisoned = poison_slots(k_poisoned, row, slots), poison_slots(v_poisoned, row, slots)
-    assert torch.equal(OPS.decode_attention(q, k_poisoned, v_poisoned, starts, key_mask, 0.25), clean)
+    assert torch.equal(attend(ops, "decode_attention", q, k_poisoned, v_poisoned, starts, key_mask, 0.25), clean)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_decode_row_that_sees_nothing_gets_zeros(dtype):
+def test_decode_row_that_sees_nothing_gets_zeros(ops, dtype):
     k_cache, v_cache, key_mask = cache_case(2, 2, 16, 2, 40, dtype)
     key_mask[1] = 0
     q = randn(2, 32, dtype=dtype)
-    out = check("decode_attention", q, k_cache, v_cache, index([30, 30], torch.int32), key_mask, 0.25)
+    out = check(ops, "decode_attention", q, k_cache, v_cache, index([30, 30], torch.int32), key_mask, 0.25)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
 
 
@@ -227,6 +248,9 @@ def test_attention_validation_names_the_offending_value(op, q_shape):
         ((q, k_cache, v_cache, starts, key_mask, float("nan")), "scale must be a finite number, got nan"),
         ((q, k_cache, v_cache, starts, key_mask, float("inf")), "scale must be a finite number, got inf"),
     ]
-    for args, message in cases:
+    for (q_, k_, v_, starts_, key_mask_, scale), message in cases:
+        slots = torch.zeros(q_.shape[0], q_.shape[1] if q_.dim() == 3 else 1, dtype=torch.int64)
         with pytest.raises(ValueError, match=message):
-            launcher(*args)
+            launcher(q_, k_, v_, CacheAccess(slots, starts_, key_mask_), scale)
+    with pytest.raises(ValueError, match="access must be a CacheAccess, got tuple"):
+        launcher(q, k_cache, v_cache, (starts, key_mask), 0.25)

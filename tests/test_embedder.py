@@ -8,7 +8,7 @@ import torch
 
 from numerics import BACKEND
 from tokenizer_files import hf_tokenizer, save_model_with_tokenizer
-from tritongpt2.heads.embedder import Embedder
+from tritongpt2.embedder import Embedder
 
 pytest.importorskip("transformers")
 

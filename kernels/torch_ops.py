@@ -1,0 +1,180 @@
+"""The torch backend: the fused operations in PyTorch ops, arranged for a CPU.
+
+Same functions and signatures as the Triton launchers (launchers.py), the same math as reference.py,
+against which the tests hold it. On a CPU each op costs microseconds of dispatch, so the step does as
+few as it can: `cache_access` works out once per step which slots are written, how many are in use
+(attention looks at those only: the host reads that count, which costs nothing here) and which each
+query sees; matmuls with few rows split the weight's columns across threads (cpu_matmul.py); float32
+attention is torch's fused SDPA, where rounding P to V's dtype is a no-op. Unlike the kernels it
+reads the masked slots below the last query (P is 0 there), as transformers does: the engine fills
+them with the request's own padding tokens. Row moments are a kernel device: None here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .activations import activation_formula
+from .cpu_matmul import addmm_rows
+from .operands import CacheAccess, Residual
+
+
+_ACTIVATIONS = {
+    "identity": lambda x: x,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_erf": F.gelu,
+    "gelu_erf_clip10": lambda x: F.gelu(x).clamp_(-10.0, 10.0),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "relu": F.relu,
+    "relu2": lambda x: F.relu(x).square_(),
+    "relu6": F.relu6,
+    "leaky_relu": lambda x: F.leaky_relu(x, 0.01),
+    "silu": F.silu,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "mish": F.mish,
+    "hardswish": F.hardswish,
+    "laplace": lambda x: 0.5 * (1.0 + torch.erf((x - 0.707107) / (0.282095 * 2.0**0.5))),
+    "sqrtsoftplus": lambda x: F.softplus(x).sqrt_(),
+}
+
+
+def activation_function(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """transformers' ACT2FN[name] (any name activations.ACTIVATIONS knows) as a torch function."""
+    return _ACTIVATIONS[activation_formula(name)]
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """t in the dtype the math runs in: float32, or float64 as given (tests build float64 oracles)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    window: int  # attention looks at slots [0, window): every slot any query of the step can see
+    visible: torch.Tensor  # [B, 1, T, window] bool
+    blind: bool  # some query sees no slot at all (left padding): its output must be zeros, not NaN
+    write_rows: torch.Tensor  # the (row, slot) of every token written, in token order ...
+    write_slots: torch.Tensor
+    written: torch.Tensor | None  # ... and which tokens those are, [B * T] flat; None when all of them
+
+
+def cache_access(slots: torch.Tensor, query_start: torch.Tensor, key_mask: torch.Tensor) -> CacheAccess:
+    batch, queries = slots.shape
+    n_slots = key_mask.shape[1]
+    window = min(n_slots, int(query_start.max()) + queries)
+    if queries == 1:
+        query_slot = query_start[:, None, None]  # [B, 1, 1]
+    else:
+        query_slot = (query_start[:, None] + torch.arange(queries, device=slots.device))[:, :, None]  # [B, T, 1]
+    visible = (torch.arange(window, device=slots.device) <= query_slot) & (key_mask[:batch, None, :window] != 0)
+    blind = not bool(visible.any(-1).all())
+    rows = torch.arange(batch, device=slots.device)[:, None].expand(batch, queries).reshape(-1)
+    flat_slots = slots.reshape(-1)
+    low, high = torch.aminmax(flat_slots)
+    if int(low) >= 0 and int(high) < n_slots:
+        prepared = _Prepared(window, visible[:, None], blind, rows, flat_slots, None)
+    else:
+        written = ((flat_slots >= 0) & (flat_slots < n_slots)).nonzero().squeeze(1)
+        prepared = _Prepared(window, visible[:, None], blind, rows[written], flat_slots[written], written)
+    return CacheAccess(slots, query_start, key_mask, prepared)
+
+
+def embedding(
+    input_ids: torch.Tensor | None,
+    position_ids: torch.Tensor,
+    wte: torch.Tensor,
+    wpe: torch.Tensor,
+    token_type_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+) -> Residual:
+    tokens = inputs_embeds if inputs_embeds is not None else F.embedding(input_ids, wte)
+    x = _wide(tokens) + _wide(F.embedding(position_ids, wpe))
+    if token_type_ids is not None:
+        x = x + _wide(F.embedding(token_type_ids, wte))
+    return Residual(x.to(wte.dtype))
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(_wide(x), (x.shape[-1],), _wide(weight), _wide(bias), eps).to(x.dtype)
+
+
+def ln_linear(
+    x: Residual,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str = "linear",
+) -> torch.Tensor:
+    values = x.values
+    # The normalized row is rounded to the weight's dtype before the product, as the kernels feed it.
+    h = _wide(F.layer_norm(_wide(values), (values.shape[-1],), _wide(ln_weight), _wide(ln_bias), eps).to(weight.dtype))
+    y = addmm_rows(h.reshape(-1, h.shape[-1]), _wide(weight), None if bias is None else _wide(bias))
+    y = activation_function(activation)(y)
+    return y.to(values.dtype).view(*values.shape[:-1], weight.shape[1])
+
+
+def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: Residual) -> Residual:
+    y = addmm_rows(_wide(x).reshape(-1, x.shape[-1]), _wide(weight), _wide(bias))
+    y = y.view(*x.shape[:-1], weight.shape[1]).add_(_wide(residual.values))
+    return Residual(y.to(x.dtype))
+
+
+def ln_qkv_projection(
+    x: Residual,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    access: CacheAccess,
+) -> torch.Tensor:
+    batch, seq, width = x.values.shape
+    n_head, head_dim = k_cache.shape[1], k_cache.shape[3]
+    q, k, v = ln_linear(x, ln_weight, ln_bias, eps, weight, bias).split(width, dim=-1)
+    plan: _Prepared = access.prepared
+    for new, cache in ((k, k_cache), (v, v_cache)):
+        tokens = new.reshape(batch * seq, n_head, head_dim)
+        if plan.written is not None:
+            tokens = tokens[plan.written]
+        # Through a [B, S, H, D] view, (row, slot) picks one token's [H, D] block.
+        cache.transpose(1, 2).index_put_((plan.write_rows, plan.write_slots), tokens.to(cache.dtype))
+    return q
+
+
+def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, access: CacheAccess, scale: float) -> torch.Tensor:
+    """q [B, T, C] -> [B, T, C] over the slots in use."""
+    batch, seq, width = q.shape
+    n_head, head_dim = k_cache.shape[1], k_cache.shape[3]
+    plan: _Prepared = access.prepared
+    qh = q.view(batch, seq, n_head, head_dim).transpose(1, 2)  # [B, H, T, D]
+    k, v = k_cache[:batch, :, :plan.window], v_cache[:batch, :, :plan.window]
+    if q.dtype in (torch.float32, torch.float64):
+        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=plan.visible, scale=scale)
+    else:
+        scores = (_wide(qh) * scale) @ _wide(k).transpose(-1, -2)  # [B, H, T, S]
+        probs = torch.softmax(scores.masked_fill(~plan.visible, float("-inf")), dim=-1)
+        out = probs.to(v.dtype).float() @ v.float()
+    if plan.blind:
+        out = out.masked_fill(~plan.visible.any(-1, keepdim=True), 0.0)
+    return out.transpose(1, 2).reshape(batch, seq, width).to(q.dtype)
+
+
+def flash_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, access: CacheAccess, scale: float
+) -> torch.Tensor:
+    return _attention(q, k_cache, v_cache, access, scale)
+
+
+def decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, access: CacheAccess, scale: float
+) -> torch.Tensor:
+    return _attention(q.unsqueeze(1), k_cache, v_cache, access, scale).squeeze(1)
