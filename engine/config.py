@@ -47,7 +47,10 @@ class GPT2Config:
     reorder_and_upcast_attn: bool = False
     add_cross_attention: bool = False
     tie_word_embeddings: bool = True
-    # Fields of transformers' PretrainedConfig that GPT-2 heads read.
+    # Fields of transformers' PretrainedConfig that GPT-2 heads read: the defaults of a forward's flags, labels.
+    output_hidden_states: bool = False
+    output_attentions: bool = False
+    return_dict: bool = True
     id2label: dict[int, str] = field(default_factory=lambda: {0: "LABEL_0", 1: "LABEL_1"})
     problem_type: str | None = None
     architectures: list[str] | None = None
@@ -71,11 +74,11 @@ class GPT2Config:
         for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout", "initializer_range"):
             if not _is_number(getattr(self, name)):
                 raise ValueError(f"config {name}={getattr(self, name)!r} must be a number")
-        if not _is_number(self.layer_norm_epsilon) or not 0 < self.layer_norm_epsilon < 1:
-            raise ValueError(f"config layer_norm_epsilon={self.layer_norm_epsilon!r} must be a number in (0, 1)")
+        if not _is_number(self.layer_norm_epsilon) or not 0 < self.layer_norm_epsilon < float("inf"):
+            raise ValueError(f"config layer_norm_epsilon={self.layer_norm_epsilon!r} must be a positive number")
         for name in ("summary_use_proj", "summary_proj_to_labels", "scale_attn_weights", "use_cache",
                      "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention",
-                     "tie_word_embeddings"):
+                     "tie_word_embeddings", "output_hidden_states", "output_attentions", "return_dict"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"config {name}={getattr(self, name)!r} must be true or false")
         for name in ("bos_token_id", "pad_token_id"):

@@ -105,8 +105,20 @@ class Engine:
 
     @serialized
     def reset(self) -> None:
-        """Empty the cache for a new request; nothing is reallocated."""
+        """Empty the engine's own cache for a new request; nothing is reallocated."""
         self.cache.reset()
+
+    def new_cache(self, batch: int, tokens: int = 1, *, growable: bool = True) -> StaticKVCache:
+        """A cache of the caller's own, for `batch` rows, with room for `tokens`. A growable one grows
+        (up to max_seq slots, and in rows) as requests need; a fixed one holds `tokens` at most.
+        Steps on it run without graphs."""
+        config = self.config
+        if not growable and tokens > self.cache.max_seq:
+            raise ValueError(f"a cache of {tokens} slots is longer than the model's max_seq={self.cache.max_seq}")
+        return StaticKVCache(
+            config.n_layer, batch, config.n_head, self.cache.max_seq if growable else tokens, config.head_dim,
+            dtype=self.weights.dtype, device=self.device, slots=tokens, growable=growable,
+        )
 
     @serialized
     def prefill(
@@ -121,12 +133,18 @@ class Engine:
         hidden: bool = False,
         layer_inputs: bool = False,
         reset: bool = True,
+        head_mask: torch.Tensor | None = None,
+        cache: StaticKVCache | None = None,
     ) -> StepOutput:
         """Run prompts input_ids [B, T] (or inputs_embeds [B, T, C]; padded left or right, padding
         marked 0 in attention_mask) into the cache. Positions default to those transformers'
         generate derives from the mask, continuing from the cached tokens. reset=False appends to the
-        batch already cached; its attention_mask may then cover the cached tokens too, [B, used + T]."""
+        batch already cached; its attention_mask may then cover the cached tokens too, [B, used + T].
+        head_mask [n_head] or [n_layer, n_head] scales each head's attention output (0 removes it).
+        `cache` is the engine's own unless given (one from `new_cache`)."""
         _check_logits_mode(logits)
+        cache = self._cache(cache)
+        head_scale = self._head_scale(head_mask)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         if inputs_embeds is not None:
@@ -136,19 +154,19 @@ class Engine:
             ids = as_batch("input_ids", input_ids, self.device)
             check_range("input_ids", ids, self.config.vocab_size)
             embeds, shape = None, ids.shape
-        past = 0 if reset else self.cache.used
+        past = 0 if reset else cache.used
         mask, past_mask = self._split_mask(attention_mask, shape, past)
         types = self._optional_ids("token_type_ids", token_type_ids, shape, self.config.vocab_size)
         positions = self._optional_ids("position_ids", position_ids, shape, self.config.n_positions)
         batch, seq = mask.shape
         if reset:
-            self.cache.reserve(batch, seq, reset=True)
-            self.reset()
-        self.cache.reserve(batch, seq)
+            cache.reserve(batch, seq, reset=True)
+            cache.reset()
+        cache.reserve(batch, seq)
         if past_mask is not None:
-            self.cache.key_mask[:batch, :past] = past_mask
+            cache.key_mask[:batch, :past] = past_mask
         inputs = {"input_ids": ids, "inputs_embeds": embeds, "attention_mask": mask, "token_type_ids": types, "position_ids": positions}
-        return self._step(inputs, logits=logits, hidden=hidden, layer_inputs=layer_inputs)
+        return self._step(cache, inputs, logits=logits, hidden=hidden, layer_inputs=layer_inputs, head_scale=head_scale)
 
     @serialized
     def decode(
@@ -159,12 +177,14 @@ class Engine:
         logits: str | None = "last",
         hidden: bool = False,
         check_ids: bool = True,
+        cache: StaticKVCache | None = None,
     ) -> StepOutput:
         """Append one token per row: input_ids [B] or [B, 1], B the batch in the cache.
         check_ids=False skips the range check of the ids, which reads them on the host (a device
         synchronisation): for tokens the engine sampled itself."""
         _check_logits_mode(logits)
-        if self.cache.used == 0:
+        cache = self._cache(cache)
+        if cache.used == 0:
             raise ValueError("decode needs a prefilled cache; call prefill first")
         if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(1)
@@ -174,10 +194,37 @@ class Engine:
         if check_ids:
             check_range("input_ids", ids, self.config.vocab_size)
         types = self._optional_ids("token_type_ids", token_type_ids, ids.shape, self.config.vocab_size)
-        self.cache.reserve(ids.shape[0], 1)
+        cache.reserve(ids.shape[0], 1)
         mask = self._constant(tuple(ids.shape), 1, torch.int32)
         inputs = {"input_ids": ids, "inputs_embeds": None, "attention_mask": mask, "token_type_ids": types, "position_ids": None}
-        return self._step(inputs, logits=logits, hidden=hidden, mask_of_ones=True)
+        return self._step(cache, inputs, logits=logits, hidden=hidden, mask_of_ones=True)
+
+    def _cache(self, cache: StaticKVCache | None) -> StaticKVCache:
+        """The cache a step runs on: the engine's own, or the caller's if it fits this model."""
+        if cache is None:
+            return self.cache
+        if not isinstance(cache, StaticKVCache):
+            raise ValueError(f"cache must be a StaticKVCache (from Engine.new_cache), got {type(cache).__name__}")
+        expected = (self.config.n_layer, self.config.n_head, self.config.head_dim)
+        found = (cache.keys.shape[0], cache.keys.shape[2], cache.keys.shape[4])
+        if found != expected:
+            raise ValueError(f"the cache holds (layers, heads, head_dim) {found}; this model has {expected}")
+        if cache.dtype != self.weights.dtype or cache.device != self.device:
+            raise ValueError(
+                f"the cache holds {cache.dtype} on {cache.device}, but the model now runs {self.weights.dtype} on "
+                f"{self.device}; start a new cache"
+            )
+        return cache
+
+    def _head_scale(self, head_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """head_mask as [n_layer, n_head] in the weights' dtype, or None."""
+        if head_mask is None:
+            return None
+        layers, heads = self.config.n_layer, self.config.n_head
+        if not isinstance(head_mask, torch.Tensor) or tuple(head_mask.shape) not in ((heads,), (layers, heads)):
+            shape = tuple(head_mask.shape) if isinstance(head_mask, torch.Tensor) else type(head_mask).__name__
+            raise ValueError(f"head_mask must be [{heads}] or [{layers}, {heads}] (per head, or per layer and head), got {shape}")
+        return head_mask.to(device=self.device, dtype=self.weights.dtype).expand(layers, heads).contiguous()
 
     def _check_embeds(self, embeds: torch.Tensor) -> torch.Tensor:
         if not isinstance(embeds, torch.Tensor) or not embeds.is_floating_point():
@@ -211,15 +258,19 @@ class Engine:
         return values
 
     def _step(
-        self, inputs: dict[str, torch.Tensor | None], *, logits: str | None, hidden: bool, layer_inputs: bool = False,
-        mask_of_ones: bool = False,
+        self, cache: StaticKVCache, inputs: dict[str, torch.Tensor | None], *, logits: str | None, hidden: bool,
+        layer_inputs: bool = False, mask_of_ones: bool = False, head_scale: torch.Tensor | None = None,
     ) -> StepOutput:
         batch, seq = inputs["attention_mask"].shape
-        if self.graphs is None or layer_inputs:
-            out = self._run_step(inputs, self._constant((1,), seq, torch.int64), logits=logits, hidden=hidden, layer_inputs=layer_inputs)
+        # Graphs are captured over the engine's own cache, whose storage never moves.
+        if self.graphs is None or layer_inputs or head_scale is not None or cache is not self.cache:
+            out = self._run_step(
+                cache, inputs, self._constant((1,), seq, torch.int64), logits=logits, hidden=hidden,
+                layer_inputs=layer_inputs, head_scale=head_scale,
+            )
         else:
             out = self._graph_step(inputs, logits=logits, hidden=hidden, mask_of_ones=mask_of_ones)
-        self.cache.advance(batch, seq)
+        cache.advance(batch, seq)
         return out
 
     def _constant(self, shape: tuple[int, ...], value: int, dtype: torch.dtype) -> torch.Tensor:
@@ -228,9 +279,11 @@ class Engine:
             self._constants[key] = torch.full(shape, value, dtype=dtype, device=self.device)
         return self._constants[key]
 
-    def _run_step(self, inputs: dict[str, torch.Tensor | None], new_tokens: torch.Tensor, **options) -> StepOutput:
+    def _run_step(
+        self, cache: StaticKVCache, inputs: dict[str, torch.Tensor | None], new_tokens: torch.Tensor, **options
+    ) -> StepOutput:
         return gpt2_step(
-            self.ops, self.config, self.weights, self.cache, inputs["input_ids"], inputs["attention_mask"], new_tokens,
+            self.ops, self.config, self.weights, cache, inputs["input_ids"], inputs["attention_mask"], new_tokens,
             position_ids=inputs.get("position_ids"), token_type_ids=inputs.get("token_type_ids"),
             inputs_embeds=inputs.get("inputs_embeds"), **options,
         )
@@ -250,7 +303,7 @@ class Engine:
         key = (rows, length, tuple(sorted(given)), logits, hidden)
 
         def step(buffers: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
-            out = self._run_step(buffers, buffers["new_tokens"], logits=logits, hidden=hidden)
+            out = self._run_step(self.cache, buffers, buffers["new_tokens"], logits=logits, hidden=hidden)
             return out.hidden_states, out.logits
 
         hidden_states, out_logits = self.graphs.run(key, given, step, leading=(rows, length), known=known)

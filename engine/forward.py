@@ -48,13 +48,15 @@ def gpt2_step(
     logits: str | None = "last",
     hidden: bool = False,
     layer_inputs: bool = False,
+    head_scale: torch.Tensor | None = None,
 ) -> StepOutput:
     """Run input_ids [B, T] (or inputs_embeds [B, T, C]) through the model, appending to the cache
     at each row's length.
 
     attention_mask [B, T] marks real tokens (1) and padding (0); new_tokens [1] is how far the
     rows' lengths advance (T, or fewer when T was padded up to a graph bucket). T == 1 is a decode
-    step (split-KV attention), T > 1 a prefill (flash attention)."""
+    step (split-KV attention), T > 1 a prefill (flash attention). head_scale [n_layer, n_head], when
+    given, multiplies each head's attention output (transformers' head_mask)."""
     batch, seq = attention_mask.shape
     start = cache.lengths[:batch]
     # Decode takes the shortcuts that one token per row allows (no arange, cumsum or search for the
@@ -80,6 +82,8 @@ def gpt2_step(
             attn = ops.decode_attention(q.view(batch, width), keys, values, access, scale).view(batch, 1, width)
         else:
             attn = ops.flash_attention(q, keys, values, access, scale)
+        if head_scale is not None:
+            attn = (attn.view(batch, seq, config.n_head, -1) * head_scale[i, :, None]).view(batch, seq, width)
         x = ops.linear_residual(attn, layer.attn_proj_weight, layer.attn_proj_bias, x)
         h = ops.ln_linear(x, layer.ln_2_weight, layer.ln_2_bias, eps, layer.fc_weight, layer.fc_bias, config.activation_function)
         x = ops.linear_residual(h, layer.mlp_proj_weight, layer.mlp_proj_bias, x)

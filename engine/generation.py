@@ -96,7 +96,8 @@ def stream_tokens(
     max_new_tokens are out. A row that has finished yields pad_token_id (EOS when none is set).
     eos_token_id and pad_token_id default to the config's; eos_token_id=[] never stops early.
     Each step is queued before the previous one's tokens are yielded, so a stop on EOS has run the
-    step after it too: the cache then holds the last yielded tokens as well."""
+    step after it too: the cache then holds the last yielded tokens as well. The engine's lock is
+    held until the generator finishes or is closed: other threads' calls wait, never interleave."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
     if seed is not None and generator is not None:
@@ -116,21 +117,22 @@ def stream_tokens(
         )
     eos_on_host = torch.tensor(eos, dtype=torch.int64)
     eos_ids = eos_on_host.to(engine.device)
-    logits = engine.prefill(ids, attention_mask).logits
-    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=engine.device)
-    to_host = TokensToHost(max_new_tokens, ids.shape[0], engine.device)
-    finished_on_host = torch.zeros(ids.shape[0], dtype=torch.bool)
-    for step in range(max_new_tokens):
-        tokens = next_tokens(logits, params, generator).masked_fill(finished, filler)
-        finished |= torch.isin(tokens, eos_ids)
-        to_host.start(step, tokens)
-        if step + 1 < max_new_tokens:
-            logits = engine.decode(tokens, check_ids=False).logits
-        host_tokens = to_host.wait(step)
-        yield host_tokens
-        finished_on_host |= torch.isin(host_tokens, eos_on_host)
-        if step + 1 == max_new_tokens or bool(finished_on_host.all()):
-            return
+    with engine.lock:
+        logits = engine.prefill(ids, attention_mask).logits
+        finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=engine.device)
+        to_host = TokensToHost(max_new_tokens, ids.shape[0], engine.device)
+        finished_on_host = torch.zeros(ids.shape[0], dtype=torch.bool)
+        for step in range(max_new_tokens):
+            tokens = next_tokens(logits, params, generator).masked_fill(finished, filler)
+            finished |= torch.isin(tokens, eos_ids)
+            to_host.start(step, tokens)
+            if step + 1 < max_new_tokens:
+                logits = engine.decode(tokens, check_ids=False).logits
+            host_tokens = to_host.wait(step)
+            yield host_tokens
+            finished_on_host |= torch.isin(host_tokens, eos_on_host)
+            if step + 1 == max_new_tokens or bool(finished_on_host.all()):
+                return
 
 
 def generate(

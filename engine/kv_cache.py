@@ -1,20 +1,27 @@
-"""The static KV cache: preallocated once, reused by every request, never reallocated."""
+"""The KV cache a step reads and writes: preallocated storage plus the per-row state of its requests."""
 
 from __future__ import annotations
 
 import torch
 
+# A cache that may grow adds slots in steps of this many (and at least doubles), so a generation
+# reallocates a few times, not every token.
+SLOT_GRANULE = 64
+
 
 class StaticKVCache:
-    """K and V for every layer, [n_layer, max_batch, n_head, max_seq, head_dim], plus per-row state
-    on the device so one captured step serves every position:
+    """K and V for every layer, [n_layer, rows, n_head, slots, head_dim], plus per-row state on the
+    device so one captured step serves every position:
 
-    - key_mask [max_batch, max_seq] int32: 1 where a slot holds a real token (padding stays 0);
-    - lengths [max_batch]: slots used in each row, where the next token is written;
-    - next_position [max_batch]: the position id of each row's next real token.
+    - key_mask [rows, slots] int32: 1 where a slot holds a real token (padding stays 0);
+    - lengths [rows]: slots used in each row, where the next token is written;
+    - next_position [rows]: the position id of each row's next real token.
 
     Rows advance together (a batch is prefilled and decoded as one), so the host knows how many
-    slots are used without reading the device: `used`.
+    slots are used without reading the device: `used`. The engine's own cache is static: its
+    storage never moves, which captured graphs need. A cache made with `growable=True` reallocates
+    more slots (up to `max_seq`) or rows when a request needs them, for callers that hold many
+    caches at once and cannot size each for the longest request up front.
     """
 
     def __init__(
@@ -27,19 +34,38 @@ class StaticKVCache:
         *,
         dtype: torch.dtype,
         device: torch.device | str,
+        slots: int | None = None,
+        growable: bool = False,
     ) -> None:
         if max_batch < 1 or max_seq < 1:
             raise ValueError(f"cache size max_batch={max_batch}, max_seq={max_seq} must be positive")
-        shape = (n_layer, max_batch, n_head, max_seq, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.key_mask = torch.zeros(max_batch, max_seq, dtype=torch.int32, device=device)
+        slots = max_seq if slots is None else min(max(slots, 1), max_seq)
+        self.keys = torch.zeros(n_layer, max_batch, n_head, slots, head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        self.key_mask = torch.zeros(max_batch, slots, dtype=torch.int32, device=device)
         self.lengths = torch.zeros(max_batch, dtype=torch.int64, device=device)
         self.next_position = torch.zeros(max_batch, dtype=torch.int64, device=device)
-        self.max_batch, self.max_seq = max_batch, max_seq
+        self.max_seq = max_seq
+        self.growable = growable
         self.used = 0
         self.batch = 0
         self.epoch = 0
+
+    @property
+    def max_batch(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def slots(self) -> int:
+        return self.keys.shape[3]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.keys.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.keys.device
 
     def reset(self) -> None:
         """Forget every request. K and V keep stale values, which the zeroed key_mask hides."""
@@ -52,9 +78,9 @@ class StaticKVCache:
 
     def reserve(self, batch: int, new_tokens: int, *, reset: bool = False) -> None:
         """Check that `new_tokens` more slots fit for a batch of `batch` rows (after a reset, when
-        `reset`), before anything is written; ValueError otherwise."""
+        `reset`), before anything is written; ValueError otherwise. A growable cache then makes room."""
         used = 0 if reset else self.used
-        if batch > self.max_batch:
+        if batch > self.max_batch and not self.growable:
             raise ValueError(f"batch {batch} is larger than the cache's max_batch={self.max_batch}")
         if used and batch != self.batch:
             raise ValueError(
@@ -64,7 +90,61 @@ class StaticKVCache:
             raise ValueError(
                 f"{new_tokens} new tokens after {used} cached ones exceed the cache's max_seq={self.max_seq}"
             )
+        needed = used + new_tokens
+        if needed > self.slots or batch > self.max_batch:
+            if not self.growable:
+                raise ValueError(f"{new_tokens} new tokens after {used} cached ones exceed the cache's {self.slots} slots")
+            slots = self.slots
+            if needed > slots:
+                slots = min(self.max_seq, max(-(-needed // SLOT_GRANULE) * SLOT_GRANULE, 2 * slots))
+            self._reallocate(max(batch, self.max_batch), slots)
 
     def advance(self, batch: int, new_tokens: int) -> None:
         self.batch = batch
         self.used += new_tokens
+
+    def crop(self, length: int) -> None:
+        """Keep the first `length` slots of every row."""
+        if not 0 <= length <= self.used:
+            raise ValueError(f"cannot crop a cache holding {self.used} tokens to {length}")
+        self.key_mask[:, length:] = 0
+        self.lengths.fill_(length)
+        self.next_position.copy_(self.key_mask.sum(-1))
+        self.used = length
+        self.epoch += 1
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep the given rows, in that order (repeats allowed): beam reordering, dropping finished
+        requests, expanding a prompt to several candidates."""
+        rows = torch.as_tensor(rows, dtype=torch.int64, device=self.device).reshape(-1)
+        if rows.numel() == 0:
+            raise ValueError("select_rows needs at least one row")
+        if self.batch and (int(rows.min()) < 0 or int(rows.max()) >= self.batch):
+            raise ValueError(f"row indices {rows.tolist()[:8]} are outside the cache's {self.batch} rows")
+        if rows.numel() > self.max_batch:
+            self._reallocate(rows.numel(), self.slots)
+        count = rows.numel()
+        for name in ("keys", "values"):
+            stored = getattr(self, name)
+            stored[:, :count] = stored.index_select(1, rows)
+        for name in ("key_mask", "lengths", "next_position"):
+            stored = getattr(self, name)
+            stored[:count] = stored.index_select(0, rows)
+        self.batch = count
+        self.epoch += 1
+
+    def _reallocate(self, rows: int, slots: int) -> None:
+        layers, _, heads, _, head_dim = self.keys.shape
+        kept_rows, kept_slots = min(rows, self.max_batch), min(slots, self.slots)
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = torch.zeros(layers, rows, heads, slots, head_dim, dtype=old.dtype, device=old.device)
+            new[:, :kept_rows, :, :kept_slots] = old[:, :kept_rows, :, :kept_slots]
+            setattr(self, name, new)
+        mask = torch.zeros(rows, slots, dtype=torch.int32, device=self.device)
+        mask[:kept_rows, :kept_slots] = self.key_mask[:kept_rows, :kept_slots]
+        self.key_mask = mask
+        for name in ("lengths", "next_position"):
+            new = torch.zeros(rows, dtype=torch.int64, device=self.device)
+            new[:kept_rows] = getattr(self, name)[:kept_rows]
+            setattr(self, name, new)

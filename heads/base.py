@@ -15,7 +15,7 @@ from tritongpt2.engine.engine import Engine
 from tritongpt2.engine.options import EngineOptions
 from tritongpt2.engine.weights import split_state_dict
 
-from .cache import StaticCacheHandle
+from .cache import KVCache, new_cache, static_length
 from .outputs import BaseModelOutputWithPastAndCrossAttentions
 
 OUTPUT_ATTENTIONS_GAP = (
@@ -53,7 +53,7 @@ class GPT2PreTrainedModel(nn.Module):
     ) -> GPT2PreTrainedModel:
         """Load any GPT-2 checkpoint (folder or hub id) into this class. Options as EngineOptions
         fields (dtype=, device=, backend=, max_batch=, max_seq=, cuda_graphs=) or an EngineOptions.
-        Batches larger than max_batch run in chunks (and then return no past_key_values)."""
+        A forward's past_key_values is a cache of its own (several can be alive at once)."""
         checkpoint = load_checkpoint(name_or_path)
         engine = Engine.from_checkpoint(checkpoint, EngineOptions.of(options, **option_values))
         model = cls(engine.config, engine)
@@ -90,6 +90,10 @@ class GPT2PreTrainedModel(nn.Module):
         head.weight = nn.Parameter(self.engine.weights.lm_head, requires_grad=False)
         return head
 
+    def _flag(self, name: str, given: bool | None) -> bool:
+        """A forward's flag: as given, else the config's default (transformers' PretrainedConfig)."""
+        return bool(getattr(self.config, name, False)) if given is None else bool(given)
+
     @torch.no_grad()
     def _transformer(
         self,
@@ -100,68 +104,98 @@ class GPT2PreTrainedModel(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         lm_logits: bool = False,
+        last_hidden: bool | None = None,
     ) -> tuple[BaseModelOutputWithPastAndCrossAttentions, torch.Tensor | None]:
         """GPT2Model's forward (inputs [..., T], positions past + arange(T) unless given), and the LM
-        logits of every position when lm_logits."""
-        if output_attentions:
+        logits of every position when lm_logits. Without past_key_values a new cache holds the
+        inputs (returned when use_cache); with one, the inputs continue from it. last_hidden: whether
+        to compute the final hidden states (default: unless lm_logits; always with output_hidden_states)."""
+        if self._flag("output_attentions", output_attentions):
             raise NotImplementedError(OUTPUT_ATTENTIONS_GAP)
         if input_ids is not None and inputs_embeds is not None:
             raise ValueError("You cannot specify both input_ids and inputs_embeds at the same time")
         if input_ids is None and inputs_embeds is None:
             raise ValueError("You have to specify either input_ids or inputs_embeds")
         engine = self.engine
+        inputs = input_ids if input_ids is not None else inputs_embeds
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() < (1 if input_ids is not None else 2):
+            name = "input_ids" if input_ids is not None else "inputs_embeds"
+            raise ValueError(f"{name} must be a torch.Tensor of [batch, seq{'' if input_ids is not None else ', n_embd'}], got {_described(inputs)}")
         lead = tuple(input_ids.shape[:-1]) if input_ids is not None else tuple(inputs_embeds.shape[:-2])
         seq = input_ids.shape[-1] if input_ids is not None else inputs_embeds.shape[-2]
         ids = input_ids.reshape(-1, seq) if input_ids is not None else None
         embeds = inputs_embeds.reshape(-1, seq, inputs_embeds.shape[-1]) if inputs_embeds is not None else None
         rows = (ids if ids is not None else embeds).shape[0]
+        use_cache = self._flag("use_cache", use_cache)
+        output_hidden_states = self._flag("output_hidden_states", output_hidden_states)
 
-        past = 0
-        if past_key_values is not None:
-            if not isinstance(past_key_values, StaticCacheHandle):
-                raise ValueError(
-                    f"past_key_values must be the past_key_values of this model's previous output, got {type(past_key_values).__name__}"
-                )
-            past_key_values.check_current(engine)
-            past = past_key_values.length
+        cache = self.cache_for(past_key_values, rows, seq)
+        past = cache.storage.used if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + seq, device=engine.device).expand(rows, seq)
         else:
-            position_ids = position_ids.reshape(-1, seq).expand(rows, seq)
+            position_ids = _rows_of("position_ids", position_ids, rows, seq)
         if token_type_ids is not None:
-            token_type_ids = token_type_ids.reshape(-1, seq)
+            token_type_ids = _rows_of("token_type_ids", token_type_ids, rows, seq)
         if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() > len(lead) + 1:
+                raise ValueError(
+                    f"attention_mask must be [batch, seq] (or [batch, past + seq]) of 0 and 1, got {_described(attention_mask)}; "
+                    "a 4-D mask needs transformers' own forward (an accelerated model falls back to it)"
+                )
             attention_mask = attention_mask.reshape(rows, -1)
+        if cache is None:
+            storage = engine.cache if not use_cache and rows <= engine.cache.max_batch else engine.new_cache(rows, seq)
+        else:
+            storage = cache.storage
+        out = engine.prefill(
+            ids, attention_mask, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=embeds,
+            logits="all" if lm_logits else None, hidden=(not lm_logits if last_hidden is None else last_hidden) or output_hidden_states,
+            layer_inputs=output_hidden_states, reset=cache is None, head_mask=head_mask, cache=storage,
+        )
+        if use_cache and cache is None:
+            cache = new_cache(storage)
 
-        chunk = rows if past else engine.cache.max_batch
-        outputs = []
-        for start in range(0, rows, chunk):
-            part = slice(start, start + chunk)
-            outputs.append(engine.prefill(
-                ids[part] if ids is not None else None,
-                attention_mask[part] if attention_mask is not None else None,
-                token_type_ids=token_type_ids[part] if token_type_ids is not None else None,
-                position_ids=position_ids[part],
-                inputs_embeds=embeds[part] if embeds is not None else None,
-                logits="all" if lm_logits else None,
-                hidden=True,
-                layer_inputs=bool(output_hidden_states),
-                reset=not past,
-            ))
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        handle = StaticCacheHandle.of(engine) if use_cache and len(outputs) == 1 else None
+        def shaped(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.reshape(*lead, *t.shape[1:])
 
-        def shaped(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(*lead, *t.shape[1:])
+        last = shaped(out.hidden_states)
+        all_states = tuple(shaped(t) for t in out.layer_inputs) + (last,) if output_hidden_states else None
+        return BaseModelOutputWithPastAndCrossAttentions(last, cache if use_cache else None, all_states), shaped(out.logits)
 
-        last = shaped(torch.cat([o.hidden_states for o in outputs]))
-        all_states = None
-        if output_hidden_states:
-            layers = zip(*(o.layer_inputs for o in outputs))
-            all_states = tuple(shaped(torch.cat(list(layer))) for layer in layers) + (last,)
-        logits = shaped(torch.cat([o.logits for o in outputs])) if lm_logits else None
-        return BaseModelOutputWithPastAndCrossAttentions(last, handle, all_states), logits
+    def cache_for(self, past_key_values: Any, rows: int, seq: int) -> KVCache | None:
+        """The cache a forward of `rows` x `seq` tokens continues from: this model's own kind (the
+        past_key_values it returned), or for an empty transformers cache (generate starts with one) a
+        new one of ours, static like it when it is a StaticCache; None for none."""
+        if past_key_values is None or isinstance(past_key_values, KVCache):
+            return past_key_values
+        if hasattr(past_key_values, "get_seq_length") and past_key_values.get_seq_length() == 0:
+            length = static_length(past_key_values)
+            if length is None:
+                return None
+            return new_cache(self.engine.new_cache(rows, length, growable=False), static=True)
+        raise ValueError(
+            f"past_key_values is a {type(past_key_values).__name__}; the tritongpt2 forward continues only from "
+            "the past_key_values it returned"
+        )
+
+
+def _described(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return f"a {type(value).__name__}"
+
+
+def _rows_of(name: str, values: Any, rows: int, seq: int) -> torch.Tensor:
+    """position_ids or token_type_ids as [rows, seq] (a single row is shared by every row)."""
+    if not isinstance(values, torch.Tensor) or values.numel() == 0 or values.shape[-1] != seq:
+        raise ValueError(f"{name} must be a tensor of [batch, {seq}] like the inputs, got {_described(values)}")
+    flat = values.reshape(-1, seq)
+    if flat.shape[0] not in (1, rows):
+        raise ValueError(f"{name} has {flat.shape[0]} rows of {seq}; the inputs have {rows}")
+    return flat.expand(rows, seq)

@@ -6,13 +6,29 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+# The keyword arguments transformers' causal LM loss takes beside logits and labels.
+LOSS_KEYWORDS = frozenset({"num_items_in_batch", "ignore_index", "shift_labels"})
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Token t predicts label t + 1; labels of -100 are ignored; mean over the rest, in float32."""
-    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1).to(logits.device),
-                           ignore_index=IGNORE_INDEX)
+def causal_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    shift_labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """transformers' ForCausalLMLoss: token t predicts label t + 1 (or shift_labels[t], already
+    shifted); labels equal to ignore_index are ignored; in float32, the mean over the rest, or their
+    sum over num_items_in_batch (gradient accumulation across batches)."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shift_labels.reshape(-1).to(logits.device),
+                           ignore_index=ignore_index, reduction=reduction)
+    if num_items_in_batch is not None:
+        loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
+    return loss
 
 
 def double_heads_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

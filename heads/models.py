@@ -11,6 +11,7 @@ from tritongpt2.engine.generation import generate as engine_generate
 
 from .base import GPT2PreTrainedModel
 from .losses import (
+    LOSS_KEYWORDS,
     causal_lm_loss,
     double_heads_lm_loss,
     question_answering_loss,
@@ -27,6 +28,10 @@ from .outputs import (
 )
 from .summary import SequenceSummary
 
+# Keyword arguments transformers' forwards take through **kwargs that change nothing here:
+# cache_position (positions come from position_ids or the cache's length, as in transformers 5's GPT-2).
+IGNORED_KEYWORDS = frozenset({"cache_position"})
+
 
 def _past(past_key_values: Any, cache: Any) -> Any:
     """transformers 5 renamed past_key_values to cache; both are taken."""
@@ -35,17 +40,36 @@ def _past(past_key_values: Any, cache: Any) -> Any:
     return past_key_values if past_key_values is not None else cache
 
 
-def _as_requested(output: ModelOutput, return_dict: bool | None) -> ModelOutput | tuple:
-    """return_dict=False gives the tuple of the fields that are not None, as transformers does."""
-    return output.to_tuple() if return_dict is False else output
-
-
 def _keep(logits: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
     """transformers' slice_logits_to_keep: an int keeps the last n positions (0: all), a tensor the
     positions it lists."""
     if isinstance(logits_to_keep, int):
         return logits[..., -logits_to_keep:, :] if logits_to_keep else logits
     return logits[..., logits_to_keep.to(logits.device), :]
+
+
+class _DropInForward:
+    """What every class's forward shares: the trunk's arguments, the extra keyword arguments it
+    takes, and the return_dict default."""
+
+    # Keyword arguments beyond the signature that the forward uses (its loss's options).
+    extra_keywords: frozenset[str] = frozenset()
+
+    def _extra(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The extra keyword arguments among kwargs; TypeError naming any that is not one."""
+        unknown = sorted(set(kwargs) - self.extra_keywords - IGNORED_KEYWORDS)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword arguments: {', '.join(unknown)}")
+        return {k: v for k, v in kwargs.items() if k in self.extra_keywords}
+
+    def _trunk(self, **arguments: Any) -> tuple[BaseModelOutputWithPastAndCrossAttentions, torch.Tensor | None]:
+        arguments["past_key_values"] = _past(arguments.get("past_key_values"), arguments.pop("cache", None))
+        return self._transformer(**arguments)
+
+    def _returned(self, output: ModelOutput, return_dict: bool | None) -> ModelOutput | tuple:
+        """return_dict=False (or config.return_dict False) gives the tuple of the fields that are not
+        None, as transformers does."""
+        return output if self._flag("return_dict", return_dict) else output.to_tuple()
 
 
 class GenerationMixin:
@@ -101,7 +125,7 @@ class GenerationMixin:
         return out.to(input_ids.device)
 
 
-class GPT2Model(GPT2PreTrainedModel):
+class GPT2Model(_DropInForward, GPT2PreTrainedModel):
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -109,22 +133,27 @@ class GPT2Model(GPT2PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         cache: Any = None,
+        **kwargs: Any,
     ) -> BaseModelOutputWithPastAndCrossAttentions:
-        out, _ = self._transformer(
-            input_ids=input_ids, past_key_values=_past(past_key_values, cache), attention_mask=attention_mask,
-            token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+        self._extra(kwargs)
+        out, _ = self._trunk(
+            input_ids=input_ids, past_key_values=past_key_values, cache=cache, attention_mask=attention_mask,
+            token_type_ids=token_type_ids, position_ids=position_ids, head_mask=head_mask, inputs_embeds=inputs_embeds,
+            use_cache=use_cache, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
         )
-        return _as_requested(out, return_dict)
+        return self._returned(out, return_dict)
 
 
-class GPT2LMHeadModel(GenerationMixin, GPT2PreTrainedModel):
+class GPT2LMHeadModel(GenerationMixin, _DropInForward, GPT2PreTrainedModel):
+    extra_keywords = LOSS_KEYWORDS
+
     def head_modules(self) -> dict[str, nn.Module]:
         return {"lm_head": self._tied_lm_head()}
 
@@ -135,6 +164,7 @@ class GPT2LMHeadModel(GenerationMixin, GPT2PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
@@ -143,18 +173,21 @@ class GPT2LMHeadModel(GenerationMixin, GPT2PreTrainedModel):
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         cache: Any = None,
+        **kwargs: Any,
     ) -> CausalLMOutputWithCrossAttentions:
-        out, logits = self._transformer(
-            input_ids=input_ids, past_key_values=_past(past_key_values, cache), attention_mask=attention_mask,
-            token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            output_hidden_states=output_hidden_states, output_attentions=output_attentions, lm_logits=True,
+        loss_options = self._extra(kwargs)
+        out, logits = self._trunk(
+            input_ids=input_ids, past_key_values=past_key_values, cache=cache, attention_mask=attention_mask,
+            token_type_ids=token_type_ids, position_ids=position_ids, head_mask=head_mask, inputs_embeds=inputs_embeds,
+            use_cache=use_cache, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            lm_logits=True,
         )
         logits = _keep(logits, logits_to_keep)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return _as_requested(CausalLMOutputWithCrossAttentions(loss, logits, out.past_key_values, out.hidden_states), return_dict)
+        loss = causal_lm_loss(logits, labels, **loss_options) if labels is not None else None
+        return self._returned(CausalLMOutputWithCrossAttentions(loss, logits, out.past_key_values, out.hidden_states), return_dict)
 
 
-class GPT2DoubleHeadsModel(GenerationMixin, GPT2PreTrainedModel):
+class GPT2DoubleHeadsModel(GenerationMixin, _DropInForward, GPT2PreTrainedModel):
     def head_modules(self) -> dict[str, nn.Module]:
         summary = SequenceSummary(self.config, self.engine.activation).to(device=self.device, dtype=self.dtype).requires_grad_(False)
         return {"lm_head": self._tied_lm_head(), "multiple_choice_head": summary}
@@ -166,6 +199,7 @@ class GPT2DoubleHeadsModel(GenerationMixin, GPT2PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         mc_token_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
@@ -175,21 +209,25 @@ class GPT2DoubleHeadsModel(GenerationMixin, GPT2PreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         cache: Any = None,
+        **kwargs: Any,
     ) -> GPT2DoubleHeadsModelOutput:
-        out, logits = self._transformer(
-            input_ids=input_ids, past_key_values=_past(past_key_values, cache), attention_mask=attention_mask,
-            token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            output_hidden_states=output_hidden_states, output_attentions=output_attentions, lm_logits=True,
+        self._extra(kwargs)
+        out, logits = self._trunk(
+            input_ids=input_ids, past_key_values=past_key_values, cache=cache, attention_mask=attention_mask,
+            token_type_ids=token_type_ids, position_ids=position_ids, head_mask=head_mask, inputs_embeds=inputs_embeds,
+            use_cache=use_cache, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            lm_logits=True, last_hidden=True,
         )
         mc_logits = self.multiple_choice_head(out.last_hidden_state, mc_token_ids).squeeze(-1)
         mc_loss = None
         if mc_labels is not None:
             mc_loss = nn.functional.cross_entropy(mc_logits.view(-1, mc_logits.shape[-1]), mc_labels.view(-1))
         loss = double_heads_lm_loss(logits, labels) if labels is not None else None
-        return _as_requested(GPT2DoubleHeadsModelOutput(loss, mc_loss, logits, mc_logits, out.past_key_values, out.hidden_states), return_dict)
+        output = GPT2DoubleHeadsModelOutput(loss, mc_loss, logits, mc_logits, out.past_key_values, out.hidden_states)
+        return self._returned(output, return_dict)
 
 
-class GPT2ForSequenceClassification(GPT2PreTrainedModel):
+class GPT2ForSequenceClassification(_DropInForward, GPT2PreTrainedModel):
     def head_modules(self) -> dict[str, nn.Module]:
         return {"score": self._new_linear(self.config.n_embd, self.config.num_labels, bias=False)}
 
@@ -200,6 +238,7 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
@@ -207,12 +246,14 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         cache: Any = None,
+        **kwargs: Any,
     ) -> SequenceClassifierOutputWithPast:
         """Pools the last token that is not pad_token_id (the last token when none is set)."""
-        out, _ = self._transformer(
-            input_ids=input_ids, past_key_values=_past(past_key_values, cache), attention_mask=attention_mask,
-            token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+        self._extra(kwargs)
+        out, _ = self._trunk(
+            input_ids=input_ids, past_key_values=past_key_values, cache=cache, attention_mask=attention_mask,
+            token_type_ids=token_type_ids, position_ids=position_ids, head_mask=head_mask, inputs_embeds=inputs_embeds,
+            use_cache=use_cache, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
         )
         hidden = out.last_hidden_state
         batch = hidden.shape[0]
@@ -230,10 +271,10 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
             loss, self.config.problem_type = sequence_classification_loss(
                 logits, labels.to(logits.device), self.config.num_labels, self.config.problem_type
             )
-        return _as_requested(SequenceClassifierOutputWithPast(loss, logits, out.past_key_values, out.hidden_states), return_dict)
+        return self._returned(SequenceClassifierOutputWithPast(loss, logits, out.past_key_values, out.hidden_states), return_dict)
 
 
-class GPT2ForTokenClassification(GPT2PreTrainedModel):
+class GPT2ForTokenClassification(_DropInForward, GPT2PreTrainedModel):
     def head_modules(self) -> dict[str, nn.Module]:
         return {"classifier": self._new_linear(self.config.n_embd, self.config.num_labels)}
 
@@ -244,6 +285,7 @@ class GPT2ForTokenClassification(GPT2PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
@@ -251,20 +293,22 @@ class GPT2ForTokenClassification(GPT2PreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         cache: Any = None,
+        **kwargs: Any,
     ) -> TokenClassifierOutput:
-        out, _ = self._transformer(
-            input_ids=input_ids, past_key_values=_past(past_key_values, cache), attention_mask=attention_mask,
-            token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+        self._extra(kwargs)
+        out, _ = self._trunk(
+            input_ids=input_ids, past_key_values=past_key_values, cache=cache, attention_mask=attention_mask,
+            token_type_ids=token_type_ids, position_ids=position_ids, head_mask=head_mask, inputs_embeds=inputs_embeds,
+            use_cache=use_cache, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
         )
         logits = self.classifier(out.last_hidden_state)
         loss = None
         if labels is not None:
             loss = nn.functional.cross_entropy(logits.view(-1, self.config.num_labels), labels.to(logits.device).view(-1))
-        return _as_requested(TokenClassifierOutput(loss, logits, out.hidden_states), return_dict)
+        return self._returned(TokenClassifierOutput(loss, logits, out.hidden_states), return_dict)
 
 
-class GPT2ForQuestionAnswering(GPT2PreTrainedModel):
+class GPT2ForQuestionAnswering(_DropInForward, GPT2PreTrainedModel):
     def head_modules(self) -> dict[str, nn.Module]:
         return {"qa_outputs": self._new_linear(self.config.n_embd, 2)}
 
@@ -274,23 +318,26 @@ class GPT2ForQuestionAnswering(GPT2PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         start_positions: torch.Tensor | None = None,
         end_positions: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        **kwargs: Any,
     ) -> QuestionAnsweringModelOutput:
-        out, _ = self._transformer(
+        self._extra(kwargs)
+        out, _ = self._trunk(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids,
-            inputs_embeds=inputs_embeds, use_cache=False, output_hidden_states=output_hidden_states,
+            head_mask=head_mask, inputs_embeds=inputs_embeds, use_cache=False, output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
         )
         start_logits, end_logits = (t.squeeze(-1).contiguous() for t in self.qa_outputs(out.last_hidden_state).split(1, dim=-1))
         loss = None
         if start_positions is not None and end_positions is not None:
             loss = question_answering_loss(start_logits, end_logits, start_positions, end_positions)
-        return _as_requested(QuestionAnsweringModelOutput(loss, start_logits, end_logits, out.hidden_states), return_dict)
+        return self._returned(QuestionAnsweringModelOutput(loss, start_logits, end_logits, out.hidden_states), return_dict)
 
 
 MODEL_CLASSES = {

@@ -71,9 +71,9 @@ def test_lm_head_logits_loss_and_continuation(tmp_path, backend):
     second = ours(input_ids=ids[:, 5:], attention_mask=mask, past_key_values=first.past_key_values)
     full = hf_run(hf, input_ids=ids, attention_mask=mask)
     close(second.logits, full.logits[:, 5:])
-    with pytest.raises(ValueError, match="past_key_values is stale"):
-        ours(input_ids=ids[:, 5:], past_key_values=first.past_key_values)
-    with pytest.raises(ValueError, match="past_key_values must be the past_key_values of this model"):
+    # As transformers' caches: the same object, continued in place.
+    assert second.past_key_values is first.past_key_values and first.past_key_values.get_seq_length() == 9
+    with pytest.raises(ValueError, match="past_key_values is a DynamicCache; the tritongpt2 forward continues only from"):
         ours(input_ids=ids[:, 5:], past_key_values=expected.past_key_values)
 
 
@@ -173,13 +173,16 @@ def test_double_heads_every_summary_option(tmp_path, backend, summary):
         assert abs(got.mc_loss.item() - expected.mc_loss.item()) < 1e-4 * max(1.0, expected.mc_loss.item())
 
 
-def test_batches_larger_than_the_cache_run_in_chunks(tmp_path):
-    folder, hf = save_model(tmp_path, "GPT2Model")
-    ours = tritongpt2.GPT2Model.from_pretrained(folder, backend="torch", max_batch=2)
-    ids = torch.randint(0, 300, (5, 4))
-    got = ours(input_ids=ids)
-    close(got.last_hidden_state, hf_run(hf, input_ids=ids).last_hidden_state)
-    assert got.past_key_values is None
+def test_a_batch_larger_than_max_batch_gets_a_cache_of_its_size(tmp_path):
+    folder, hf = save_model(tmp_path, "GPT2LMHeadModel")
+    ours = tritongpt2.GPT2LMHeadModel.from_pretrained(folder, backend="torch", max_batch=2)
+    ids = torch.randint(0, 300, (5, 6))
+    got = ours(input_ids=ids[:, :4])
+    close(got.logits, hf_run(hf, input_ids=ids[:, :4]).logits)
+    assert got.past_key_values.get_seq_length() == 4 and got.past_key_values.batch_size == 5
+    more = ours(input_ids=ids[:, 4:], past_key_values=got.past_key_values)
+    close(more.logits, hf_run(hf, input_ids=ids).logits[:, 4:])
+    assert ours(input_ids=ids, use_cache=False).past_key_values is None
 
 
 def test_missing_head_weights_are_initialised_with_a_warning(tmp_path):
