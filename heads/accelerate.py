@@ -196,9 +196,8 @@ class Accelerated:
     def _fast_generation(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any] | None:
         """The engine loop's arguments when it serves this generate call exactly (greedy search or
         plain sampling of input_ids, within the engine's cache), None otherwise."""
-        if self.fast is None or args[1:] or torch.is_grad_enabled() and any(p.requires_grad for p in self._parameters):
-            return None
-        if self.model.training:
+        # transformers' generate runs without grad whatever the caller's mode: so does the engine loop.
+        if self.fast is None or args[1:] or self.model.training:
             return None
         kwargs = dict(kwargs)
         input_ids = args[0] if args else kwargs.pop("inputs", kwargs.pop("input_ids", None))
@@ -206,7 +205,9 @@ class Accelerated:
         streamer = kwargs.pop("streamer", None)
         config = copy.deepcopy(kwargs.pop("generation_config", None) or self.model.generation_config)
         leftover = config.update(**kwargs)
-        fields = {k for k in config.to_diff_dict() if not k.startswith("_")}
+        defaults = type(config)().to_dict()
+        # Settings away from their defaults (False and None alike mean off).
+        fields = {k for k, v in config.to_dict().items() if not k.startswith("_") and v != defaults.get(k) and (v or defaults.get(k))}
         if leftover or fields - FAST_GENERATION_FIELDS or not config.use_cache:
             return None
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] > self.engine.cache.max_batch:
