@@ -14,7 +14,7 @@ def _csv(text: str) -> list[str]:
 
 
 def _audit_compile(args: argparse.Namespace) -> int:
-    from tritongpt2.bench.compile_audit import markdown_table, run_compile_audit
+    from tritongpt2.bench.compile_audit import dump_cubins, markdown_table, run_compile_audit
     from tritongpt2.bench.model_shapes import model_shape
 
     shapes = [model_shape(name) for name in args.models]
@@ -25,12 +25,7 @@ def _audit_compile(args: argparse.Namespace) -> int:
         rows = [{k: v for k, v in vars(r).items() if k != "cubin"} for r in results]
         Path(args.json).write_text(json.dumps({"models": args.models, "results": rows}, indent=1))
     if args.dump:
-        folder = Path(args.dump)
-        folder.mkdir(parents=True, exist_ok=True)
-        for r in results:
-            if r.cubin is not None:
-                name = f"{r.kernel}-{r.config}-{r.arch}-{r.dtype}".replace("=", "").replace(",", "-")
-                (folder / f"{name}.cubin").write_bytes(r.cubin)
+        dump_cubins(results, Path(args.dump))
     problems = [problem for r in results for problem in r.problems()]
     for problem in problems:
         print(f"PROBLEM: {problem}", file=sys.stderr)
@@ -195,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--models", type=_csv, default=["gpt2", "gpt2-xl"], help="comma-separated GPT-2 sizes")
     compile_.add_argument("--dtypes", type=_csv, default=["float16", "bfloat16"], help="comma-separated")
     compile_.add_argument("--json", help="write the results as JSON to this file")
-    compile_.add_argument("--dump", help="write each cubin into this folder")
+    compile_.add_argument("--dump", help="write each cubin into this folder, with index.json naming their configurations")
     compile_.set_defaults(run=_audit_compile)
     traffic = audits.add_parser("traffic", help="count the bytes one step moves, against the ideal and transformers")
     traffic.add_argument("--model", default="gpt2")
