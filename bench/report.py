@@ -9,6 +9,10 @@ import math
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 ROOFLINE_NOTE = (
     "% roofline: the ideal time over the median, where the ideal time is the larger of the bytes a step "
@@ -100,7 +104,7 @@ def _size_explained(record: dict) -> str:
     return f"{record['batch']}x{record.get('seq', record.get('context'))} = batch x {what}"
 
 
-def chart_figure(document: dict):
+def chart_figure(document: dict) -> Figure:
     """Median ms per implementation, one panel per workload, each on its own linear axis from zero,
     with the value on every bar and the range of the rounds' medians as an error bar."""
     import matplotlib
