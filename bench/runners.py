@@ -125,7 +125,7 @@ class HFCompiledStaticRunner(HFRunner):
     forward with the same options. Embed and prefill would run uncompiled: this runner has no such rows.
 
     Compiled graphs are cached per function across models and dtypes and count toward dynamo's
-    recompile limit, a hard error with fullgraph: the suite resets dynamo after each model and dtype,
+    recompile limit, a hard error with fullgraph: the suite resets dynamo before each model and dtype,
     which leaves one compile per decode shape (six in the GPU suite, under the limit of eight)."""
 
     kinds = ("decode", "generate")
