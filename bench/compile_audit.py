@@ -9,6 +9,8 @@ tensor-core use from the PTX.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import subprocess
@@ -261,3 +263,21 @@ def markdown_table(results: list[CompileResult]) -> str:
             f"{r.shared_bytes} | {r.tensor_core or 'none'} | {'; '.join(r.used_by)} |"
         )
     return "\n".join(lines)
+
+
+def dump_cubins(results: list[CompileResult], folder: Path) -> list[Path]:
+    """Write each cubin as <kernel>-<arch>-<dtype>-<hash of its configuration>.cubin (a configuration
+    spelt out is longer than a file name may be) and index.json, mapping each file name to its kernel,
+    configuration, arch, dtype and the workloads that launch it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    index, written = {}, []
+    for r in results:
+        if r.cubin is None:
+            continue
+        digest = hashlib.sha1(r.config.encode()).hexdigest()[:12]
+        name = f"{r.kernel}-{r.arch}-{r.dtype}-{digest}.cubin"
+        (folder / name).write_bytes(r.cubin)
+        index[name] = {"kernel": r.kernel, "config": r.config, "arch": r.arch, "dtype": r.dtype, "used_by": r.used_by}
+        written.append(folder / name)
+    (folder / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+    return written

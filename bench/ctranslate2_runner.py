@@ -64,7 +64,7 @@ class CTranslate2Runner(Runner):
         return self.generator.generate_batch(prompts, max_length=new_tokens, min_length=new_tokens, callback=callback,
                                              include_prompt_in_result=False, sampling_topk=1)
 
-    def decode_ms(self, ids: torch.Tensor, device: torch.device, warmup: int, repeats: int) -> float:
+    def decode_ms(self, ids: torch.Tensor, context: int, device: torch.device, warmup: int, repeats: int) -> float:
         """CTranslate2 has no one-step call: the median interval between its per-token callbacks
         (the first comes after the prefill), warm-up steps excluded."""
         stamps = []

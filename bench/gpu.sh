@@ -1,22 +1,36 @@
 #!/usr/bin/env bash
-# Everything a lent GPU is for, in one command, with nothing from the network:
-#   bash bench/gpu.sh [OUTPUT_DIR]            (default: $OUT when set, else gpu-results)
-# 1. the whole test suite compiled on the GPU (float16 and bfloat16 join float32),
-# 2. the full benchmark with every baseline (BENCH_MODELS=gpt2,gpt2-xl to shorten it),
-# 3. the compile audit of every kernel configuration (registers, spills, shared memory from ptxas).
-# Each step runs even when an earlier one failed; the exit code says whether all passed.
+# Everything a lent GPU is for, in one command, with nothing from the network and nothing installed:
+#   bash bench/gpu.sh [OUTPUT_DIR]       (default: $OUT when set, else gpu-results; PYTHON picks the interpreter)
+# 0. preflight (bench/preflight.py): CUDA visible to torch, a C compiler and Python.h (Triton builds
+#    its launcher with them), the packages and their versions; stops here, naming what is missing.
+# 1. tritongpt2 made importable without pip (no network, and setuptools < 70.1 cannot build an
+#    editable install without the `wheel` package): a folder of symlinks on PYTHONPATH, laid out as
+#    pyproject.toml maps the packages (bench/package_overlay.py); commands run as python -m tritongpt2.cli.
+# 2. the whole test suite compiled on the GPU (float16 and bfloat16 join float32),
+# 3. the full benchmark with every baseline (BENCH_MODELS=gpt2,gpt2-xl to shorten it), its results
+#    written after each model and dtype,
+# 4. the compile audit of every kernel configuration and the traffic audit,
+# 5. README.md's GPU table from the benchmark's results (a copy of README.md goes into the output too).
+# Steps 2 to 5 each run even when an earlier one failed; the exit code says whether all passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+python="${PYTHON:-python}"
 out="${1:-${OUT:-gpu-results}}"
 mkdir -p "$out"
 unset TRITON_INTERPRET TRITONGPT2_BACKEND
 
-python -m pip install --quiet --no-index --no-deps --no-build-isolation -e . || exit 1
-{
-  nvidia-smi || true
-  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-  python -c "import transformers; print('transformers', transformers.__version__)" || echo "transformers: not installed (baselines and parity tests skip)"
-} > "$out/device.txt" 2>&1
+{ nvidia-smi || true; } > "$out/device.txt" 2>&1
+"$python" bench/preflight.py 2>&1 | tee -a "$out/device.txt"
+if [ "${PIPESTATUS[0]}" -ne 0 ]; then
+  echo "gpu.sh: preflight failed (above, and in $out/device.txt): nothing was run" >&2
+  exit 1
+fi
+
+overlay="$(mktemp -d)"
+trap 'rm -rf "$overlay"' EXIT
+"$python" bench/package_overlay.py "$overlay" > /dev/null || { echo "gpu.sh: could not lay out the tritongpt2 package" >&2; exit 1; }
+export PYTHONPATH="$overlay${PYTHONPATH:+:$PYTHONPATH}"
+"$python" -c "import tritongpt2.cli" || { echo "gpu.sh: tritongpt2 does not import (above)" >&2; exit 1; }
 
 status=0
 step() {
@@ -28,8 +42,19 @@ step() {
   [ $rc -eq 0 ] || status=1
 }
 
-step tests python -m pytest -q -ra
-step bench tritongpt2 bench --output "$out" ${BENCH_MODELS:+--models "$BENCH_MODELS"}
-step compile-audit tritongpt2 audit compile --models gpt2,gpt2-medium,gpt2-large,gpt2-xl --json "$out/compile-audit.json"
+step tests "$python" -m pytest -q -ra
+step bench "$python" -m tritongpt2.cli bench --output "$out/bench" ${BENCH_MODELS:+--models "$BENCH_MODELS"}
+step compile-audit "$python" -m tritongpt2.cli audit compile --models gpt2,gpt2-medium,gpt2-large,gpt2-xl --json "$out/compile-audit.json"
 cp "$out/compile-audit.log" "$out/compile-audit.md"
+step traffic-decode "$python" -m tritongpt2.cli audit traffic --workload decode --context 1024 --output "$out"
+step traffic-prefill "$python" -m tritongpt2.cli audit traffic --workload prefill --context 128 --output "$out"
+step traffic-embed "$python" -m tritongpt2.cli audit traffic --workload embed --context 16 --output "$out"
+results="$(ls "$out"/bench/*.json 2> /dev/null | head -n 1)"
+if [ -n "$results" ]; then
+  step readme-table "$python" -m tritongpt2.bench.readme_table "$results" README.md
+  cp README.md "$out/README.md"
+else
+  echo "gpu.sh: no benchmark results, so no README table" | tee -a "$out/summary.txt"
+  status=1
+fi
 exit $status

@@ -1,13 +1,15 @@
-"""The implementations the benchmark puts side by side, each able to run every workload (CTranslate2,
-the CPU baseline, is in ctranslate2_runner.py).
+"""The implementations the benchmark puts side by side (CTranslate2, the CPU baseline, is in
+ctranslate2_runner.py).
 
-transformers eager and sdpa (dynamic cache), transformers sdpa with a static cache and
-torch.compile(mode="reduce-overhead") for decode, and tritongpt2 with CUDA graphs off and on. All
-share one random-weight transformers model: tritongpt2 reads its tensors in place.
+transformers eager and sdpa (dynamic cache), transformers sdpa over a static cache with its decode
+step compiled, and tritongpt2 with CUDA graphs off and on. All read one random-weight transformers
+model's tensors in place. Each runner sizes what it allocates (KV caches, engines) to the workload at
+hand and frees it in release(), so that runners and workloads never hold caches at the same time.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Callable
 
@@ -22,31 +24,37 @@ from tritongpt2.engine.weights import shared_weights
 from .timing import median_ms
 
 Step = Callable[[], object]
+KINDS = ("embed", "prefill", "decode", "generate")
 
 
 class Runner:
-    """One implementation. decode_step() prefills `context` tokens and returns a function that
-    appends one token per row each call (the cache grows by one per call)."""
+    """One implementation. decode_step(ids, context) fills a cache of `context` slots with ids and
+    returns a function that appends one token per row each call (the cache grows by one per call)."""
 
     name: str
+    kinds: tuple[str, ...] = KINDS  # the workloads it runs; the others get no row
     weight_bytes: int | None = None  # bytes of weights a step reads, when not the model's own (a converted copy)
     embed_note: str | None = None  # what its embed figure measures beyond the hidden states, if anything
 
     def embed(self, ids: torch.Tensor) -> object:
         raise NotImplementedError
 
-    def prefill(self, ids: torch.Tensor) -> object:
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """The last position's logits, [batch, vocab]."""
         raise NotImplementedError
 
-    def decode_step(self, ids: torch.Tensor) -> Step:
+    def decode_step(self, ids: torch.Tensor, context: int) -> Step:
         raise NotImplementedError
 
-    def decode_ms(self, ids: torch.Tensor, device: torch.device, warmup: int, repeats: int) -> float:
-        """Median ms of one decode step after prefilling ids."""
-        return median_ms(self.decode_step(ids), device, warmup=warmup, repeats=repeats)
+    def decode_ms(self, ids: torch.Tensor, context: int, device: torch.device, warmup: int, repeats: int) -> float:
+        """Median ms of one decode step after prefilling ids, in a cache of `context` slots."""
+        return median_ms(self.decode_step(ids, context), device, warmup=warmup, repeats=repeats)
 
     def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def release(self) -> None:
+        """Free what the last call kept for the workload (a cache, an engine)."""
 
 
 def cache_keyword(model: torch.nn.Module) -> str:
@@ -54,25 +62,35 @@ def cache_keyword(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def attention_view(model: torch.nn.Module, attention: str) -> torch.nn.Module:
+    """The model's modules over the same parameter and buffer tensors, with a config of their own set
+    to `attention`. transformers picks the attention function from the config at every call, so
+    runners sharing one model object would all run whichever implementation was set last."""
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    view = copy.deepcopy(model, memo=shared)
+    view.config._attn_implementation = attention
+    return view
+
+
 class HFRunner(Runner):
     def __init__(self, model: torch.nn.Module, attention: str) -> None:
         self.name = f"hf-{attention}"
-        self.model = model
-        self.cache_keyword = cache_keyword(model)
-        model.config._attn_implementation = attention
+        self.model = attention_view(model, attention)
+        self.cache_keyword = cache_keyword(self.model)
 
     @torch.no_grad()
     def embed(self, ids: torch.Tensor) -> object:
         return self.model.transformer(input_ids=ids).last_hidden_state
 
     @torch.no_grad()
-    def prefill(self, ids: torch.Tensor) -> object:
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         hidden = self.model.transformer(input_ids=ids).last_hidden_state
         return self.model.lm_head(hidden[:, -1])
 
-    def decode_step(self, ids: torch.Tensor) -> Step:
+    def decode_step(self, ids: torch.Tensor, context: int) -> Step:
+        # The prompt fills the cache; its logits are not needed (at batch 64 x 1024 they would be 6 GB).
         with torch.no_grad():
-            out = self.model(input_ids=ids, use_cache=True)
+            out = self.model.transformer(input_ids=ids, use_cache=True)
         cache = out.cache if hasattr(out, "cache") else out.past_key_values
         token = ids[:, -1:]
 
@@ -85,7 +103,10 @@ class HFRunner(Runner):
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
         return self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+                                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **self._generate_options())
+
+    def _generate_options(self) -> dict:
+        return {}
 
 
 def _static_cache(model: torch.nn.Module, batch: int, length: int):
@@ -98,19 +119,33 @@ def _static_cache(model: torch.nn.Module, batch: int, length: int):
 
 
 class HFCompiledStaticRunner(HFRunner):
-    """sdpa over a StaticCache, the decode step compiled with mode="reduce-overhead" (CUDA graphs)."""
+    """transformers' recipe for fast decoding: sdpa over a StaticCache of exactly the workload's
+    context, the forward compiled with fullgraph=True and dynamic=False (one graph specialised to each
+    batch and cache length, as fast as dynamo makes it) and, on a GPU, mode="reduce-overhead" (CUDA
+    graphs). generate is transformers' own static-cache generation, which compiles its decoding
+    forward with the same options. Embed and prefill would run uncompiled: this runner has no such rows.
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    Compiled graphs are cached per function across models and dtypes and count toward dynamo's
+    recompile limit, a hard error with fullgraph: the suite resets dynamo before each model and dtype,
+    which leaves one compile per decode shape (six in the GPU suite, under the limit of eight)."""
+
+    kinds = ("decode", "generate")
+
+    def __init__(self, model: torch.nn.Module, *, backend: str = "inductor") -> None:
         super().__init__(model, "sdpa")
         self.name = "hf-compile-static"
-        self.compiled = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        on_gpu = next(model.parameters()).device.type == "cuda"
+        # CUDA graphs are what reduce-overhead means; elsewhere (the CPU tests) inductor's default mode.
+        self.options = {"backend": backend, "fullgraph": True, "dynamic": False,
+                        "mode": "reduce-overhead" if on_gpu and backend == "inductor" else "default"}
+        self.compiled = torch.compile(self.model.forward, **self.options)
 
-    def decode_step(self, ids: torch.Tensor, room: int = 64) -> Step:
+    def decode_step(self, ids: torch.Tensor, context: int) -> Step:
         batch, seq = ids.shape
-        cache = _static_cache(self.model, batch, seq + room)
+        cache = _static_cache(self.model, batch, context)
         with torch.no_grad():
-            self.model(input_ids=ids, use_cache=True, cache_position=torch.arange(seq, device=ids.device),
-                       **{self.cache_keyword: cache})
+            self.model.transformer(input_ids=ids, use_cache=True, cache_position=torch.arange(seq, device=ids.device),
+                                   **{self.cache_keyword: cache})
         token = ids[:, -1:].clone()
         position = torch.tensor([seq], device=ids.device)
 
@@ -122,24 +157,46 @@ class HFCompiledStaticRunner(HFRunner):
 
         return step
 
+    def _generate_options(self) -> dict:
+        from transformers import CompileConfig
+
+        config = CompileConfig(**self.options)
+        config._compile_all_devices = True  # transformers compiles on CUDA only unless told
+        return {"cache_implementation": "static", "compile_config": config}
+
 
 class TritonGPT2Runner(Runner):
-    def __init__(self, model: torch.nn.Module, *, backend: str, cuda_graphs: bool, max_batch: int, max_seq: int) -> None:
+    def __init__(self, model: torch.nn.Module, *, backend: str, cuda_graphs: bool) -> None:
         self.name = "tritongpt2" if cuda_graphs or backend != "triton" else "tritongpt2-nograph"
-        config = GPT2Config.from_dict(model.config.to_dict())
-        options = EngineOptions(backend=backend, cuda_graphs=cuda_graphs, max_batch=max_batch, max_seq=max_seq)
-        self.engine = Engine(config, shared_weights(model, config), options)
+        self.backend = backend
+        self.cuda_graphs = cuda_graphs
+        self.config = GPT2Config.from_dict(model.config.to_dict())
+        self.weights = shared_weights(model, self.config)
+        self.engine: Engine | None = None
+
+    def _engine(self, batch: int, tokens: int) -> Engine:
+        """An engine whose cache holds batch rows of `tokens` slots: the workload's size, not the model's largest."""
+        if self.engine is None or (self.engine.cache.max_batch, self.engine.cache.max_seq) != (batch, tokens):
+            self.engine = None  # the old cache is freed before the new one is allocated
+            options = EngineOptions(backend=self.backend, cuda_graphs=self.cuda_graphs, max_batch=batch, max_seq=tokens)
+            self.engine = Engine(self.config, self.weights, options)
+        return self.engine
 
     def embed(self, ids: torch.Tensor) -> object:
-        return self.engine.prefill(ids, logits=None, hidden=True).hidden_states
+        return self._engine(*ids.shape).prefill(ids, logits=None, hidden=True).hidden_states
 
-    def prefill(self, ids: torch.Tensor) -> object:
-        return self.engine.prefill(ids).logits
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._engine(*ids.shape).prefill(ids).logits
 
-    def decode_step(self, ids: torch.Tensor) -> Step:
-        self.engine.prefill(ids, logits=None)
+    def decode_step(self, ids: torch.Tensor, context: int) -> Step:
+        engine = self._engine(ids.shape[0], context)
+        engine.prefill(ids, logits=None)
         token = ids[:, -1]
-        return lambda: self.engine.decode(token, check_ids=False).logits
+        return lambda: engine.decode(token, check_ids=False).logits
 
     def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-        return generate(self.engine, ids, max_new_tokens=new_tokens, eos_token_id=[])
+        engine = self._engine(ids.shape[0], ids.shape[1] + new_tokens)
+        return generate(engine, ids, max_new_tokens=new_tokens, eos_token_id=[])
+
+    def release(self) -> None:
+        self.engine = None

@@ -1,36 +1,41 @@
 """The benchmark: every implementation on every workload, side by side in one process.
 
-Figures are medians of CUDA-event (GPU) or perf_counter (CPU) timings, warm-up excluded. Each
-record carries its % of the roofline from peaks measured in the same run: bytes (weights read once,
-KV cache up to the context) over the copy bandwidth for decode; the larger of FLOPs over the matmul
-rate and bytes over the bandwidth for embedding and prefill. bandwidth_pct is those bytes alone over
-the copy bandwidth, for every workload: on a CPU, what an app embedding text is bound by.
+Figures are medians of CUDA-event (GPU) or perf_counter (CPU) timings, warm-up excluded, taken in
+rounds: each implementation is timed once per round, in turn, and a figure is the median of its
+rounds' medians, reported with their spread (min-max). Each record carries its % of the roofline from
+peaks measured in the same run: the ideal time (bench/ideal.py: the larger of the bytes a step must
+move over the measured copy bandwidth and its FLOPs over the measured matmul rate) over the median.
+bandwidth_pct is those bytes alone over the copy bandwidth: what bounds decode, and on a CPU what an
+app embedding text is bound by.
+
+A failure of one implementation on one workload becomes an error row, and the suite goes on.
 """
 
 from __future__ import annotations
 
 import datetime
+import gc
 import importlib
 import platform
 import statistics
-import sys
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from tritongpt2.bench.model_shapes import ModelShape, model_shape
-
 from .ctranslate2_runner import COMPUTE_TYPES, CTranslate2Runner, ctranslate2_installed
+from .ideal import ideal_bytes, ideal_flops
+from .model_shapes import ModelShape
 from .peaks import Peaks, measure_peaks
+from .progress import Progress
 from .runners import HFCompiledStaticRunner, HFRunner, Runner, TritonGPT2Runner
 from .timing import median_ms
 
 WARMUP, REPEATS = 3, 10
-# The CPU's timings drift with whatever else the machine runs, in bursts of seconds: every
-# implementation is timed in each of several short rounds, taken in turn, and a figure is the median
-# of its rounds' medians.
+# Timings drift with whatever else the machine runs (on a CPU in bursts of seconds): every
+# implementation is timed in each of several short rounds, taken in turn.
 CPU_ROUNDS, CPU_REPEATS = 6, 4
+GPU_ROUNDS, QUICK_ROUNDS = 3, 2
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,15 @@ class Workload:
     batch: int
     seq: int  # tokens in (embed, prefill, generate prompt) or the cache context (decode)
     new_tokens: int = 0  # generate only
+
+    @property
+    def tokens(self) -> int:
+        """Cache slots the workload fills."""
+        return self.seq + self.new_tokens
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} {self.batch}x{self.seq}" + (f"+{self.new_tokens}" if self.new_tokens else "")
 
 
 GPU_WORKLOADS = (
@@ -50,6 +64,10 @@ GPU_WORKLOADS = (
 CPU_WORKLOADS = (Workload("embed", 1, 16), Workload("embed", 1, 128), Workload("decode", 1, 128))
 QUICK_WORKLOADS = (Workload("embed", 2, 16), Workload("prefill", 1, 32), Workload("decode", 2, 32), Workload("generate", 1, 8, 8))
 QUICK_SHAPE = ModelShape("tiny", 64, 4, 2, vocab_size=512, n_positions=128)
+GPU_IMPLS = ("hf-eager", "hf-sdpa", "hf-compile-static", "tritongpt2-nograph", "tritongpt2")
+CPU_IMPLS = ("hf-eager", "hf-sdpa", "tritongpt2", *(f"ctranslate2-{c}" for c in COMPUTE_TYPES))
+
+RunnerFactories = list[tuple[str, Callable[[], Runner]]]
 
 
 def device_name(device: torch.device) -> str:
@@ -103,33 +121,27 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def bytes_read(shape: ModelShape, weights: int, size: int, work: Workload) -> int | None:
-    """The bytes a step must read at least: the weights, and for decode the KV cache up to the context.
-    weights: bytes of weights a step reads; size: bytes per KV element."""
-    if work.kind == "decode":
-        return weights + work.batch * work.seq * 2 * shape.n_layer * shape.n_embd * size
-    return weights if work.kind in ("embed", "prefill") else None
+def bytes_read(shape: ModelShape, work: Workload, element: int, weight_scale: float = 1.0) -> int | None:
+    """The bytes a step must move (bench/ideal.py), None for generate."""
+    if work.kind == "generate":
+        return None
+    return ideal_bytes(shape, work.kind, work.batch, work.seq, element, weight_scale=weight_scale)
 
 
-def roofline_pct(shape: ModelShape, weights: int, size: int, work: Workload, ms: float, peaks: Peaks) -> float | None:
-    """100 x the ideal time over ms: bytes over the copy bandwidth for decode, the larger of that and
-    FLOPs over the matmul rate for embed and prefill."""
-    needed = bytes_read(shape, weights, size, work)
+def roofline_pct(shape: ModelShape, work: Workload, element: int, ms: float, peaks: Peaks, weight_scale: float = 1.0) -> float | None:
+    """100 x the ideal time over ms: the larger of the bytes over the copy bandwidth and the FLOPs
+    over the matmul rate."""
+    needed = bytes_read(shape, work, element, weight_scale)
     if needed is None:
         return None
-    ideal_ms = needed / (peaks.copy_gb_s * 1e6)
-    if work.kind in ("embed", "prefill"):
-        tokens = work.batch * work.seq
-        dense = 2 * tokens * 12 * shape.n_layer * shape.n_embd**2
-        attention = 2 * shape.n_layer * work.batch * work.seq**2 * shape.n_embd  # causal: half of 4 * T^2 * C
-        head = 2 * work.batch * shape.n_embd * shape.vocab_size if work.kind == "prefill" else 0
-        ideal_ms = max(ideal_ms, (dense + attention + head) / (peaks.matmul_tflop_s * 1e9))
+    flops = ideal_flops(shape, work.kind, work.batch, work.seq)
+    ideal_ms = max(needed / (peaks.copy_gb_s * 1e6), flops / (peaks.matmul_tflop_s * 1e9))
     return round(100 * ideal_ms / ms, 1)
 
 
-def bandwidth_pct(shape: ModelShape, weights: int, size: int, work: Workload, ms: float, peaks: Peaks) -> float | None:
-    """The bytes a step must read, per ms, as a % of the copy bandwidth (what bounds decode)."""
-    needed = bytes_read(shape, weights, size, work)
+def bandwidth_pct(shape: ModelShape, work: Workload, element: int, ms: float, peaks: Peaks, weight_scale: float = 1.0) -> float | None:
+    """The bytes a step must move, per ms, as a % of the copy bandwidth (what bounds decode)."""
+    needed = bytes_read(shape, work, element, weight_scale)
     return None if needed is None else round(100 * needed / (peaks.copy_gb_s * 1e6) / ms, 1)
 
 
@@ -139,7 +151,7 @@ def _time(runner: Runner, work: Workload, ids: torch.Tensor, device: torch.devic
     if work.kind == "prefill":
         return median_ms(lambda: runner.prefill(ids), device, warmup=warmup, repeats=repeats)
     if work.kind == "decode":
-        return runner.decode_ms(ids, device, warmup, repeats)
+        return runner.decode_ms(ids, work.seq, device, warmup, repeats)
     return median_ms(lambda: runner.generate(ids, work.new_tokens), device, warmup=1, repeats=max(1, repeats // 3))
 
 
@@ -150,16 +162,20 @@ def prompt_ids(shape: ModelShape, work: Workload, device: torch.device, warmup: 
     return torch.randint(0, shape.vocab_size, (work.batch, seq), generator=generator).to(device)
 
 
-def runners_for(model: torch.nn.Module, device: torch.device, max_batch: int, max_seq: int) -> list[Callable[[], Runner]]:
-    made: list[Callable[[], Runner]] = [lambda: HFRunner(model, "eager"), lambda: HFRunner(model, "sdpa")]
+def runners_for(model: torch.nn.Module, device: torch.device) -> RunnerFactories:
+    """The implementations to time on this model, by name (GPU_IMPLS or CPU_IMPLS), each made when
+    the model is, so that a failure to make one is that implementation's error."""
+    made: RunnerFactories = [("hf-eager", lambda: HFRunner(model, "eager")), ("hf-sdpa", lambda: HFRunner(model, "sdpa"))]
     if device.type == "cuda":
-        made.append(lambda: HFCompiledStaticRunner(model))
-        made.append(lambda: TritonGPT2Runner(model, backend="triton", cuda_graphs=False, max_batch=max_batch, max_seq=max_seq))
-        made.append(lambda: TritonGPT2Runner(model, backend="triton", cuda_graphs=True, max_batch=max_batch, max_seq=max_seq))
+        made += [
+            ("hf-compile-static", lambda: HFCompiledStaticRunner(model)),
+            ("tritongpt2-nograph", lambda: TritonGPT2Runner(model, backend="triton", cuda_graphs=False)),
+            ("tritongpt2", lambda: TritonGPT2Runner(model, backend="triton", cuda_graphs=True)),
+        ]
     else:
-        made.append(lambda: TritonGPT2Runner(model, backend="torch", cuda_graphs=False, max_batch=max_batch, max_seq=max_seq))
+        made.append(("tritongpt2", lambda: TritonGPT2Runner(model, backend="torch", cuda_graphs=False)))
         if ctranslate2_installed() and model.dtype == torch.float32:
-            made += [lambda c=compute_type: CTranslate2Runner(model, c) for compute_type in COMPUTE_TYPES]
+            made += [(f"ctranslate2-{c}", lambda c=c: CTranslate2Runner(model, c)) for c in COMPUTE_TYPES]
     return made
 
 
@@ -170,86 +186,194 @@ def parity(model: torch.nn.Module, runner: Runner, ids: torch.Tensor) -> float:
     return ((got - reference).norm() / reference.norm()).item()
 
 
-def progress(done: int, total: int, label: str) -> None:
-    print(f"[{done}/{total}] {label}", file=sys.stderr, flush=True)
+def describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}".strip()[:500]
+
+
+def free_memory(device: torch.device) -> None:
+    """Drop what a model left behind: dynamo's compiled graphs (they count toward its recompile
+    limit), unreachable tensors and, on a GPU, the allocator's cached blocks."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def default_workloads(device: torch.device, quick: bool) -> tuple[Workload, ...]:
+    return QUICK_WORKLOADS if quick else GPU_WORKLOADS if device.type == "cuda" else CPU_WORKLOADS
+
+
+def default_rounds(device: torch.device, quick: bool) -> tuple[int, int]:
+    """(rounds, repeats per round)."""
+    if quick:
+        return QUICK_ROUNDS, REPEATS
+    return (GPU_ROUNDS, REPEATS) if device.type == "cuda" else (CPU_ROUNDS, CPU_REPEATS)
 
 
 def run_suite(
-    models: list[str],
+    shapes: list[ModelShape],
     dtypes: list[torch.dtype],
     device: torch.device,
     *,
     quick: bool = False,
+    workloads: tuple[Workload, ...] | None = None,
+    runners: Callable[[torch.nn.Module, torch.device], RunnerFactories] | None = None,
     warmup: int = WARMUP,
     repeats: int | None = None,
     rounds: int | None = None,
+    peaks: Peaks | None = None,
+    on_model_done: Callable[[dict], None] | None = None,
+    progress: Progress | None = None,
 ) -> dict:
-    """Run every workload for every model and dtype; returns the results document."""
-    shapes = [QUICK_SHAPE] if quick else [model_shape(name) for name in models]
-    workloads = QUICK_WORKLOADS if quick else GPU_WORKLOADS if device.type == "cuda" else CPU_WORKLOADS
-    timed_once = quick or device.type == "cuda"
-    rounds = rounds or (1 if timed_once else CPU_ROUNDS)
-    repeats = repeats or (REPEATS if timed_once else CPU_REPEATS)
-    peaks = measure_peaks(device, dtypes[0], copy_mb=64 if quick else 512, matmul_n=512 if quick else 4096)
-    results, checks = [], []
-    total = len(shapes) * len(dtypes) * len(workloads)
-    done = 0
-    for shape in shapes:
-        for dtype in dtypes:
-            model = build_model(shape, dtype, device)
-            max_batch = max(2, *(w.batch for w in workloads))  # 2: the parity check's batch
-            runners = [make() for make in runners_for(model, device, max_batch, shape.n_positions)]
-            for work in workloads:
-                done += 1
-                progress(done, total, f"{shape.name} {dtype} {work.kind} b{work.batch}x{work.seq}")
-                ids = prompt_ids(shape, work, device, warmup, repeats)
-                timings = [[_time(runner, work, ids, device, warmup, repeats) for runner in runners] for _ in range(rounds)]
-                for runner, ms in zip(runners, map(statistics.median, zip(*timings))):
-                    tokens = work.batch * (work.new_tokens if work.kind == "generate" else 1 if work.kind == "decode" else work.seq)
-                    weights = runner.weight_bytes or weight_bytes(model)
-                    record = {
-                        "model": shape.name, "dtype": str(dtype).removeprefix("torch."), "workload": work.kind,
-                        "batch": work.batch, ("context" if work.kind == "decode" else "seq"): work.seq,
-                        "impl": runner.name, "median_ms": round(ms, 4), "tokens_per_s": round(tokens / ms * 1e3, 1),
-                        "roofline_pct": roofline_pct(shape, weights, dtype.itemsize, work, ms, peaks),
-                        "bandwidth_pct": bandwidth_pct(shape, weights, dtype.itemsize, work, ms, peaks),
-                    }
-                    if work.kind == "embed" and runner.embed_note:
-                        record["note"] = runner.embed_note
-                    results.append(record)
-            checked = [r for r in runners if r.name.startswith("tritongpt2")]
-            if quick:
-                # The kernels themselves, under the interpreter: checked, not timed (its speed means
-                # nothing), and after the timings, whose CPU it would disturb.
-                checked.append(TritonGPT2Runner(model, backend="interpret", cuda_graphs=False, max_batch=2, max_seq=32))
-            ids = torch.randint(0, shape.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1)).to(device)
-            for runner in checked:
-                checks.append({"model": shape.name, "dtype": str(dtype).removeprefix("torch."),
-                               "impl": f"{runner.name} ({runner.engine.backend})",
-                               "relative_error_vs_hf_eager": parity(model, runner, ids)})
-            del runners, checked, model
-    add_ratios(results)
-    return {
+    """Run every workload for every model and dtype; returns the results document, also handed to
+    on_model_done after each model and dtype (to write what is done before what may fail next).
+    runners: the implementations to time on a model (default runners_for); peaks: measured here
+    unless given."""
+    workloads = workloads or default_workloads(device, quick)
+    runners = runners or runners_for
+    default_r, default_repeats = default_rounds(device, quick)
+    rounds, repeats = rounds or default_r, repeats or default_repeats
+    progress = progress or Progress(len(shapes) * len(dtypes) * len(workloads) * rounds)
+    peaks = peaks or measure_peaks(device, dtypes[0], copy_mb=64 if quick else 512, matmul_n=512 if quick else 4096)
+    document = {
         "device": device_name(device),
         "date": datetime.date.today().isoformat(),
         "versions": versions(),
         "peak": peaks.as_dict(),
         "quick": quick,
-        "parity": checks,
-        "results": results,
+        "rounds": rounds,
+        "parity": [],
+        "results": [],
+    }
+    free_memory(device)  # each model starts with nothing compiled, whatever the process compiled before
+    for shape in shapes:
+        for dtype in dtypes:
+            model = build_model(shape, dtype, device)
+            try:
+                made = _make_runners(runners(model, device))
+                document["results"] += _time_model(shape, dtype, model, made, workloads, device, peaks,
+                                                   warmup=warmup, repeats=repeats, rounds=rounds, progress=progress)
+                document["parity"] += _check_parity(shape, dtype, model, made, device, quick)
+            finally:
+                made = model = None  # unreferenced, so that free_memory frees them
+                free_memory(device)
+            add_ratios(document["results"])
+            if on_model_done is not None:
+                on_model_done(document)
+    return document
+
+
+def _make_runners(factories: RunnerFactories) -> dict[str, Runner | str]:
+    """Each runner by name, or the error that making it raised."""
+    made: dict[str, Runner | str] = {}
+    for name, make in factories:
+        try:
+            made[name] = make()
+        except Exception as error:
+            made[name] = describe(error)
+    return made
+
+
+def _record(shape: ModelShape, dtype: torch.dtype, work: Workload, impl: str) -> dict:
+    return {"model": shape.name, "dtype": str(dtype).removeprefix("torch."), "workload": work.kind,
+            "batch": work.batch, ("context" if work.kind == "decode" else "seq"): work.seq, "impl": impl}
+
+
+def _time_model(
+    shape: ModelShape, dtype: torch.dtype, model: torch.nn.Module, made: dict[str, Runner | str],
+    workloads: tuple[Workload, ...], device: torch.device, peaks: Peaks, *, warmup: int, repeats: int, rounds: int,
+    progress: Progress,
+) -> list[dict]:
+    records = []
+    model_bytes = weight_bytes(model)
+    for work in workloads:
+        ids = prompt_ids(shape, work, device, warmup, repeats)
+        errors = {name: r for name, r in made.items() if isinstance(r, str)}
+        timed = {name: r for name, r in made.items() if not isinstance(r, str) and work.kind in r.kinds}
+        rounds_ms: dict[str, list[float]] = {name: [] for name in timed}
+        for round_index in range(rounds):
+            for name, runner in timed.items():
+                if name in errors:
+                    continue
+                progress.show(f"{shape.name} {str(dtype).removeprefix('torch.')} {work.label} · {name} · round {round_index + 1}/{rounds}")
+                try:
+                    rounds_ms[name].append(_time(runner, work, ids, device, warmup, repeats))
+                except Exception as error:
+                    errors[name] = describe(error)
+                finally:
+                    runner.release()
+                    if device.type == "cuda":
+                        # A reference cycle would hold a released cache (20 GB at batch 64 x 1024 for
+                        # gpt2-xl) until the next collection: collect before the next allocates its own.
+                        gc.collect()
+                        torch.cuda.empty_cache()
+            progress.advance()
+        for name, runner in made.items():
+            record = _record(shape, dtype, work, name)
+            if name in errors:
+                records.append(record | {"error": errors[name]})
+            elif name in timed:
+                scale = runner.weight_bytes / model_bytes if runner.weight_bytes else 1.0
+                records.append(record | _timing(shape, work, dtype.itemsize, rounds_ms[name], peaks, scale))
+                if work.kind == "embed" and runner.embed_note:
+                    records[-1]["note"] = runner.embed_note
+    return records
+
+
+def _timing(shape: ModelShape, work: Workload, element: int, rounds_ms: list[float], peaks: Peaks, weight_scale: float) -> dict:
+    ms = statistics.median(rounds_ms)
+    tokens = work.batch * (work.new_tokens if work.kind == "generate" else 1 if work.kind == "decode" else work.seq)
+    return {
+        "median_ms": round(ms, 4), "spread_ms": [round(min(rounds_ms), 4), round(max(rounds_ms), 4)],
+        "rounds_ms": [round(t, 4) for t in rounds_ms], "tokens_per_s": round(tokens / ms * 1e3, 1),
+        "roofline_pct": roofline_pct(shape, work, element, ms, peaks, weight_scale),
+        "bandwidth_pct": bandwidth_pct(shape, work, element, ms, peaks, weight_scale),
     }
 
 
+def _check_parity(
+    shape: ModelShape, dtype: torch.dtype, model: torch.nn.Module, made: dict[str, Runner | str], device: torch.device, quick: bool,
+) -> list[dict]:
+    checked = [r for r in made.values() if isinstance(r, TritonGPT2Runner)]
+    if quick:
+        # The kernels themselves, under the interpreter: checked, not timed (its speed means
+        # nothing), and after the timings, whose CPU it would disturb.
+        checked.append(TritonGPT2Runner(model, backend="interpret", cuda_graphs=False))
+    ids = torch.randint(0, shape.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1)).to(device)
+    checks = []
+    for runner in checked:
+        check = {"model": shape.name, "dtype": str(dtype).removeprefix("torch."), "impl": f"{runner.name} ({runner.backend})"}
+        try:
+            check["relative_error_vs_hf_eager"] = parity(model, runner, ids)
+        except Exception as error:
+            check["error"] = describe(error)
+        finally:
+            runner.release()
+        checks.append(check)
+    return checks
+
+
 def add_ratios(results: list[dict]) -> None:
-    """Give each tritongpt2 record its speed-up over every baseline of the same workload."""
+    """Give each tritongpt2 record its speed-up over every baseline of the same workload (the ratio of
+    medians) and, where rounds were recorded, the spread of the per-round ratios (the rounds are
+    taken in turn, so a round's ratio compares timings made moments apart)."""
     def key(r: dict) -> tuple:
         return (r["model"], r["dtype"], r["workload"], r["batch"], r.get("seq"), r.get("context"))
 
     by_key: dict[tuple, list[dict]] = {}
     for record in results:
-        by_key.setdefault(key(record), []).append(record)
+        if "error" not in record:
+            by_key.setdefault(key(record), []).append(record)
     for group in by_key.values():
-        baselines = {r["impl"]: r["median_ms"] for r in group if not r["impl"].startswith("tritongpt2")}
+        baselines = {r["impl"]: r for r in group if not r["impl"].startswith("tritongpt2")}
         for record in group:
-            if record["impl"].startswith("tritongpt2"):
-                record["speedup_vs"] = {name: round(ms / record["median_ms"], 2) for name, ms in baselines.items()}
+            if not record["impl"].startswith("tritongpt2"):
+                continue
+            record["speedup_vs"] = {name: round(b["median_ms"] / record["median_ms"], 2) for name, b in baselines.items()}
+            spreads = {}
+            for name, b in baselines.items():
+                ratios = [theirs / ours for theirs, ours in zip(b.get("rounds_ms", []), record.get("rounds_ms", []))]
+                if ratios:
+                    spreads[name] = [round(min(ratios), 2), round(max(ratios), 2)]
+            if spreads:
+                record["speedup_spread_vs"] = spreads

@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from tritongpt2.kernels.launch import VIEW_OPS, LaunchRecord, observing_launches
 
+from .ideal import ideal_bytes
 from .model_shapes import ModelShape
 from .runners import cache_keyword
 from .suite import build_model
@@ -154,21 +155,6 @@ def hf_step(model: torch.nn.Module, shape: ModelShape, workload: str, batch: int
             with AtenTraffic(traffic):
                 model(input_ids=ids, logits_to_keep=1) if workload == "prefill" else model.transformer(input_ids=ids)
     return traffic
-
-
-def ideal_bytes(shape: ModelShape, workload: str, batch: int, context: int, element: int) -> int:
-    """Every weight once (wte once: the LM head reads it whole; wpe only the rows used), the KV cache
-    up to the context once, inputs and outputs once."""
-    c, layers = shape.n_embd, shape.n_layer
-    per_layer = (12 * c * c + 13 * c) * element
-    tokens = batch * (1 if workload == "decode" else context)
-    weights = layers * per_layer + (shape.vocab_size * c + 2 * c) * element + tokens * c * element
-    kv_read = 2 * layers * batch * context * c * element if workload == "decode" else 0
-    kv_write = 2 * layers * tokens * c * element
-    outputs = batch * shape.vocab_size * element if workload != "embed" else tokens * c * element
-    if workload == "embed":
-        weights -= shape.vocab_size * c * element - tokens * c * element  # no LM head: wte rows only
-    return weights + kv_read + kv_write + outputs + tokens * 8
 
 
 def scaled(one: StepTraffic, two: StepTraffic, layers: int) -> tuple[int, int]:

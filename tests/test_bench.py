@@ -12,13 +12,15 @@ import torch
 from checkpoints import save_model
 from tritongpt2.bench.ctranslate2_runner import CTranslate2Runner
 from tritongpt2.bench.runners import HFRunner
+from tritongpt2.bench.ideal import ideal_bytes
 from tritongpt2.bench.suite import add_ratios, bandwidth_pct, build_model, roofline_pct, QUICK_SHAPE, Workload
 from tritongpt2.bench.peaks import Peaks
 from tritongpt2.engine.engine import Engine
 
 pytest.importorskip("transformers")
 BASELINES = {"hf-eager", "hf-sdpa", "ctranslate2-float32", "ctranslate2-int8"}
-RECORD_KEYS = {"model", "dtype", "workload", "batch", "impl", "median_ms", "tokens_per_s", "roofline_pct", "bandwidth_pct"}
+RECORD_KEYS = {"model", "dtype", "workload", "batch", "impl", "median_ms", "spread_ms", "rounds_ms", "tokens_per_s",
+               "roofline_pct", "bandwidth_pct"}
 
 
 def test_quick_bench_runs_and_checks_parity(tmp_path):
@@ -26,17 +28,22 @@ def test_quick_bench_runs_and_checks_parity(tmp_path):
     command = [sys.executable, "-m", "tritongpt2.cli", "bench", "--quick", "--output", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
+    # Progress on stderr, and none of transformers' own bars and messages.
+    assert "left" in result.stderr and "hf-eager · round 2/2" in result.stderr
+    for noise in ("Writing model shards", "Loading weights", "[transformers]"):
+        assert noise not in result.stderr
     [path] = list(tmp_path.glob("*.json"))
     document = json.loads(path.read_text())
-    assert document["device"].startswith("CPU") and document["quick"] is True
+    assert document["device"].startswith("CPU") and document["quick"] is True and document["rounds"] == 2
     assert {"torch", "triton"} <= set(document["versions"]) and set(document["peak"]) == {"copy_gb_s", "matmul_tflop_s"}
     assert {r["workload"] for r in document["results"]} == {"embed", "prefill", "decode", "generate"}
     assert {r["impl"] for r in document["results"]} == BASELINES | {"tritongpt2"}
     for record in document["results"]:
         assert RECORD_KEYS <= set(record) and ("seq" in record or "context" in record)
-        assert record["median_ms"] > 0 and record["tokens_per_s"] > 0
+        assert record["median_ms"] > 0 and record["tokens_per_s"] > 0 and len(record["rounds_ms"]) == 2
+        assert record["spread_ms"] == [min(record["rounds_ms"]), max(record["rounds_ms"])]
         if record["impl"] == "tritongpt2":
-            assert set(record["speedup_vs"]) == BASELINES
+            assert set(record["speedup_vs"]) == set(record["speedup_spread_vs"]) == BASELINES
         assert ("note" in record) == (record["impl"].startswith("ctranslate2") and record["workload"] == "embed")
     assert {c["impl"] for c in document["parity"]} == {"tritongpt2 (torch)", "tritongpt2 (interpret)"}
     assert all(c["relative_error_vs_hf_eager"] < 1e-4 for c in document["parity"])
@@ -46,25 +53,33 @@ def test_quick_bench_runs_and_checks_parity(tmp_path):
 
 def test_roofline_and_ratios_arithmetic():
     peaks = Peaks(copy_gb_s=1000.0, matmul_tflop_s=100.0)
-    decode = roofline_pct(QUICK_SHAPE, 4_000_000, 4, Workload("decode", 1, 0), ms=0.008, peaks=peaks)
-    assert decode == pytest.approx(50.0)  # 4 MB at 1 TB/s is 4 us: half of 8 us
+    # Decode is bound by its bytes (weights and the KV cache up to the context): at 1 TB/s they take
+    # bytes / 1e12 s, so a step of twice that is at 50% of the roofline.
+    decode = Workload("decode", 1, 100)
+    needed = ideal_bytes(QUICK_SHAPE, "decode", 1, 100, 4)
     kv = 2 * QUICK_SHAPE.n_layer * QUICK_SHAPE.n_embd * 4 * 100  # 100 cached tokens, float32
-    with_cache = roofline_pct(QUICK_SHAPE, 4_000_000, 4, Workload("decode", 1, 100), ms=0.008, peaks=peaks)
-    assert with_cache == pytest.approx(100 * (4_000_000 + kv) / 1e12 / 8e-6, abs=0.05)
-    assert bandwidth_pct(QUICK_SHAPE, 4_000_000, 4, Workload("decode", 1, 100), ms=0.008, peaks=peaks) == with_cache
+    assert needed > kv
+    ms = 2 * needed / 1e12 * 1e3
+    assert roofline_pct(QUICK_SHAPE, decode, 4, ms, peaks) == pytest.approx(50.0)
+    assert bandwidth_pct(QUICK_SHAPE, decode, 4, ms, peaks) == pytest.approx(50.0)
+    # A converted copy of the weights at a quarter of their bytes (int8) has a smaller ideal.
+    assert roofline_pct(QUICK_SHAPE, decode, 4, ms, peaks, weight_scale=0.25) < 50.0
     # Embedding 1 x 4096 tokens: compute-bound, so the roofline is FLOPs over the matmul rate, while
-    # the bandwidth figure still counts only the weights.
+    # the bandwidth figure still counts only the bytes.
     embed = Workload("embed", 1, 4096)
     c, layers = QUICK_SHAPE.n_embd, QUICK_SHAPE.n_layer
     flops = 2 * 4096 * 12 * layers * c**2 + 2 * layers * 4096**2 * c
-    assert flops / 100e12 > 4_000_000 / 1e12
-    assert roofline_pct(QUICK_SHAPE, 4_000_000, 4, embed, ms=1.0, peaks=peaks) == pytest.approx(100 * flops / 100e12 / 1e-3, abs=0.05)
-    assert bandwidth_pct(QUICK_SHAPE, 4_000_000, 4, embed, ms=1.0, peaks=peaks) == pytest.approx(0.4)
-    assert roofline_pct(QUICK_SHAPE, 4_000_000, 4, Workload("generate", 1, 8, 8), ms=1.0, peaks=peaks) is None
-    records = [{"model": "m", "dtype": "f", "workload": "decode", "batch": 1, "context": 8, "impl": impl, "median_ms": ms}
-               for impl, ms in [("hf-eager", 4.0), ("tritongpt2", 1.0)]]
+    embed_bytes = ideal_bytes(QUICK_SHAPE, "embed", 1, 4096, 4)
+    assert flops / 100e12 > embed_bytes / 1e12
+    assert roofline_pct(QUICK_SHAPE, embed, 4, ms=1.0, peaks=peaks) == pytest.approx(100 * flops / 100e12 / 1e-3, abs=0.05)
+    assert bandwidth_pct(QUICK_SHAPE, embed, 4, ms=1.0, peaks=peaks) == pytest.approx(100 * embed_bytes / 1e12 / 1e-3, abs=0.05)
+    assert roofline_pct(QUICK_SHAPE, Workload("generate", 1, 8, 8), 4, ms=1.0, peaks=peaks) is None
+    records = [{"model": "m", "dtype": "f", "workload": "decode", "batch": 1, "context": 8, "impl": impl, "median_ms": ms,
+                "rounds_ms": rounds} for impl, ms, rounds in [("hf-eager", 4.0, [4.0, 5.0]), ("tritongpt2", 1.0, [1.0, 2.0])]]
+    records.append(records[0] | {"impl": "hf-sdpa", "error": "RuntimeError: boom"})
     add_ratios(records)
     assert records[1]["speedup_vs"] == {"hf-eager": 4.0} and "speedup_vs" not in records[0]
+    assert records[1]["speedup_spread_vs"] == {"hf-eager": [2.5, 4.0]}  # round by round: 4/1 and 5/2
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +107,7 @@ def test_ctranslate2_baseline_computes_gpt2(tiny_model):
     assert ((runner.prefill(ids) - expected).norm() / expected.norm()).item() < 1e-4
     hf_greedy = reference.generate(ids, 6)[:, ids.shape[1]:]
     assert torch.equal(runner.generate(ids, 6), hf_greedy)
-    assert runner.decode_ms(ids, torch.device("cpu"), warmup=1, repeats=3) > 0
+    assert runner.decode_ms(ids, 16, torch.device("cpu"), warmup=1, repeats=3) > 0
     quantized = CTranslate2Runner(tiny_model, "int8")
     assert quantized.weight_bytes < runner.weight_bytes / 2
 

@@ -1,11 +1,13 @@
 """Checks that need a CUDA GPU: graph replays against the eager kernels, float16 and bfloat16 parity
 with transformers. Skipped without one (the CPU stand-ins are in test_graphs and test_engine)."""
 
+import copy
+
 import pytest
 import torch
 
 from checkpoints import save_model
-from numerics import relative_error
+from numerics import assert_close, relative_error
 from tritongpt2.engine.engine import Engine
 from tritongpt2.engine.generation import generate
 
@@ -19,7 +21,7 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_graph_replays_equal_the_eager_kernels(checkpoint, dtype, monkeypatch):
+def test_graph_replays_match_the_eager_kernels(checkpoint, dtype, monkeypatch):
     pools = []
     capture_graph = torch.cuda.graph
 
@@ -28,16 +30,27 @@ def test_graph_replays_equal_the_eager_kernels(checkpoint, dtype, monkeypatch):
         return capture_graph(graph, pool=pool, **kwargs)
 
     monkeypatch.setattr(torch.cuda, "graph", recording_graph)
-    eager = Engine.from_pretrained(checkpoint[0], dtype=dtype, backend="triton", cuda_graphs=False, max_batch=4)
-    graphed = Engine.from_pretrained(checkpoint[0], dtype=dtype, backend="triton", max_batch=4)
+    folder, model = checkpoint
+    eager = Engine.from_pretrained(folder, dtype=dtype, backend="triton", cuda_graphs=False, max_batch=4)
+    graphed = Engine.from_pretrained(folder, dtype=dtype, backend="triton", max_batch=4)
+    oracle_model = copy.deepcopy(model).to(device="cuda", dtype=torch.float32)
+
+    @torch.no_grad()
+    def oracle(ids: torch.Tensor) -> torch.Tensor:
+        return oracle_model(input_ids=ids).logits.double()  # the whole sequence, in float32, no cache
+
+    # A graph runs a prefill padded up to its bucket, where a matmul may take other tiles (other MMA
+    # instructions) than at the exact shape: not bit-equal to the eager kernels, but no further from
+    # the float32 oracle than the tolerance plus twice the eager kernels' own error.
     for seed in range(3):
         ids = torch.randint(0, 300, (3, 7), generator=torch.Generator().manual_seed(seed)).cuda()
         expected, got = eager.prefill(ids, logits="all"), graphed.prefill(ids, logits="all")
-        assert torch.equal(got.logits, expected.logits)
+        assert_close(got.logits, oracle(ids), same_dtype=expected.logits)
         tokens = expected.logits[:, -1].argmax(-1)
         for _ in range(4):
+            ids = torch.cat([ids, tokens[:, None]], dim=1)
             expected, got = eager.decode(tokens), graphed.decode(tokens)
-            assert torch.equal(got.logits, expected.logits)
+            assert_close(got.logits, oracle(ids)[:, -1], same_dtype=expected.logits)
             tokens = expected.logits.argmax(-1)
     assert len(graphed.graphs) == 2
     assert len(pools) == 2 and pools[0] is not None and pools[0] == pools[1], "every graph must share one pool"

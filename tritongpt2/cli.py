@@ -7,6 +7,10 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _csv(text: str) -> list[str]:
@@ -14,7 +18,7 @@ def _csv(text: str) -> list[str]:
 
 
 def _audit_compile(args: argparse.Namespace) -> int:
-    from tritongpt2.bench.compile_audit import markdown_table, run_compile_audit
+    from tritongpt2.bench.compile_audit import dump_cubins, markdown_table, run_compile_audit
     from tritongpt2.bench.model_shapes import model_shape
 
     shapes = [model_shape(name) for name in args.models]
@@ -25,12 +29,7 @@ def _audit_compile(args: argparse.Namespace) -> int:
         rows = [{k: v for k, v in vars(r).items() if k != "cubin"} for r in results]
         Path(args.json).write_text(json.dumps({"models": args.models, "results": rows}, indent=1))
     if args.dump:
-        folder = Path(args.dump)
-        folder.mkdir(parents=True, exist_ok=True)
-        for r in results:
-            if r.cubin is not None:
-                name = f"{r.kernel}-{r.config}-{r.arch}-{r.dtype}".replace("=", "").replace(",", "-")
-                (folder / f"{name}.cubin").write_bytes(r.cubin)
+        dump_cubins(results, Path(args.dump))
     problems = [problem for r in results for problem in r.problems()]
     for problem in problems:
         print(f"PROBLEM: {problem}", file=sys.stderr)
@@ -104,30 +103,62 @@ def _embed(args: argparse.Namespace) -> int:
 PARITY_LIMIT = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
 
 
+def bench_device(quick: bool, requested: str | None) -> torch.device:
+    """--quick runs on the CPU (its kernels under the interpreter); otherwise CUDA when available."""
+    import torch
+
+    if quick:
+        if requested == "cuda":
+            raise ValueError("--quick runs on the CPU (tiny shapes, the kernels under the interpreter); drop --device cuda")
+        return torch.device("cpu")
+    device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch.cuda.is_available() is False")
+    return device
+
+
+def _output_folder(args: argparse.Namespace, label: str, committed_subfolder: str = "") -> Path:
+    from tritongpt2.bench.report import committed_results_folder, new_results_folder
+
+    if args.output and args.update_committed:
+        raise ValueError(f"--output {args.output} and --update-committed name two folders: give one")
+    if args.update_committed:
+        return committed_results_folder() / committed_subfolder
+    return Path(args.output) if args.output else new_results_folder(label)
+
+
 def _bench(args: argparse.Namespace) -> int:
     if args.quick:
         # --quick runs the kernels under the interpreter, which must be on before triton is imported.
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    import torch
-
+    from tritongpt2.bench.model_shapes import model_shape
+    from tritongpt2.bench.quiet import quiet_transformers
     from tritongpt2.bench.report import markdown, write_results
-    from tritongpt2.bench.suite import run_suite
+    from tritongpt2.bench.suite import QUICK_SHAPE, device_name, run_suite
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch.cuda.is_available() is False")
-    on_gpu = device.type == "cuda" and not args.quick
+    device = bench_device(args.quick, args.device)
+    on_gpu = device.type == "cuda"
     models = args.models or (["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"] if on_gpu else ["gpt2"])
+    shapes = [QUICK_SHAPE] if args.quick else [model_shape(name) for name in models]
     dtypes = [_dtype(name) for name in (args.dtypes or (["float16", "bfloat16"] if on_gpu else ["float32"]))]
-    document = run_suite(models, dtypes, device, quick=args.quick)
+    output = _output_folder(args, device_name(device), "quick" if args.quick else "")
+    print(f"writing into {output}", file=sys.stderr)
+
+    def write_so_far(document: dict) -> None:
+        write_results(document, output, with_chart=False)
+
+    with quiet_transformers():
+        document = run_suite(shapes, dtypes, device, quick=args.quick, on_model_done=write_so_far)
     print(markdown(document))
-    output = args.output or ("bench/results/quick" if args.quick else "bench/results")
-    for path in write_results(document, Path(output)):
+    for path in write_results(document, output):
         print(f"wrote {path}", file=sys.stderr)
-    failed = [c for c in document["parity"] if c["relative_error_vs_hf_eager"] > PARITY_LIMIT[c["dtype"]]]
-    for check in failed:
+    failed = [r for r in document["results"] if "error" in r]
+    for record in failed:
+        print(f"FAILED: {record['model']} {record['dtype']} {record['workload']} {record['impl']}: {record['error']}", file=sys.stderr)
+    wrong = [c for c in document["parity"] if "error" in c or c["relative_error_vs_hf_eager"] > PARITY_LIMIT[c["dtype"]]]
+    for check in wrong:
         print(f"PARITY FAILED: {check}", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if failed or wrong else 0
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
@@ -140,16 +171,19 @@ def _audit_traffic(args: argparse.Namespace) -> int:
     # Bytes are counted under the interpreter, which must be on before triton is imported.
     os.environ["TRITON_INTERPRET"] = "1"
     from tritongpt2.bench.model_shapes import model_shape
+    from tritongpt2.bench.quiet import quiet_transformers
     from tritongpt2.bench.traffic_audit import run_traffic_audit
 
     shape = model_shape(args.model)
-    rows = run_traffic_audit(shape, args.workload, args.batch, args.context, _dtype(args.dtype))
+    output = _output_folder(args, "traffic")
+    with quiet_transformers():
+        rows = run_traffic_audit(shape, args.workload, args.batch, args.context, _dtype(args.dtype))
     print("| impl | workload | batch | context | bytes/step | ideal | ratio to ideal | launches/step | launches/layer |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['impl']} | {r['workload']} | {r['batch']} | {r['context']} | {r['bytes']:,} | {r['ideal_bytes']:,} | "
               f"{r['ratio_to_ideal']} | {r['launches']} | {r['launches_per_layer']} |")
-    path = Path(args.output) / f"traffic-{shape.name}.json"
+    path = output / f"traffic-{shape.name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(path.read_text())["results"] if path.exists() else []
     keys = {(r["workload"], r["batch"], r["context"], r["dtype"], r["impl"]) for r in rows}
@@ -181,11 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("texts", nargs="*")
     embed.set_defaults(run=_embed)
     bench = commands.add_parser("bench", help="time tritongpt2 against transformers, side by side")
-    bench.add_argument("--quick", action="store_true", help="tiny shapes on the CPU backends, with a parity check")
+    bench.add_argument("--quick", action="store_true", help="tiny shapes on the CPU backends (even where CUDA is), with a parity check")
     bench.add_argument("--models", type=_csv, help="GPT-2 sizes (default: all four on a GPU, gpt2 on the CPU)")
     bench.add_argument("--dtypes", type=_csv, help="default: float16,bfloat16 on a GPU, float32 on the CPU")
     bench.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
-    bench.add_argument("--output", help="folder for the JSON, markdown and PNG (default: bench/results)")
+    bench.add_argument("--output", help="folder for the JSON, markdown and PNG (default: a new "
+                       "./tritongpt2-results/<device>-<time> folder)")
+    bench.add_argument("--update-committed", action="store_true",
+                       help="write into the checkout's bench/results (bench/results/quick with --quick), replacing its files")
     bench.set_defaults(run=_bench)
 
     audit = commands.add_parser("audit", help="check the kernels for real GPUs without one")
@@ -195,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--models", type=_csv, default=["gpt2", "gpt2-xl"], help="comma-separated GPT-2 sizes")
     compile_.add_argument("--dtypes", type=_csv, default=["float16", "bfloat16"], help="comma-separated")
     compile_.add_argument("--json", help="write the results as JSON to this file")
-    compile_.add_argument("--dump", help="write each cubin into this folder")
+    compile_.add_argument("--dump", help="write each cubin into this folder, with index.json naming their configurations")
     compile_.set_defaults(run=_audit_compile)
     traffic = audits.add_parser("traffic", help="count the bytes one step moves, against the ideal and transformers")
     traffic.add_argument("--model", default="gpt2")
@@ -203,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     traffic.add_argument("--batch", type=int, default=1)
     traffic.add_argument("--context", type=int, default=1024, help="cache context (decode) or tokens (prefill, embed)")
     traffic.add_argument("--dtype", choices=DTYPES, default="float16")
-    traffic.add_argument("--output", default="bench/results", help="folder of traffic-<model>.json")
+    traffic.add_argument("--output", help="folder of traffic-<model>.json, rows merged into it (default: a new "
+                         "./tritongpt2-results/traffic-<time> folder)")
+    traffic.add_argument("--update-committed", action="store_true", help="merge the rows into the checkout's bench/results")
     traffic.set_defaults(run=_audit_traffic)
     return parser
 
