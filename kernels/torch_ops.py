@@ -57,6 +57,8 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 class _Prepared:
     window: int  # attention looks at slots [0, window): every slot any query of the step can see
     visible: torch.Tensor  # [B, 1, T, window] bool
+    # The same as 0 / -inf, made once per step: SDPA would otherwise convert a bool mask every layer.
+    bias: torch.Tensor
     blind: bool  # some query sees no slot at all (left padding): its output must be zeros, not NaN
     write_rows: torch.Tensor  # the (row, slot) of every token written, in token order ...
     write_slots: torch.Tensor
@@ -76,11 +78,13 @@ def cache_access(slots: torch.Tensor, query_start: torch.Tensor, key_mask: torch
     rows = torch.arange(batch, device=slots.device)[:, None].expand(batch, queries).reshape(-1)
     flat_slots = slots.reshape(-1)
     low, high = torch.aminmax(flat_slots)
+    visible = visible[:, None]
+    bias = torch.zeros(visible.shape, dtype=torch.float32, device=slots.device).masked_fill_(~visible, float("-inf"))
     if int(low) >= 0 and int(high) < n_slots:
-        prepared = _Prepared(window, visible[:, None], blind, rows, flat_slots, None)
+        prepared = _Prepared(window, visible, bias, blind, rows, flat_slots, None)
     else:
         written = ((flat_slots >= 0) & (flat_slots < n_slots)).nonzero().squeeze(1)
-        prepared = _Prepared(window, visible[:, None], blind, rows[written], flat_slots[written], written)
+        prepared = _Prepared(window, visible, bias, blind, rows[written], flat_slots[written], written)
     return CacheAccess(slots, query_start, key_mask, prepared)
 
 
@@ -157,7 +161,9 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ac
     plan: _Prepared = access.prepared
     qh = q.view(batch, seq, n_head, head_dim).transpose(1, 2)  # [B, H, T, D]
     k, v = k_cache[:batch, :, :plan.window], v_cache[:batch, :, :plan.window]
-    if q.dtype in (torch.float32, torch.float64):
+    if q.dtype == torch.float32:
+        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=plan.bias, scale=scale)
+    elif q.dtype == torch.float64:
         out = F.scaled_dot_product_attention(qh, k, v, attn_mask=plan.visible, scale=scale)
     else:
         scores = (_wide(qh) * scale) @ _wide(k).transpose(-1, -2)  # [B, H, T, S]

@@ -1,0 +1,49 @@
+"""The torch backend's decode step, called as transformers users call it, runs few aten ops: on a CPU
+each one costs microseconds of dispatch, so their number bounds the step's overhead."""
+
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import tritongpt2
+from tritongpt2.bench.model_shapes import ModelShape
+from tritongpt2.bench.suite import build_model
+from tritongpt2.kernels.launch import VIEW_OPS
+
+pytest.importorskip("transformers")
+# gpt2's 12 layers and widths; a smaller vocabulary keeps the test quick (the LM head is one matmul whatever its size).
+GPT2_LAYERS = ModelShape("gpt2-small-vocab", 768, 12, 12, vocab_size=4096)
+MOST_OPS = 200
+
+
+class WorkOps(TorchDispatchMode):
+    """The aten ops that do work (views and metadata excluded), by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name.rstrip("_") not in VIEW_OPS:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_gpt2_decode_step_through_the_drop_in_api_runs_under_200_ops(tmp_path):
+    build_model(GPT2_LAYERS, torch.float32, torch.device("cpu")).save_pretrained(tmp_path)
+    model = tritongpt2.GPT2LMHeadModel.from_pretrained(tmp_path, backend="torch")
+    prompt = torch.randint(0, GPT2_LAYERS.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(input_ids=prompt)
+        next_id = out.logits[:, -1:].argmax(-1)
+        model(input_ids=next_id, past_key_values=out.past_key_values)
+        counter = WorkOps()
+        with counter:
+            model(input_ids=next_id, past_key_values=out.past_key_values)
+    total = sum(counter.ops.values())
+    assert total < MOST_OPS, counter.ops.most_common()
+    # Per layer: two LayerNorms, four matmuls, the K and V stores, attention, the activation.
+    assert counter.ops["native_layer_norm"] == 2 * 12 + 1 and counter.ops["gelu"] == 12
