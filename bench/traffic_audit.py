@@ -10,6 +10,7 @@ the real per-layer shapes with 1 and 2 layers; the difference is one layer, scal
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
@@ -79,17 +80,22 @@ def counting_kernel_traffic(traffic: StepTraffic, aten: AtenTraffic) -> Iterator
 
     current: list[int] = [0]
     load, store = InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store
+    # Their cache arguments differ between triton releases (3.6: cache_modifier, eviction_policy; 3.9:
+    # cache_policy), so the wrappers pass every argument on as given and find ptrs and mask by name.
+    load_args, store_args = inspect.signature(load), inspect.signature(store)
 
-    def element_bytes(ptrs) -> int:
-        return ptrs.get_element_ty().primitive_bitwidth // 8
+    def count(signature: inspect.Signature, args: tuple, kwargs: dict) -> None:
+        bound = signature.bind(*args, **kwargs).arguments
+        ptrs, mask = bound["ptrs"], bound["mask"]
+        current[0] += int(np.count_nonzero(mask.data)) * (ptrs.get_element_ty().primitive_bitwidth // 8)
 
-    def counted_load(self, ptrs, mask, other, cache_policy, is_volatile):
-        current[0] += int(np.count_nonzero(mask.data)) * element_bytes(ptrs)
-        return load(self, ptrs, mask, other, cache_policy, is_volatile)
+    def counted_load(*args, **kwargs):
+        count(load_args, args, kwargs)
+        return load(*args, **kwargs)
 
-    def counted_store(self, ptrs, value, mask, cache_policy):
-        current[0] += int(np.count_nonzero(mask.data)) * element_bytes(ptrs)
-        return store(self, ptrs, value, mask, cache_policy)
+    def counted_store(*args, **kwargs):
+        count(store_args, args, kwargs)
+        return store(*args, **kwargs)
 
     @contextmanager
     def observe(record: LaunchRecord) -> Iterator[None]:

@@ -46,6 +46,7 @@ VIEW_OPS = {
 
 _recorder: ContextVar[Callable[[LaunchRecord], None] | None] = ContextVar("tritongpt2_launch_recorder", default=None)
 _observer: ContextVar[Callable[[LaunchRecord], ContextManager] | None] = ContextVar("tritongpt2_launch_observer", default=None)
+_interpreter_checked = False
 
 
 def _parameters(kernel: Any) -> inspect.Signature:
@@ -59,6 +60,8 @@ def _constexpr_names(kernel: Any) -> set[str]:
 def launch(kernel: Any, grid: tuple[int, ...], *, num_warps: int, num_stages: int, **arguments: Any) -> None:
     """Run ``kernel[grid](**arguments)``, or hand it to the active recorder."""
     record, observe = _recorder.get(), _observer.get()
+    if not _interpreter_checked and record is None:
+        _check_interpreter(kernel)
     if record is None and observe is None:
         kernel[grid](**arguments, num_warps=num_warps, num_stages=num_stages)
         return
@@ -70,6 +73,15 @@ def launch(kernel: Any, grid: tuple[int, ...], *, num_warps: int, num_stages: in
         return
     with observe(launched):
         kernel[grid](**arguments, num_warps=num_warps, num_stages=num_stages)
+
+
+def _check_interpreter(kernel: Any) -> None:
+    """Once per process, at the first kernel run: fix the interpreter of triton < 3.7 if it runs it."""
+    global _interpreter_checked
+    from .interpreter_compat import install
+
+    install(kernel)
+    _interpreter_checked = True
 
 
 @contextmanager
