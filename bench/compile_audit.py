@@ -29,6 +29,15 @@ from .model_shapes import ModelShape
 ARCHS = {"sm_90": 90, "sm_80": 80}
 # Largest dynamic shared memory a block may opt into.
 SHARED_LIMIT = {"sm_90": 232448, "sm_80": 166912}
+# Per SM: shared memory, with 1 KiB more reserved per resident block; registers; warps; blocks.
+SM_SHARED = {"sm_90": 233472, "sm_80": 167936}
+BLOCK_RESERVED_SHARED = 1024
+SM_REGISTERS, SM_WARPS, SM_BLOCKS = 65536, 64, 32
+REGISTER_GRANULE = 256  # registers are allocated per warp in units of this many
+MAX_REGISTERS = 255
+# Registers a configuration must leave free below the limit: a newer ptxas, or a small change to a
+# kernel, must not push it into spilling.
+REGISTER_HEADROOM = 16
 TENSOR_CORE_PTX = {"sm_90": ("wgmma", "mma.sync"), "sm_80": ("mma.sync",)}
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _TRITON_TYPES = {
@@ -82,12 +91,25 @@ class CompileResult:
     arch: str
     dtype: str
     used_by: list[str]
+    num_warps: int = 4
     registers: int | None = None
     spill_bytes: int | None = None
     shared_bytes: int | None = None
     tensor_core: str | None = None
     error: str | None = None
     cubin: bytes | None = field(default=None, repr=False)
+
+    @property
+    def blocks_per_sm(self) -> int | None:
+        """How many blocks of this configuration an SM holds at once, by its registers, shared
+        memory and warps against the architecture's limits."""
+        if self.registers is None:
+            return None
+        per_warp = -(-max(self.registers, 1) * 32 // REGISTER_GRANULE) * REGISTER_GRANULE
+        limits = [SM_BLOCKS, SM_WARPS // self.num_warps, SM_REGISTERS // (per_warp * self.num_warps)]
+        if self.shared_bytes:
+            limits.append(SM_SHARED[self.arch] // (self.shared_bytes + BLOCK_RESERVED_SHARED))
+        return min(limits)
 
     def problems(self) -> list[str]:
         where = f"{self.kernel} [{self.config}] {self.arch} {self.dtype}"
@@ -96,6 +118,8 @@ class CompileResult:
         found = []
         if self.spill_bytes:
             found.append(f"{where}: spills {self.spill_bytes} bytes to local memory")
+        if self.registers > MAX_REGISTERS - REGISTER_HEADROOM:
+            found.append(f"{where}: {self.registers} registers per thread, within {REGISTER_HEADROOM} of the {MAX_REGISTERS} limit")
         if self.shared_bytes > SHARED_LIMIT[self.arch]:
             found.append(f"{where}: {self.shared_bytes} bytes of shared memory > {SHARED_LIMIT[self.arch]}")
         return found
@@ -187,7 +211,7 @@ def compile_for(job: CompileJob, arch: str, dtype: str, used_by: list[str]) -> C
     from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.compiler import ASTSource
 
-    result = CompileResult(job.kernel_name, job.config, arch, dtype, used_by)
+    result = CompileResult(job.kernel_name, job.config, arch, dtype, used_by, num_warps=job.num_warps)
     attrs = {(i,): BaseBackend.parse_attr("D") for i in job.divisible_by_16}
     source = ASTSource(job.kernel, dict(job.signature), dict(job.constexprs), attrs)
     try:
@@ -212,7 +236,7 @@ def compile_for(job: CompileJob, arch: str, dtype: str, used_by: list[str]) -> C
 def run_compile_audit(
     shapes: Iterable[ModelShape],
     archs: Iterable[str] = tuple(ARCHS),
-    dtypes: Iterable[str] = ("float16", "bfloat16"),
+    dtypes: Iterable[str] = tuple(DTYPES),
     workloads: Iterable[Workload] = DEFAULT_WORKLOADS,
     workers: int | None = None,
 ) -> list[CompileResult]:
@@ -249,18 +273,35 @@ def _require_compiled_kernels() -> None:
         )
 
 
+def toolchain() -> dict[str, str]:
+    """The versions that decide the audit's numbers: triton, and the ptxas it ships."""
+    import triton
+
+    ptxas = Path(_cuobjdump()).with_name("ptxas")
+    try:
+        text = subprocess.run([str(ptxas), "--version"], capture_output=True, text=True, check=True).stdout
+        found = re.search(r"release ([\d.]+)", text)
+        ptxas_version = found.group(1) if found else text.strip().splitlines()[-1]
+    except (OSError, subprocess.CalledProcessError) as error:
+        ptxas_version = f"unknown ({error})"
+    return {"triton": triton.__version__, "ptxas": ptxas_version}
+
+
 def markdown_table(results: list[CompileResult]) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in toolchain().items())
     lines = [
-        "| kernel | config | arch | dtype | registers | spills (B) | shared (B) | tensor cores | used by |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"Compiled with {versions}.",
+        "",
+        "| kernel | config | arch | dtype | registers | spills (B) | shared (B) | blocks/SM | tensor cores | used by |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(results, key=lambda r: (r.kernel, r.config, r.arch, r.dtype)):
         if r.error is not None:
-            lines.append(f"| {r.kernel} | {r.config} | {r.arch} | {r.dtype} | compile error: {r.error} | | | | |")
+            lines.append(f"| {r.kernel} | {r.config} | {r.arch} | {r.dtype} | compile error: {r.error} | | | | | |")
             continue
         lines.append(
             f"| {r.kernel} | {r.config} | {r.arch} | {r.dtype} | {r.registers} | {r.spill_bytes} | "
-            f"{r.shared_bytes} | {r.tensor_core or 'none'} | {'; '.join(r.used_by)} |"
+            f"{r.shared_bytes} | {r.blocks_per_sm} | {r.tensor_core or 'none'} | {'; '.join(r.used_by)} |"
         )
     return "\n".join(lines)
 

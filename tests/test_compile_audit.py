@@ -1,5 +1,6 @@
 """Every kernel, with the tiles its launcher picks at gpt2 and gpt2-xl shapes, compiles for sm_90 and
-sm_80 in float16 and bfloat16, fits in shared memory and does not spill. No GPU needed."""
+sm_80 in float16, bfloat16 and float32, fits in shared memory, does not spill and leaves 16 registers
+of headroom. No GPU needed. CI runs this under the newest triton and under the GPU machine's 3.6."""
 
 import json
 import os
@@ -9,7 +10,7 @@ import sys
 import pytest
 
 from numerics import OPS
-from tritongpt2.bench.compile_audit import SHARED_LIMIT
+from tritongpt2.bench.compile_audit import MAX_REGISTERS, REGISTER_HEADROOM, SHARED_LIMIT
 
 
 @pytest.fixture(scope="module")
@@ -18,31 +19,49 @@ def audit(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     command = [sys.executable, "-m", "tritongpt2.cli", "audit", "compile", "--models", "gpt2,gpt2-xl", "--json", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200)
-    return result, json.loads(out.read_text())["results"] if out.exists() else []
+    document = json.loads(out.read_text()) if out.exists() else {"results": [], "toolchain": {}}
+    return result, document["results"], document["toolchain"]
 
 
 def test_every_configuration_compiles_within_limits(audit):
-    result, rows = audit
+    result, rows, toolchain = audit
     assert result.returncode == 0, result.stderr[-4000:]
+    assert set(toolchain) == {"triton", "ptxas"}
     for row in rows:
         assert row["error"] is None, row
         assert row["spill_bytes"] == 0, row
+        assert row["registers"] <= MAX_REGISTERS - REGISTER_HEADROOM, row
         assert row["shared_bytes"] <= SHARED_LIMIT[row["arch"]], row
+        assert row["blocks_per_sm"] >= 1, row
 
 
 def test_every_kernel_is_compiled_for_each_arch_and_dtype(audit):
-    _, rows = audit
+    _, rows, _ = audit
     kernels = {kernel.fn.__name__ for kernel in OPS.KERNELS}
     for arch in ("sm_90", "sm_80"):
-        for dtype in ("float16", "bfloat16"):
+        for dtype in ("float16", "bfloat16", "float32"):
             compiled = {row["kernel"] for row in rows if row["arch"] == arch and row["dtype"] == dtype}
             assert compiled == kernels, (arch, dtype, kernels ^ compiled)
 
 
 def test_matmuls_and_prefill_attention_use_tensor_cores(audit):
-    _, rows = audit
+    _, rows, _ = audit
     for row in rows:
         if row["kernel"] in ("linear_kernel", "flash_attention_kernel"):
             assert row["tensor_core"] is not None, row
         if row["kernel"] == "linear_kernel" and row["arch"] == "sm_90" and "BLOCK_M=128" in row["config"]:
             assert row["tensor_core"] == "wgmma", row
+
+
+def test_blocks_per_sm_follow_registers_shared_memory_and_warps():
+    from tritongpt2.bench.compile_audit import CompileResult
+
+    def blocks(registers, shared, warps, arch="sm_90"):
+        return CompileResult("k", "c", arch, "float16", [], num_warps=warps, registers=registers,
+                             spill_bytes=0, shared_bytes=shared).blocks_per_sm
+
+    # 128 registers x 256 threads = 32K of the SM's 64K; 99 KB of shared memory (+1 KB reserved) twice in 228 KB.
+    assert blocks(128, 99000, 8) == 2
+    # 184 registers round up to 5,888 per warp: one 8-warp block needs 47K, so one fits.
+    assert blocks(184, 0, 8) == 1
+    assert blocks(32, 120000, 4, "sm_80") == 1 and blocks(32, 0, 1) == 32

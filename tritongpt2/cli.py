@@ -18,7 +18,7 @@ def _csv(text: str) -> list[str]:
 
 
 def _audit_compile(args: argparse.Namespace) -> int:
-    from tritongpt2.bench.compile_audit import dump_cubins, markdown_table, run_compile_audit
+    from tritongpt2.bench.compile_audit import dump_cubins, markdown_table, run_compile_audit, toolchain
     from tritongpt2.bench.model_shapes import model_shape
 
     shapes = [model_shape(name) for name in args.models]
@@ -26,8 +26,9 @@ def _audit_compile(args: argparse.Namespace) -> int:
     table = markdown_table(results)
     print(table)
     if args.json:
-        rows = [{k: v for k, v in vars(r).items() if k != "cubin"} for r in results]
-        Path(args.json).write_text(json.dumps({"models": args.models, "results": rows}, indent=1))
+        rows = [{**{k: v for k, v in vars(r).items() if k != "cubin"}, "blocks_per_sm": r.blocks_per_sm} for r in results]
+        document = {"models": args.models, "toolchain": toolchain(), "results": rows}
+        Path(args.json).write_text(json.dumps(document, indent=1))
     if args.dump:
         dump_cubins(results, Path(args.dump))
     problems = [problem for r in results for problem in r.problems()]
@@ -230,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     compile_ = audits.add_parser("compile", help="compile every kernel configuration for sm_90 and sm_80")
     compile_.add_argument("--arch", type=_csv, default=["sm_90", "sm_80"], help="comma-separated, e.g. sm_90,sm_80")
     compile_.add_argument("--models", type=_csv, default=["gpt2", "gpt2-xl"], help="comma-separated GPT-2 sizes")
-    compile_.add_argument("--dtypes", type=_csv, default=["float16", "bfloat16"], help="comma-separated")
+    compile_.add_argument("--dtypes", type=_csv, default=["float16", "bfloat16", "float32"], help="comma-separated")
     compile_.add_argument("--json", help="write the results as JSON to this file")
     compile_.add_argument("--dump", help="write each cubin into this folder, with index.json naming their configurations")
     compile_.set_defaults(run=_audit_compile)
