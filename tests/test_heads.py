@@ -110,6 +110,32 @@ def test_sequence_classification_pools_the_last_real_token(tmp_path, backend, pr
     assert ours.config.problem_type == hf.config.problem_type == problem
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_int64_and_int32_labels_are_single_label_classification(tmp_path, dtype):
+    # transformers infers single-label classification for both (its cross-entropy then refuses int32).
+    folder, hf = save_model(tmp_path, "GPT2ForSequenceClassification", pad_token_id=0, num_labels=3)
+    ours = tritongpt2.GPT2ForSequenceClassification.from_pretrained(folder, backend="torch")
+    ids, mask = batch()
+    ids[mask == 0] = 0
+    labels = torch.tensor([0, 2, 1])
+    expected = hf_run(hf, input_ids=ids, attention_mask=mask, labels=labels)
+    got = ours(input_ids=ids, attention_mask=mask, labels=labels.to(dtype))
+    assert ours.config.problem_type == hf.config.problem_type == "single_label_classification"
+    assert abs(got.loss.item() - expected.loss.item()) < 1e-4 * expected.loss.item()
+
+
+def test_integer_multi_label_indicators_are_taken_as_numbers(tmp_path):
+    # transformers' BCE refuses int64 targets; they are the same 0 and 1 as float ones.
+    folder, hf = save_model(tmp_path, "GPT2ForSequenceClassification", pad_token_id=0, num_labels=3,
+                            problem_type="multi_label_classification")
+    ours = tritongpt2.GPT2ForSequenceClassification.from_pretrained(folder, backend="torch")
+    ids, _ = batch()
+    labels = torch.tensor([[1, 0, 1], [0, 0, 1], [1, 1, 0]])
+    expected = hf_run(hf, input_ids=ids, labels=labels.float())
+    got = ours(input_ids=ids, labels=labels)
+    assert abs(got.loss.item() - expected.loss.item()) < 1e-4 * expected.loss.item()
+
+
 def test_sequence_classification_without_pad_token(tmp_path):
     folder, hf = save_model(tmp_path, "GPT2ForSequenceClassification")
     ours = tritongpt2.GPT2ForSequenceClassification.from_pretrained(folder, backend="torch")
@@ -171,6 +197,17 @@ def test_double_heads_every_summary_option(tmp_path, backend, summary):
     assert abs(got.loss.item() - expected.loss.item()) < 1e-4 * expected.loss.item()
     if "mc_labels" in kwargs:
         assert abs(got.mc_loss.item() - expected.mc_loss.item()) < 1e-4 * max(1.0, expected.mc_loss.item())
+
+
+def test_double_heads_default_cls_index_is_the_last_token(tmp_path):
+    folder, hf = save_model(tmp_path, "GPT2DoubleHeadsModel", summary_type="cls_index")
+    ours = tritongpt2.GPT2DoubleHeadsModel.from_pretrained(folder, backend="torch")
+    ids = torch.randint(0, 300, (2, 3, 6), generator=torch.Generator().manual_seed(6))
+    expected = hf_run(hf, input_ids=ids).mc_logits
+    close(ours(input_ids=ids).mc_logits, expected)
+    last = torch.full((2, 3), 5)
+    close(ours(input_ids=ids, mc_token_ids=last).mc_logits, expected)
+    assert relative_error(ours(input_ids=ids, mc_token_ids=torch.zeros_like(last)).mc_logits, expected) > 0.1
 
 
 def test_a_batch_larger_than_max_batch_gets_a_cache_of_its_size(tmp_path):
