@@ -54,8 +54,9 @@ class GPT2PreTrainedModel(nn.Module):
         """Load any GPT-2 checkpoint (folder or hub id) into this class. Options as EngineOptions
         fields (dtype=, device=, backend=, max_batch=, max_seq=, cuda_graphs=) or an EngineOptions.
         A forward's past_key_values is a cache of its own (several can be alive at once)."""
+        options = EngineOptions.of(options, **option_values)  # bad options are refused before anything is read
         checkpoint = load_checkpoint(name_or_path)
-        engine = Engine.from_checkpoint(checkpoint, EngineOptions.of(options, **option_values))
+        engine = Engine.from_checkpoint(checkpoint, options)
         model = cls(engine.config, engine)
         _, head_state = split_state_dict(checkpoint.state)
         head_state.pop("lm_head.weight", None)  # the engine's: tied to wte or loaded with it

@@ -57,8 +57,9 @@ class Embedder:
     ) -> Embedder:
         """A checkpoint folder (or hub id) with its tokenizer. Engine options as EngineOptions fields
         (dtype=, device=, backend=, max_batch=, max_seq=, cuda_graphs=) or an EngineOptions."""
+        options = EngineOptions.of(options, **option_values)  # bad options are refused before anything is read
         checkpoint = load_checkpoint(name_or_path)
-        engine = Engine.from_checkpoint(checkpoint, EngineOptions.of(options, **option_values))
+        engine = Engine.from_checkpoint(checkpoint, options)
         return cls(engine, GPT2Tokenizer.from_pretrained(checkpoint.folder), pooling=pooling, normalize=normalize)
 
     @property
