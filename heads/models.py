@@ -122,8 +122,8 @@ class GenerationMixin:
             names = sorted(unsupported) + (["num_beams"] if num_beams != 1 else []) + (
                 ["num_return_sequences"] if num_return_sequences != 1 else [])
             raise NotImplementedError(f"generate does not support: {', '.join(names)}")
-        if input_ids is None:
-            raise ValueError("generate needs input_ids")
+        if not isinstance(input_ids, torch.Tensor):
+            raise ValueError(f"generate needs input_ids, a torch.Tensor of [batch, seq], got {type(input_ids).__name__}")
         prompt_length = input_ids.shape[-1]
         if max_new_tokens is None:
             max_new_tokens = (max_length if max_length is not None else 20) - prompt_length

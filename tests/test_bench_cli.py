@@ -112,3 +112,25 @@ def test_cubin_dump_has_short_file_names_and_an_index(monkeypatch, tmp_path):
     for name, entry in index.items():
         [result] = [r for r in results if (r.config, r.arch) == (entry["config"], entry["arch"])]
         assert (tmp_path / name).read_bytes() == result.cubin and name.startswith("linear_kernel-" + result.arch)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--models", "notamodel"], "argument --models: unknown model 'notamodel'; known: distilgpt2, gpt2"),
+        (["--quick", "--models", "notamodel"], "argument --models: unknown model 'notamodel'"),
+        (["--models", "gpt2,gpt3"], "unknown model 'gpt3'"),
+        (["--dtypes", "float64"], "argument --dtypes: unknown dtype 'float64'; known: float32, float16, bfloat16"),
+    ],
+)
+def test_unknown_models_and_dtypes_fail_before_anything_runs(fake_suite, capsys, tmp_path, args, message):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["bench", *args, "--output", str(tmp_path)])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+    assert not fake_suite
+
+
+def test_quick_refuses_models_it_would_not_run(fake_suite, capsys, tmp_path):
+    assert cli.main(["bench", "--quick", "--models", "gpt2", "--output", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == "tritongpt2: error: --quick times its own tiny model; --models does not apply to it\n"
+    assert not fake_suite

@@ -110,6 +110,19 @@ def test_bad_generation_options(engine, options, message):
         generate(engine, prompt(), **options)
 
 
+@pytest.mark.parametrize(
+    "ids,message",
+    [
+        (torch.zeros(1, 70, dtype=torch.long), "a prompt of 70 tokens is longer than the model's context of max_seq=64 tokens"),
+        ([[1, 2, 3]], r"input_ids must be a torch.Tensor of \[batch, seq\] \(or \[seq\]\), got list"),
+        (torch.tensor(3), r"input_ids must be a torch.Tensor of \[batch, seq\] \(or \[seq\]\), got \(\)"),
+    ],
+)
+def test_bad_prompts_are_refused_when_the_stream_is_made(engine, ids, message):
+    with pytest.raises(ValueError, match=message):
+        stream_tokens(engine, ids)  # not iterated: the call itself checks
+
+
 def test_each_step_is_queued_before_the_previous_tokens_reach_the_host(engine, monkeypatch):
     # On a GPU the device then computes step t + 1 while the host streams step t.
     events = []
