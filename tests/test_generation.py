@@ -5,7 +5,7 @@ import torch
 
 from checkpoints import save_model
 from tritongpt2.engine.engine import Engine
-from tritongpt2.engine.generation import SamplingParams, filter_logits, generate, stream_tokens
+from tritongpt2.engine.generation import SamplingParams, filter_logits, generate, next_tokens, stream_tokens
 
 transformers = pytest.importorskip("transformers")
 
@@ -60,6 +60,29 @@ def test_sampled_tokens_follow_the_distribution(engine):
     top3 = set(torch.topk(logits, 3).indices[0].tolist())
     draws = {generate(engine, ids, max_new_tokens=1, do_sample=True, top_k=3, seed=s)[0, -1].item() for s in range(60)}
     assert draws == top3
+
+
+@pytest.mark.parametrize(
+    "params", [SamplingParams(True), SamplingParams(True, 0.7, 4), SamplingParams(True, 1.3, 0, 0.8)], ids=["plain", "top-k", "top-p"]
+)
+def test_sampled_frequencies_are_the_softmax_probabilities(params):
+    # 40,000 draws from one row of logits (each row of the batch draws its own noise), counted against
+    # the probabilities of the filtered softmax by Pearson's chi-square. With k tokens kept it has k - 1
+    # degrees of freedom: mean k - 1, standard deviation sqrt(2 (k - 1)); ten of those above the mean
+    # is beyond a one-in-a-million draw, and the seed is fixed. Sampling without the softmax scores
+    # in the thousands.
+    logits = torch.tensor([[2.0, 1.0, 0.5, -0.5, -1.0, -3.0, 0.0, 1.5]])
+    draws = 40_000
+    probs = filter_logits(logits, params).softmax(-1)[0].double()
+    tokens = next_tokens(logits.expand(draws, -1), params, torch.Generator().manual_seed(0))
+    counts = torch.bincount(tokens, minlength=logits.shape[1]).double()
+    kept = probs > 0
+    assert kept.sum() < logits.shape[1] or params.top_k == 0 and params.top_p == 1
+    assert counts[~kept].sum() == 0, "a filtered-out token was drawn"
+    expected = probs[kept] * draws
+    chi_square = ((counts[kept] - expected) ** 2 / expected).sum().item()
+    freedom = int(kept.sum()) - 1
+    assert chi_square < freedom + 10 * (2 * freedom) ** 0.5, f"chi-square {chi_square:.1f} over {freedom} degrees of freedom"
 
 
 def test_eos_stops_each_row_and_pads_it(engine):
