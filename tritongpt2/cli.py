@@ -141,9 +141,6 @@ def _embed(args: argparse.Namespace) -> int:
     return 0
 
 
-PARITY_LIMIT = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
-
-
 def bench_device(quick: bool, requested: str | None) -> torch.device:
     """--quick runs on the CPU (its kernels under the interpreter); otherwise CUDA when available."""
     import torch
@@ -198,7 +195,7 @@ def _bench(args: argparse.Namespace) -> int:
     failed = [r for r in document["results"] if "error" in r]
     for record in failed:
         print(f"FAILED: {record['model']} {record['dtype']} {record['workload']} {record['impl']}: {record['error']}", file=sys.stderr)
-    wrong = [c for c in document["parity"] if "error" in c or c["relative_error_vs_hf_eager"] > PARITY_LIMIT[c["dtype"]]]
+    wrong = [c for c in document["parity"] if "error" in c or c["relative_error_vs_float64"] > c["limit"]]
     for check in wrong:
         print(f"PARITY FAILED: {check}", file=sys.stderr)
     return 1 if failed or wrong else 0
