@@ -63,7 +63,7 @@ def test_safe_from_several_threads(checkpoint):
 def test_bad_input(checkpoint):
     folder, _ = checkpoint
     with pytest.raises(ValueError, match="pooling='max'"):
-        Embedder.from_pretrained(folder, pooling="max", backend="torch")
+        Embedder.from_pretrained(folder.parent / "not-there", pooling="max", backend="torch")  # before reading
     embedder = Embedder.from_pretrained(folder, backend="torch")
     with pytest.raises(ValueError, match="has no tokens"):
         embedder(["fine", ""])

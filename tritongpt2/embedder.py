@@ -42,8 +42,7 @@ class Embedder:
     a warning. Calls from several threads are serialised on one lock (the engine has one KV cache)."""
 
     def __init__(self, engine: Engine, tokenizer: GPT2Tokenizer, *, pooling: str = "mean", normalize: bool = False) -> None:
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling={pooling!r} must be one of {', '.join(POOLINGS)}")
+        _check_pooling(pooling)
         self.engine, self.tokenizer = engine, tokenizer
         self.pooling, self.normalize = pooling, normalize
         self._lock = threading.Lock()
@@ -60,6 +59,7 @@ class Embedder:
     ) -> Embedder:
         """A checkpoint folder (or hub id) with its tokenizer. Engine options as EngineOptions fields
         (dtype=, device=, backend=, max_batch=, max_seq=, cuda_graphs=) or an EngineOptions."""
+        _check_pooling(pooling)
         options = EngineOptions.of(options, **option_values)  # bad options are refused before anything is read
         checkpoint = load_checkpoint(name_or_path)
         engine = Engine.from_checkpoint(checkpoint, options)
@@ -106,6 +106,11 @@ class Embedder:
         if self.normalize:
             vectors = torch.nn.functional.normalize(vectors, dim=-1)
         return vectors.cpu().numpy()
+
+
+def _check_pooling(pooling: str) -> None:
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling={pooling!r} must be one of {', '.join(POOLINGS)}")
 
 
 def _texts(texts: Any) -> list[str]:
