@@ -22,6 +22,11 @@ ROOFLINE_NOTE = (
     "implementation with faster arithmetic than the measured matmul (int8) can beat its FLOPs term, so "
     "figures over 100 are possible. % copy bandwidth: the bytes alone over that copy bandwidth."
 )
+PARITY_NOTE = (
+    "Parity: each implementation's last-position logits against transformers eager run in float64 on the "
+    "CPU; the limit is the dtype's tolerance (PARITY_TOLERANCE in bench/suite.py) plus twice the error "
+    "transformers eager makes itself in the same dtype, measured in this run."
+)
 LM_HEAD_NOTE = "CTranslate2's embed figures include the LM head: it gives no hidden states."
 
 
@@ -88,10 +93,14 @@ def markdown(document: dict) -> str:
         )
     lines += ["", ROOFLINE_NOTE]
     if document.get("parity"):
-        lines += ["", "| parity check | impl | relative error vs hf-eager |", "|---|---|---|"]
+        lines += ["", "| parity check | impl | relative error vs float64 | limit | vs hf-eager |", "|---|---|---|---|---|"]
         for c in document["parity"]:
-            error = f"failed: {c['error']}" if "error" in c else f"{c['relative_error_vs_hf_eager']:.2e}"
-            lines.append(f"| {c['model']} {c['dtype']} | {c['impl']} | {error} |")
+            if "error" in c:
+                lines.append(f"| {c['model']} {c['dtype']} | {c['impl']} | failed: {c['error']} | | |")
+                continue
+            lines.append(f"| {c['model']} {c['dtype']} | {c['impl']} | {c['relative_error_vs_float64']:.2e} | "
+                         f"{c['limit']:.2e} | {c['relative_error_vs_hf_eager']:.2e} |")
+        lines += ["", PARITY_NOTE]
     return "\n".join(lines) + "\n"
 
 

@@ -13,6 +13,7 @@ A failure of one implementation on one workload becomes an error row, and the su
 
 from __future__ import annotations
 
+import copy
 import datetime
 import gc
 import importlib
@@ -32,6 +33,9 @@ from .runners import HFCompiledStaticRunner, HFRunner, Runner, TritonGPT2Runner
 from .timing import median_ms
 
 WARMUP, REPEATS = 3, 10
+# The parity check's relative error allowed against transformers in float64, before adding twice
+# transformers' own error in the same dtype (parity_limit); the tests' numerics.TOLERANCE.
+PARITY_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # Timings drift with whatever else the machine runs (on a CPU in bursts of seconds): every
 # implementation is timed in each of several short rounds, taken in turn.
 CPU_ROUNDS, CPU_REPEATS = 6, 4
@@ -179,11 +183,20 @@ def runners_for(model: torch.nn.Module, device: torch.device) -> RunnerFactories
     return made
 
 
-def parity(model: torch.nn.Module, runner: Runner, ids: torch.Tensor) -> float:
-    """Relative error of the runner's last-position logits against transformers eager."""
-    reference = HFRunner(model, "eager").prefill(ids).float()
-    got = runner.prefill(ids).float()
+def relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
+    got, reference = got.double().cpu(), reference.double().cpu()
     return ((got - reference).norm() / reference.norm()).item()
+
+
+def float64_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """transformers eager's last-position logits in float64, on the CPU: the parity check's oracle."""
+    return HFRunner(copy.deepcopy(model).to(device="cpu", dtype=torch.float64), "eager").prefill(ids.cpu())
+
+
+def parity_limit(dtype: torch.dtype, hf_eager_error: float) -> float:
+    """The error vs float64 a check may reach: PARITY_TOLERANCE for the dtype plus twice the error
+    transformers eager makes itself in that dtype, as the tests earn theirs (tests/numerics.py)."""
+    return PARITY_TOLERANCE[dtype] + 2 * hf_eager_error
 
 
 def describe(error: BaseException) -> str:
@@ -340,11 +353,17 @@ def _check_parity(
         # nothing), and after the timings, whose CPU it would disturb.
         checked.append(TritonGPT2Runner(model, backend="interpret", cuda_graphs=False))
     ids = torch.randint(0, shape.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1)).to(device)
+    oracle = float64_logits(model, ids)
+    hf_eager = HFRunner(model, "eager").prefill(ids)
+    hf_eager_error = relative_error(hf_eager, oracle)
     checks = []
     for runner in checked:
-        check = {"model": shape.name, "dtype": str(dtype).removeprefix("torch."), "impl": f"{runner.name} ({runner.backend})"}
+        check = {"model": shape.name, "dtype": str(dtype).removeprefix("torch."), "impl": f"{runner.name} ({runner.backend})",
+                 "hf_eager_error_vs_float64": hf_eager_error, "limit": parity_limit(dtype, hf_eager_error)}
         try:
-            check["relative_error_vs_hf_eager"] = parity(model, runner, ids)
+            got = runner.prefill(ids)
+            check["relative_error_vs_float64"] = relative_error(got, oracle)
+            check["relative_error_vs_hf_eager"] = relative_error(got, hf_eager)
         except Exception as error:
             check["error"] = describe(error)
         finally:

@@ -78,10 +78,25 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 - unpickling refuses anything but tensors
-            raise ValueError(f"{path} could not be loaded as a weights-only PyTorch file: {error}") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+            raise ValueError(
+                f"{path} could not be loaded as a weights-only PyTorch file (truncated, corrupt, or holding more than "
+                f"tensors?): {_unpickling_reason(error)}"
+            ) from None
+    if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a dict of named tensors")
+    wrong = next(((k, v) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if wrong is not None:
+        raise ValueError(f"{path} holds {wrong[0]!r}: {type(wrong[1]).__name__}, not a dict of named tensors")
     return state
+
+
+def _unpickling_reason(error: Exception) -> str:
+    """One line from torch.load's error: the weights-only unpickler's own reason when it gave one (its
+    message is paragraphs of advice around it)."""
+    _, found, reason = str(error).partition("WeightsUnpickler error:")
+    reason = (reason if found else str(error)).split("Check the documentation")[0]
+    first = " ".join(reason.split()).split(". ")[0]
+    return first or type(error).__name__
 
 
 def _load_sharded(folder: Path, index_name: str) -> dict[str, torch.Tensor]:

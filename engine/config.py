@@ -64,6 +64,8 @@ class GPT2Config:
             self.id2label = {int(k): v for k, v in self.id2label.items()}
         except (TypeError, ValueError):
             raise ValueError(f"config id2label has keys that are not integers: {sorted(map(repr, self.id2label))[:5]}") from None
+        if not all(isinstance(label, str) for label in self.id2label.values()):
+            raise ValueError(f"config id2label={self.id2label!r} must map label ids to names (strings)")
         self.validate()
 
     def validate(self) -> None:
@@ -92,17 +94,23 @@ class GPT2Config:
             raise ValueError(f"config eos_token_id={eos!r} must be a non-negative integer, a list of them, or null")
         if not isinstance(self.activation_function, str):
             raise ValueError(f"config activation_function={self.activation_function!r} must be a string")
+        if not isinstance(self.summary_type, str):
+            raise ValueError(f"config summary_type={self.summary_type!r} must be a string")
         if self.summary_activation is not None and not isinstance(self.summary_activation, str):
             raise ValueError(f"config summary_activation={self.summary_activation!r} must be a string or null")
         if self.n_embd % self.n_head:
             raise ValueError(f"config n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner < 1):
+        if self.n_inner is not None and (not _is_int(self.n_inner) or self.n_inner < 1):
             raise ValueError(f"config n_inner={self.n_inner!r} must be a positive integer or None")
         activation_formula(self.activation_function)
         if self.add_cross_attention:
             raise ValueError("config add_cross_attention=True (GPT-2 as a decoder with cross-attention) is not supported")
         if self.problem_type not in (None, "regression", "single_label_classification", "multi_label_classification"):
             raise ValueError(f"config problem_type={self.problem_type!r} is not one of transformers' problem types")
+        if self.architectures is not None and not (
+            isinstance(self.architectures, list) and all(isinstance(name, str) for name in self.architectures)
+        ):
+            raise ValueError(f"config architectures={self.architectures!r} must be a list of class names or null")
 
     @property
     def inner_size(self) -> int:
@@ -136,10 +144,13 @@ class GPT2Config:
             if alias in values:
                 values.setdefault(name, values.pop(alias))
         if "num_labels" in values and "id2label" not in values:
-            values["id2label"] = {i: f"LABEL_{i}" for i in range(int(values.pop("num_labels")))}
+            count = values.pop("num_labels")
+            if not _is_int(count) or count < 0:
+                raise ValueError(f"config num_labels={count!r} must be a non-negative integer")
+            values["id2label"] = {i: f"LABEL_{i}" for i in range(count)}
         values.pop("label2id", None)
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        extra = {**values.pop("extra", {}), **{k: values.pop(k) for k in list(values) if k not in known}}
+        extra = {k: values.pop(k) for k in list(values) if k not in known}
         return cls(**values, extra=extra)
 
     @classmethod
@@ -150,6 +161,8 @@ class GPT2Config:
             values = json.loads(path.read_text())
         except FileNotFoundError:
             raise ValueError(f"no config.json at {path}") from None
+        except OSError as error:
+            raise ValueError(f"{path} could not be read: {error.strerror or error}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{path} is not valid JSON: {error}") from None
         if not isinstance(values, dict):

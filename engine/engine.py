@@ -94,7 +94,8 @@ class Engine:
         """Load a Hugging Face GPT-2 checkpoint (any head; the head's tensors are not used) from a
         folder or a hub id. Options as EngineOptions fields (dtype=, device=, backend=, max_batch=,
         max_seq=, cuda_graphs=) or an EngineOptions."""
-        return cls.from_checkpoint(load_checkpoint(name_or_path), EngineOptions.of(options, **option_values))
+        options = EngineOptions.of(options, **option_values)  # bad options are refused before anything is read
+        return cls.from_checkpoint(load_checkpoint(name_or_path), options)
 
     @staticmethod
     def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:

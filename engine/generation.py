@@ -97,7 +97,11 @@ def stream_tokens(
     eos_token_id and pad_token_id default to the config's; eos_token_id=[] never stops early.
     Each step is queued before the previous one's tokens are yielded, so a stop on EOS has run the
     step after it too: the cache then holds the last yielded tokens as well. The engine's lock is
-    held until the generator finishes or is closed: other threads' calls wait, never interleave."""
+    held until the generator finishes or is closed: other threads' calls wait, never interleave.
+    Bad arguments are refused by this call, before the generator runs anything."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() not in (1, 2):
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a torch.Tensor of [batch, seq] (or [seq]), got {shape}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
     if seed is not None and generator is not None:
@@ -110,11 +114,24 @@ def stream_tokens(
     filler = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     ids = input_ids if input_ids.dim() == 2 else input_ids.unsqueeze(0)
     room = engine.cache.max_seq - ids.shape[1]
+    if room < 0:
+        raise ValueError(
+            f"a prompt of {ids.shape[1]} tokens is longer than the model's context of max_seq={engine.cache.max_seq} "
+            "tokens; shorten it to leave room for new ones"
+        )
     if max_new_tokens > room + 1:
         raise ValueError(
             f"a prompt of {ids.shape[1]} tokens leaves room for {room + 1} new ones in the cache "
             f"(max_seq={engine.cache.max_seq}), not max_new_tokens={max_new_tokens}"
         )
+    return _stream(engine, ids, attention_mask, max_new_tokens, params, eos, filler, generator)
+
+
+def _stream(
+    engine: Engine, ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int, params: SamplingParams,
+    eos: list[int], filler: int, generator: torch.Generator | None,
+) -> Iterator[torch.Tensor]:
+    """stream_tokens' loop, over arguments it has checked."""
     eos_on_host = torch.tensor(eos, dtype=torch.int64)
     eos_ids = eos_on_host.to(engine.device)
     with engine.lock:

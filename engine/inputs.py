@@ -8,10 +8,11 @@ INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8
 
 
 def as_batch(name: str, values: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A [B, T] int64 tensor from a [B, T] or [T] integer tensor on the engine's device."""
+    """A [B, T] int64 tensor from a [B, T] or [T] integer tensor on the engine's device. Bool is not
+    an integer dtype here: True and False as token ids are a mask passed in the wrong place."""
     if not isinstance(values, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(values).__name__}")
-    if values.dtype not in INTEGER_DTYPES and values.dtype != torch.bool:
+    if values.dtype not in INTEGER_DTYPES:
         raise ValueError(f"{name} has dtype {values.dtype}; expected an integer dtype such as torch.int64")
     if values.device.type != device.type:
         raise ValueError(f"{name} is on {values.device}, but the engine runs on {device}")

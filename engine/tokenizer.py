@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import BPE
 
 ENDOFTEXT = "<|endoftext|>"
+T = TypeVar("T")
 
 
 class GPT2Tokenizer:
@@ -30,9 +32,10 @@ class GPT2Tokenizer:
         settings = _read_json(folder / "tokenizer_config.json")
         add_prefix_space = bool(settings.get("add_prefix_space", False))
         if (folder / "tokenizer.json").is_file():
-            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            tokenizer = _read(folder / "tokenizer.json", lambda: Tokenizer.from_file(str(folder / "tokenizer.json")))
         elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            tokenizer = Tokenizer(BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
+            files = folder / "vocab.json", folder / "merges.txt"
+            tokenizer = Tokenizer(_read(files, lambda: BPE.from_file(*map(str, files))))
             tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
             tokenizer.decoder = decoders.ByteLevel()
             tokenizer.add_special_tokens([token for token in (ENDOFTEXT,) if tokenizer.token_to_id(token) is not None])
@@ -52,8 +55,25 @@ class GPT2Tokenizer:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
 
+def _read(files: Path | tuple[Path, ...], load: Callable[[], T]) -> T:
+    """load(), with the tokenizers library's errors (plain Exceptions) as a ValueError naming the files."""
+    try:
+        return load()
+    except Exception as error:  # noqa: BLE001 - tokenizers raises bare Exceptions
+        names = " and ".join(map(str, files)) if isinstance(files, tuple) else str(files)
+        raise ValueError(f"{names}: not a readable tokenizer: {error}") from None
+
+
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not a readable JSON file: {error}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} holds a JSON {type(values).__name__}, not an object of settings")
+    return values
 
 
 def _token_id(tokenizer: Tokenizer, token: str | dict | None) -> int | None:

@@ -151,7 +151,7 @@ class Accelerated:
         if cache is not None and not isinstance(cache, KVCache) and not _empty_cache(cache):
             return f"past_key_values is a {type(cache).__name__} that transformers' forward filled"
         positions = arguments.get("position_ids")
-        if isinstance(positions, torch.Tensor) and mask is None and cache is None and positions.shape[-1] > 1:
+        if isinstance(positions, torch.Tensor) and mask is None and cache is None and positions.dim() and positions.shape[-1] > 1:
             if bool((positions.reshape(-1, positions.shape[-1]).diff(dim=-1) < 0).any()):
                 return "position_ids restart within a row (packed sequences), which the kernels' causal mask does not separate"
         unknown = sorted(set(arguments) - self.fast_keywords)

@@ -54,8 +54,9 @@ class GPT2PreTrainedModel(nn.Module):
         """Load any GPT-2 checkpoint (folder or hub id) into this class. Options as EngineOptions
         fields (dtype=, device=, backend=, max_batch=, max_seq=, cuda_graphs=) or an EngineOptions.
         A forward's past_key_values is a cache of its own (several can be alive at once)."""
+        options = EngineOptions.of(options, **option_values)  # bad options are refused before anything is read
         checkpoint = load_checkpoint(name_or_path)
-        engine = Engine.from_checkpoint(checkpoint, EngineOptions.of(options, **option_values))
+        engine = Engine.from_checkpoint(checkpoint, options)
         model = cls(engine.config, engine)
         _, head_state = split_state_dict(checkpoint.state)
         head_state.pop("lm_head.weight", None)  # the engine's: tied to wte or loaded with it
@@ -117,17 +118,9 @@ class GPT2PreTrainedModel(nn.Module):
         to compute the final hidden states (default: unless lm_logits; always with output_hidden_states)."""
         if self._flag("output_attentions", output_attentions):
             raise NotImplementedError(OUTPUT_ATTENTIONS_GAP)
-        if input_ids is not None and inputs_embeds is not None:
-            raise ValueError("You cannot specify both input_ids and inputs_embeds at the same time")
-        if input_ids is None and inputs_embeds is None:
-            raise ValueError("You have to specify either input_ids or inputs_embeds")
+        shape = input_shape(input_ids, inputs_embeds)
+        lead, seq = shape[:-1], shape[-1]
         engine = self.engine
-        inputs = input_ids if input_ids is not None else inputs_embeds
-        if not isinstance(inputs, torch.Tensor) or inputs.dim() < (1 if input_ids is not None else 2):
-            name = "input_ids" if input_ids is not None else "inputs_embeds"
-            raise ValueError(f"{name} must be a torch.Tensor of [batch, seq{'' if input_ids is not None else ', n_embd'}], got {_described(inputs)}")
-        lead = tuple(input_ids.shape[:-1]) if input_ids is not None else tuple(inputs_embeds.shape[:-2])
-        seq = input_ids.shape[-1] if input_ids is not None else inputs_embeds.shape[-2]
         ids = input_ids.reshape(-1, seq) if input_ids is not None else None
         embeds = inputs_embeds.reshape(-1, seq, inputs_embeds.shape[-1]) if inputs_embeds is not None else None
         rows = (ids if ids is not None else embeds).shape[0]
@@ -143,10 +136,17 @@ class GPT2PreTrainedModel(nn.Module):
         if token_type_ids is not None:
             token_type_ids = _rows_of("token_type_ids", token_type_ids, rows, seq)
         if attention_mask is not None:
-            if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() > len(lead) + 1:
+            if not isinstance(attention_mask, torch.Tensor):
+                raise ValueError(f"attention_mask must be a torch.Tensor of [batch, seq] of 0 and 1, got {_described(attention_mask)}")
+            if attention_mask.dim() > len(lead) + 1:
                 raise ValueError(
                     f"attention_mask must be [batch, seq] (or [batch, past + seq]) of 0 and 1, got {_described(attention_mask)}; "
                     "a 4-D mask needs transformers' own forward (an accelerated model falls back to it)"
+                )
+            if attention_mask.numel() == 0 or attention_mask.numel() % rows:
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}; expected [batch, seq] (or [batch, past + seq]) "
+                    f"for inputs of {rows} rows of {seq}"
                 )
             attention_mask = attention_mask.reshape(rows, -1)
         if cache is None:
@@ -185,6 +185,22 @@ class GPT2PreTrainedModel(nn.Module):
         )
 
 
+def input_shape(input_ids: Any, inputs_embeds: Any) -> tuple[int, ...]:
+    """The inputs' shape [..., seq] (inputs_embeds' without n_embd); ValueError unless exactly one of
+    them is given, as a non-empty tensor."""
+    if input_ids is not None and inputs_embeds is not None:
+        raise ValueError("You cannot specify both input_ids and inputs_embeds at the same time")
+    if input_ids is None and inputs_embeds is None:
+        raise ValueError("You have to specify either input_ids or inputs_embeds")
+    name, inputs, dims = ("input_ids", input_ids, 1) if input_ids is not None else ("inputs_embeds", inputs_embeds, 2)
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() < dims:
+        raise ValueError(f"{name} must be a torch.Tensor of [batch, seq{'' if dims == 1 else ', n_embd'}], got {_described(inputs)}")
+    shape = tuple(inputs.shape[: inputs.dim() - dims + 1])
+    if 0 in shape:
+        raise ValueError(f"{name} is empty (shape {tuple(inputs.shape)})")
+    return shape
+
+
 def _described(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
@@ -193,7 +209,7 @@ def _described(value: Any) -> str:
 
 def _rows_of(name: str, values: Any, rows: int, seq: int) -> torch.Tensor:
     """position_ids or token_type_ids as [rows, seq] (a single row is shared by every row)."""
-    if not isinstance(values, torch.Tensor) or values.numel() == 0 or values.shape[-1] != seq:
+    if not isinstance(values, torch.Tensor) or values.dim() == 0 or values.numel() == 0 or values.shape[-1] != seq:
         raise ValueError(f"{name} must be a tensor of [batch, {seq}] like the inputs, got {_described(values)}")
     flat = values.reshape(-1, seq)
     if flat.shape[0] not in (1, rows):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -38,24 +40,27 @@ def double_heads_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return F.cross_entropy(shift_logits.view(-1, shift_logits.shape[-1]), shift_labels.view(-1))
 
 
+def sequence_problem_type(labels: Any, num_labels: int, problem_type: str | None) -> str:
+    """config.problem_type, or when unset the one transformers infers: regression for one label,
+    single-label classification for int64 or int32 labels, multi-label otherwise."""
+    if problem_type is not None:
+        return problem_type
+    if num_labels == 1:
+        return "regression"
+    if getattr(labels, "dtype", None) in (torch.long, torch.int):
+        return "single_label_classification"
+    return "multi_label_classification"
+
+
 def sequence_classification_loss(
-    logits: torch.Tensor, labels: torch.Tensor, num_labels: int, problem_type: str | None
-) -> tuple[torch.Tensor, str]:
-    """(loss, problem type): the problem type is inferred as transformers infers it when unset."""
-    if problem_type is None:
-        if num_labels == 1:
-            problem_type = "regression"
-        elif labels.dtype in (torch.long, torch.int):
-            problem_type = "single_label_classification"
-        else:
-            problem_type = "multi_label_classification"
+    logits: torch.Tensor, labels: torch.Tensor, num_labels: int, problem_type: str
+) -> torch.Tensor:
+    """MSE, cross-entropy or BCE-with-logits, by problem type (labels as heads.labels checked them)."""
     if problem_type == "regression":
-        loss = F.mse_loss(logits.squeeze(), labels.squeeze()) if num_labels == 1 else F.mse_loss(logits, labels)
-    elif problem_type == "single_label_classification":
-        loss = F.cross_entropy(logits.view(-1, num_labels), labels.view(-1))
-    else:
-        loss = F.binary_cross_entropy_with_logits(logits, labels)
-    return loss, problem_type
+        return F.mse_loss(logits.squeeze(), labels.squeeze()) if num_labels == 1 else F.mse_loss(logits, labels)
+    if problem_type == "single_label_classification":
+        return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1))
+    return F.binary_cross_entropy_with_logits(logits, labels)
 
 
 def question_answering_loss(

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from tritongpt2.engine.generation import generate as engine_generate
+from tritongpt2.engine.inputs import INTEGER_DTYPES
 
-from .base import GPT2PreTrainedModel
+from .base import GPT2PreTrainedModel, input_shape
+from .labels import class_ids, positions, sequence_labels
 from .losses import (
+    IGNORE_INDEX,
     LOSS_KEYWORDS,
     causal_lm_loss,
     double_heads_lm_loss,
     question_answering_loss,
     sequence_classification_loss,
+    sequence_problem_type,
 )
 from .outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
@@ -46,6 +51,21 @@ def _keep(logits: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Ten
     if isinstance(logits_to_keep, int):
         return logits[..., -logits_to_keep:, :] if logits_to_keep else logits
     return logits[..., logits_to_keep.to(logits.device), :]
+
+
+def _kept(logits_to_keep: Any, seq: int) -> int:
+    """How many of `seq` positions logits_to_keep keeps; ValueError for one that is not a count or
+    positions within the sequence (read on the host)."""
+    if isinstance(logits_to_keep, int) and not isinstance(logits_to_keep, bool):
+        if logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep={logits_to_keep} must be >= 0 (0 keeps every position)")
+        return min(logits_to_keep, seq) if logits_to_keep else seq
+    if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 1 and logits_to_keep.dtype in INTEGER_DTYPES:
+        outside = (logits_to_keep < -seq) | (logits_to_keep >= seq)
+        if bool(outside.any()):
+            raise ValueError(f"logits_to_keep holds {int(logits_to_keep[outside][0])}, not a position of {seq}")
+        return logits_to_keep.numel()
+    raise ValueError(f"logits_to_keep must be an int or a 1-D tensor of positions, got {logits_to_keep!r}")
 
 
 class _DropInForward:
@@ -102,8 +122,8 @@ class GenerationMixin:
             names = sorted(unsupported) + (["num_beams"] if num_beams != 1 else []) + (
                 ["num_return_sequences"] if num_return_sequences != 1 else [])
             raise NotImplementedError(f"generate does not support: {', '.join(names)}")
-        if input_ids is None:
-            raise ValueError("generate needs input_ids")
+        if not isinstance(input_ids, torch.Tensor):
+            raise ValueError(f"generate needs input_ids, a torch.Tensor of [batch, seq], got {type(input_ids).__name__}")
         prompt_length = input_ids.shape[-1]
         if max_new_tokens is None:
             max_new_tokens = (max_length if max_length is not None else 20) - prompt_length
@@ -176,6 +196,19 @@ class GPT2LMHeadModel(GenerationMixin, _DropInForward, GPT2PreTrainedModel):
         **kwargs: Any,
     ) -> CausalLMOutputWithCrossAttentions:
         loss_options = self._extra(kwargs)
+        shape = input_shape(input_ids, inputs_embeds)
+        kept = _kept(logits_to_keep, shape[-1])
+        if labels is not None:
+            ignore_index = loss_options.get("ignore_index", IGNORE_INDEX)
+            labels = class_ids("labels", labels, shape, self.config.vocab_size, ignore_index=ignore_index)
+            if loss_options.get("shift_labels") is not None:
+                loss_options["shift_labels"] = class_ids(
+                    "shift_labels", loss_options["shift_labels"], shape, self.config.vocab_size, ignore_index=ignore_index
+                )
+            if kept != shape[-1]:
+                raise ValueError(
+                    f"labels need the logits of all {shape[-1]} positions, but logits_to_keep={logits_to_keep!r} keeps {kept}"
+                )
         out, logits = self._trunk(
             input_ids=input_ids, past_key_values=past_key_values, cache=cache, attention_mask=attention_mask,
             token_type_ids=token_type_ids, position_ids=position_ids, head_mask=head_mask, inputs_embeds=inputs_embeds,
@@ -212,19 +245,35 @@ class GPT2DoubleHeadsModel(GenerationMixin, _DropInForward, GPT2PreTrainedModel)
         **kwargs: Any,
     ) -> GPT2DoubleHeadsModelOutput:
         self._extra(kwargs)
+        shape = input_shape(input_ids, inputs_embeds)
+        if labels is not None:
+            labels = class_ids("labels", labels, shape, self.config.vocab_size)
+        if mc_token_ids is not None and self.multiple_choice_head.summary_type == "cls_index":
+            mc_token_ids = class_ids("mc_token_ids", mc_token_ids, shape[:-1], shape[-1], ignore_index=None)
+        if mc_labels is not None:
+            *rows, choices = self._mc_logits_shape(shape[:-1])
+            mc_labels = class_ids("mc_labels", mc_labels, (math.prod(rows),), choices, exact_shape=False)
         out, logits = self._trunk(
             input_ids=input_ids, past_key_values=past_key_values, cache=cache, attention_mask=attention_mask,
             token_type_ids=token_type_ids, position_ids=position_ids, head_mask=head_mask, inputs_embeds=inputs_embeds,
             use_cache=use_cache, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
             lm_logits=True, last_hidden=True,
         )
+        if mc_token_ids is not None:
+            mc_token_ids = mc_token_ids.to(self.device)
         mc_logits = self.multiple_choice_head(out.last_hidden_state, mc_token_ids).squeeze(-1)
         mc_loss = None
         if mc_labels is not None:
-            mc_loss = nn.functional.cross_entropy(mc_logits.view(-1, mc_logits.shape[-1]), mc_labels.view(-1))
+            mc_loss = nn.functional.cross_entropy(mc_logits.view(-1, mc_logits.shape[-1]), mc_labels.to(self.device).view(-1))
         loss = double_heads_lm_loss(logits, labels) if labels is not None else None
         output = GPT2DoubleHeadsModelOutput(loss, mc_loss, logits, mc_logits, out.past_key_values, out.hidden_states)
         return self._returned(output, return_dict)
+
+    def _mc_logits_shape(self, choices: tuple[int, ...]) -> tuple[int, ...]:
+        """mc_logits' shape for inputs [*choices, T]: the summary's width per choice, squeezed when 1."""
+        projection = self.multiple_choice_head.summary
+        width = projection.out_features if isinstance(projection, nn.Linear) else self.config.n_embd
+        return choices if width == 1 else (*choices, width)
 
 
 class GPT2ForSequenceClassification(_DropInForward, GPT2PreTrainedModel):
@@ -250,16 +299,21 @@ class GPT2ForSequenceClassification(_DropInForward, GPT2PreTrainedModel):
     ) -> SequenceClassifierOutputWithPast:
         """Pools the last token that is not pad_token_id (the last token when none is set)."""
         self._extra(kwargs)
+        batch = input_shape(input_ids, inputs_embeds)[0]
+        pad = self.config.pad_token_id
+        if pad is None and batch != 1:
+            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
+        problem_type = None
+        if labels is not None:
+            num_labels = self.config.num_labels
+            problem_type = sequence_problem_type(labels, num_labels, self.config.problem_type)
+            labels = sequence_labels(labels, problem_type, batch, num_labels, self.dtype)
         out, _ = self._trunk(
             input_ids=input_ids, past_key_values=past_key_values, cache=cache, attention_mask=attention_mask,
             token_type_ids=token_type_ids, position_ids=position_ids, head_mask=head_mask, inputs_embeds=inputs_embeds,
             use_cache=use_cache, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
         )
         hidden = out.last_hidden_state
-        batch = hidden.shape[0]
-        pad = self.config.pad_token_id
-        if pad is None and batch != 1:
-            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
         if pad is None or input_ids is None:
             last = torch.full((batch,), hidden.shape[1] - 1, device=hidden.device)
         else:
@@ -268,9 +322,8 @@ class GPT2ForSequenceClassification(_DropInForward, GPT2PreTrainedModel):
         logits = self.score(hidden[torch.arange(batch, device=hidden.device), last])
         loss = None
         if labels is not None:
-            loss, self.config.problem_type = sequence_classification_loss(
-                logits, labels.to(logits.device), self.config.num_labels, self.config.problem_type
-            )
+            loss = sequence_classification_loss(logits, labels.to(logits.device), self.config.num_labels, problem_type)
+            self.config.problem_type = problem_type
         return self._returned(SequenceClassifierOutputWithPast(loss, logits, out.past_key_values, out.hidden_states), return_dict)
 
 
@@ -296,6 +349,9 @@ class GPT2ForTokenClassification(_DropInForward, GPT2PreTrainedModel):
         **kwargs: Any,
     ) -> TokenClassifierOutput:
         self._extra(kwargs)
+        if labels is not None:
+            shape = input_shape(input_ids, inputs_embeds)
+            labels = class_ids("labels", labels, shape, self.config.num_labels, exact_shape=False)
         out, _ = self._trunk(
             input_ids=input_ids, past_key_values=past_key_values, cache=cache, attention_mask=attention_mask,
             token_type_ids=token_type_ids, position_ids=position_ids, head_mask=head_mask, inputs_embeds=inputs_embeds,
@@ -328,6 +384,11 @@ class GPT2ForQuestionAnswering(_DropInForward, GPT2PreTrainedModel):
         **kwargs: Any,
     ) -> QuestionAnsweringModelOutput:
         self._extra(kwargs)
+        rows = math.prod(input_shape(input_ids, inputs_embeds)[:-1])
+        if start_positions is not None:
+            start_positions = positions("start_positions", start_positions, rows)
+        if end_positions is not None:
+            end_positions = positions("end_positions", end_positions, rows)
         out, _ = self._trunk(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids,
             head_mask=head_mask, inputs_embeds=inputs_embeds, use_cache=False, output_hidden_states=output_hidden_states,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -29,3 +30,8 @@ def save_model(folder: Path, model_class: str = "GPT2LMHeadModel", seed: int = 0
     model = getattr(transformers, model_class)(config).eval()
     model.save_pretrained(folder)
     return folder, model
+
+
+def in_float64(model: torch.nn.Module) -> torch.nn.Module:
+    """A float64 copy of a transformers model: the oracle the tests measure errors against."""
+    return copy.deepcopy(model).double()

@@ -219,6 +219,23 @@ def test_decode_row_that_sees_nothing_gets_zeros(ops, dtype):
     assert torch.equal(out[1], torch.zeros_like(out[1]))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_with_every_score_very_negative(ops, dtype):
+    # Scores about -1000 with a spread of a few units: softmax is shift-invariant, so the output is
+    # an ordinary weighted mean of V, but exp of any score is 0. The combine must take the largest of
+    # the splits' real maxima; a padding split counted as max 0 would win and zero every weight.
+    # 300 slots make 5 splits (padded to 8 in the combine); row 1's query leaves splits past it empty.
+    torch.manual_seed(0)
+    k_cache = (-25.0 + 0.1 * torch.randn(2, 1, 300, 16)).to(dtype=dtype, device=DEVICE)
+    v_cache = randn(2, 1, 300, 16, dtype=dtype)
+    key_mask = torch.ones(2, 300, dtype=torch.int32, device=DEVICE)
+    q = torch.full((2, 16), 10.0, dtype=dtype, device=DEVICE)
+    scores = 0.25 * (k_cache[:, 0].float() @ q[0].float())
+    assert scores.max() < -990 and scores.max() - scores.min() > 2
+    assert decode_splits(2, 300, decode_tiles(16).block_n) == 5
+    check(ops, "decode_attention", q, k_cache, v_cache, index([299, 100]), key_mask, 0.25)
+
+
 @pytest.mark.parametrize("op,q_shape", [("flash_attention", (2, 3, 32)), ("decode_attention", (2, 32))])
 def test_attention_validation_names_the_offending_value(op, q_shape):
     launcher = getattr(OPS, op)

@@ -112,3 +112,39 @@ def test_cubin_dump_has_short_file_names_and_an_index(monkeypatch, tmp_path):
     for name, entry in index.items():
         [result] = [r for r in results if (r.config, r.arch) == (entry["config"], entry["arch"])]
         assert (tmp_path / name).read_bytes() == result.cubin and name.startswith("linear_kernel-" + result.arch)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--models", "notamodel"], "argument --models: unknown model 'notamodel'; known: distilgpt2, gpt2"),
+        (["--quick", "--models", "notamodel"], "argument --models: unknown model 'notamodel'"),
+        (["--models", "gpt2,gpt3"], "unknown model 'gpt3'"),
+        (["--dtypes", "float64"], "argument --dtypes: unknown dtype 'float64'; known: float32, float16, bfloat16"),
+    ],
+)
+def test_unknown_models_and_dtypes_fail_before_anything_runs(fake_suite, capsys, tmp_path, args, message):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["bench", *args, "--output", str(tmp_path)])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+    assert not fake_suite
+
+
+def test_quick_refuses_models_it_would_not_run(fake_suite, capsys, tmp_path):
+    assert cli.main(["bench", "--quick", "--models", "gpt2", "--output", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == "tritongpt2: error: --quick times its own tiny model; --models does not apply to it\n"
+    assert not fake_suite
+
+
+@pytest.mark.parametrize("error,status", [(0.9e-5, 0), (1.1e-5, 1)])
+def test_parity_is_held_to_its_earned_limit(monkeypatch, tmp_path, capsys, error, status):
+    document = canned_document()
+    document["parity"] = [{"model": "tiny", "dtype": "float32", "impl": "tritongpt2 (torch)", "hf_eager_error_vs_float64": 2e-7,
+                           "limit": suite.parity_limit(torch.float32, 2e-7), "relative_error_vs_float64": error,
+                           "relative_error_vs_hf_eager": error}]
+    assert document["parity"][0]["limit"] == pytest.approx(1.04e-5)
+    monkeypatch.setattr(suite, "run_suite", lambda *args, **options: document)
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))
+    assert cli.main(["bench", "--quick", "--output", str(tmp_path)]) == status
+    assert ("PARITY FAILED" in capsys.readouterr().err) == bool(status)
+    assert f"| tiny float32 | tritongpt2 (torch) | {error:.2e} | 1.04e-05 | {error:.2e} |" in next(tmp_path.glob("*.md")).read_text()

@@ -1,6 +1,7 @@
 """Loading Hugging Face GPT-2 checkpoints from a folder (torch backend: no kernel is needed here)."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -144,3 +145,94 @@ def test_hub_id_without_network_says_so():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert "could not be downloaded from the Hugging Face hub (no network" in result.stdout, result.stderr
+
+
+def _shard(folder):
+    """model.safetensors renamed to a shard named by an index written next (in the cases below)."""
+    (folder / "model.safetensors").rename(folder / "shard.safetensors")
+
+
+def _write(name, data):
+    def change(folder):
+        (folder / name).write_bytes(data if isinstance(data, bytes) else data.encode())
+    return change
+
+
+def _index(text):
+    def change(folder):
+        _shard(folder)
+        _write("model.safetensors.index.json", text)(folder)
+    return change
+
+
+def _bin(obj):
+    def change(folder):
+        (folder / "model.safetensors").unlink()
+        torch.save(obj, folder / "pytorch_model.bin")
+    return change
+
+
+def _bin_bytes(data):
+    def change(folder):
+        (folder / "model.safetensors").unlink()
+        (folder / "pytorch_model.bin").write_bytes(data)
+    return change
+
+
+def _truncate(name):
+    def change(folder):
+        data = (folder / name).read_bytes()
+        (folder / name).write_bytes(data[: len(data) // 2])
+    return change
+
+
+def _truncated_shard(folder):
+    _shard(folder)
+    _truncate("shard.safetensors")(folder)
+    _write("model.safetensors.index.json", '{"weight_map": {"wte.weight": "shard.safetensors"}}')(folder)
+
+
+BROKEN = [
+    ("truncated safetensors", _truncate("model.safetensors"), "model.safetensors is not a readable safetensors file"),
+    ("empty safetensors", _write("model.safetensors", b""), "model.safetensors is not a readable safetensors file .*header too small"),
+    ("garbage safetensors", _write("model.safetensors", b"\x00garbage" * 64), "model.safetensors is not a readable safetensors file"),
+    ("index not JSON", _index("{not json"), "model.safetensors.index.json is not valid JSON"),
+    ("index not UTF-8", _index(b"\xff\xfe\x00"), "model.safetensors.index.json is not valid JSON"),
+    ("index a list", _index("[1, 2]"), "model.safetensors.index.json has no weight_map of tensor names to shard files"),
+    ("index null", _index("null"), "model.safetensors.index.json has no weight_map"),
+    ("index without weight_map", _index('{"metadata": {}}'), "model.safetensors.index.json has no weight_map"),
+    ("shard names not strings", _index('{"weight_map": {"wte.weight": 3}}'), "model.safetensors.index.json has no weight_map"),
+    ("shard outside the folder", _index('{"weight_map": {"wte.weight": "../shard.safetensors"}}'),
+     r"model.safetensors.index.json names the shard '\.\./shard.safetensors', which is not a file in"),
+    ("shard missing", _index('{"weight_map": {"wte.weight": "nope.safetensors"}}'), "names the shard 'nope.safetensors', which is not a file"),
+    ("tensor missing from its shard", _index('{"weight_map": {"h.0.nope": "shard.safetensors"}}'),
+     "model.safetensors.index.json lists tensors its shards do not hold: h.0.nope"),
+    ("truncated shard", _truncated_shard, "shard.safetensors is not a readable safetensors file"),
+    (".bin holding a bare tensor", _bin(torch.zeros(3)), "pytorch_model.bin holds a Tensor, not a dict of named tensors"),
+    (".bin holding a list", _bin([torch.zeros(3)]), "pytorch_model.bin holds a list, not a dict of named tensors"),
+    (".bin with a key that is not a name", _bin({1: torch.zeros(3)}), "pytorch_model.bin holds 1: Tensor, not a dict of named tensors"),
+    (".bin with a value that is not a tensor", _bin({"wte.weight": 3}), "pytorch_model.bin holds 'wte.weight': int"),
+    ("garbage .bin", _bin_bytes(b"garbage"), r"pytorch_model.bin could not be loaded as a weights-only PyTorch file \(.*\): Unsupported operand"),
+    ("empty .bin", _bin_bytes(b""), "pytorch_model.bin could not be loaded as a weights-only PyTorch file .*: EOFError$"),
+    ("config a list", _write("config.json", "[1]"), "config.json holds a JSON list, not an object of config fields"),
+    ("config null", _write("config.json", "null"), "config.json holds a JSON NoneType"),
+    ("config empty", _write("config.json", ""), "config.json is not valid JSON"),
+    ("epsilon a string", _write("config.json", '{"layer_norm_epsilon": "1e-5"}'),
+     "config.json: config layer_norm_epsilon='1e-5' must be a positive number"),
+]
+
+
+@pytest.fixture(scope="module")
+def good_folder(tmp_path_factory):
+    folder, _ = save_model(tmp_path_factory.mktemp("good"))
+    return folder
+
+
+@pytest.mark.parametrize("change,message", [case[1:] for case in BROKEN], ids=[case[0] for case in BROKEN])
+def test_broken_checkpoints_are_one_value_error_naming_the_file(good_folder, tmp_path, change, message):
+    folder = tmp_path / "broken"
+    shutil.copytree(good_folder, folder)
+    change(folder)
+    with pytest.raises(ValueError, match=message) as raised:
+        Engine.from_pretrained(folder, backend="torch")
+    assert str(folder) in str(raised.value) and "\n" not in str(raised.value)

@@ -63,9 +63,41 @@ def test_safe_from_several_threads(checkpoint):
 def test_bad_input(checkpoint):
     folder, _ = checkpoint
     with pytest.raises(ValueError, match="pooling='max'"):
-        Embedder.from_pretrained(folder, pooling="max", backend="torch")
+        Embedder.from_pretrained(folder.parent / "not-there", pooling="max", backend="torch")  # before reading
     embedder = Embedder.from_pretrained(folder, backend="torch")
     with pytest.raises(ValueError, match="has no tokens"):
         embedder(["fine", ""])
-    with pytest.raises(ValueError, match="texts must be strings"):
-        embedder(["fine", 3])
+    for texts, message in [
+        (["fine", 3], "texts.1. is of type int, not str"),
+        (None, "texts must be a str or an iterable of str, got NoneType"),
+        (3, "texts must be a str or an iterable of str, got int"),
+        (b"bytes", "texts must be a str or an iterable of str, got bytes"),
+        ("\ud800", "texts.0. holds a lone surrogate '.ud800' at character 0: not valid Unicode text"),
+        (["fine", "a\udfffb"], "texts.1. holds a lone surrogate '.udfff' at character 1"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            embedder(texts)
+
+
+def test_any_iterable_of_strings_is_taken(checkpoint):
+    folder, _ = checkpoint
+    embedder = Embedder.from_pretrained(folder, backend="torch")
+    expected = embedder(TEXTS)
+    np.testing.assert_array_equal(embedder(text for text in TEXTS), expected)
+    np.testing.assert_array_equal(embedder(tuple(TEXTS)), expected)
+    np.testing.assert_array_equal(embedder(TEXTS[0]), expected[:1])
+    assert embedder([]).shape == (0, 80)
+
+
+def test_a_text_longer_than_the_context_is_truncated_with_a_warning(checkpoint):
+    folder, model = checkpoint
+    embedder = Embedder.from_pretrained(folder, backend="torch")
+    long_text = " ".join(TEXTS * 6)
+    ids = hf_tokenizer(folder).encode(long_text)
+    assert len(ids) > 64
+    with pytest.warns(UserWarning, match=f"1 text.s. longer than the model's context of max_seq=64 tokens .texts.1. has {len(ids)}.: "
+                      "each is embedded from its first 64 tokens"):
+        got = embedder(["rain", long_text])
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids[:64]])).last_hidden_state[0].mean(0)
+    np.testing.assert_allclose(got[1], expected.numpy(), rtol=1e-4, atol=1e-5)

@@ -5,7 +5,7 @@ import torch
 
 from checkpoints import save_model
 from tritongpt2.engine.engine import Engine
-from tritongpt2.engine.generation import SamplingParams, filter_logits, generate, stream_tokens
+from tritongpt2.engine.generation import SamplingParams, filter_logits, generate, next_tokens, stream_tokens
 
 transformers = pytest.importorskip("transformers")
 
@@ -62,6 +62,29 @@ def test_sampled_tokens_follow_the_distribution(engine):
     assert draws == top3
 
 
+@pytest.mark.parametrize(
+    "params", [SamplingParams(True), SamplingParams(True, 0.7, 4), SamplingParams(True, 1.3, 0, 0.8)], ids=["plain", "top-k", "top-p"]
+)
+def test_sampled_frequencies_are_the_softmax_probabilities(params):
+    # 40,000 draws from one row of logits (each row of the batch draws its own noise), counted against
+    # the probabilities of the filtered softmax by Pearson's chi-square. With k tokens kept it has k - 1
+    # degrees of freedom: mean k - 1, standard deviation sqrt(2 (k - 1)); ten of those above the mean
+    # is beyond a one-in-a-million draw, and the seed is fixed. Sampling without the softmax scores
+    # in the thousands.
+    logits = torch.tensor([[2.0, 1.0, 0.5, -0.5, -1.0, -3.0, 0.0, 1.5]])
+    draws = 40_000
+    probs = filter_logits(logits, params).softmax(-1)[0].double()
+    tokens = next_tokens(logits.expand(draws, -1), params, torch.Generator().manual_seed(0))
+    counts = torch.bincount(tokens, minlength=logits.shape[1]).double()
+    kept = probs > 0
+    assert kept.sum() < logits.shape[1] or params.top_k == 0 and params.top_p == 1
+    assert counts[~kept].sum() == 0, "a filtered-out token was drawn"
+    expected = probs[kept] * draws
+    chi_square = ((counts[kept] - expected) ** 2 / expected).sum().item()
+    freedom = int(kept.sum()) - 1
+    assert chi_square < freedom + 10 * (2 * freedom) ** 0.5, f"chi-square {chi_square:.1f} over {freedom} degrees of freedom"
+
+
 def test_eos_stops_each_row_and_pads_it(engine):
     ids = prompt(2, 5, seed=2)
     free = generate(engine, ids, max_new_tokens=8, eos_token_id=[])
@@ -108,6 +131,19 @@ def test_streaming_yields_tokens_in_order(engine):
 def test_bad_generation_options(engine, options, message):
     with pytest.raises(ValueError, match=message):
         generate(engine, prompt(), **options)
+
+
+@pytest.mark.parametrize(
+    "ids,message",
+    [
+        (torch.zeros(1, 70, dtype=torch.long), "a prompt of 70 tokens is longer than the model's context of max_seq=64 tokens"),
+        ([[1, 2, 3]], r"input_ids must be a torch.Tensor of \[batch, seq\] \(or \[seq\]\), got list"),
+        (torch.tensor(3), r"input_ids must be a torch.Tensor of \[batch, seq\] \(or \[seq\]\), got \(\)"),
+    ],
+)
+def test_bad_prompts_are_refused_when_the_stream_is_made(engine, ids, message):
+    with pytest.raises(ValueError, match=message):
+        stream_tokens(engine, ids)  # not iterated: the call itself checks
 
 
 def test_each_step_is_queued_before_the_previous_tokens_reach_the_host(engine, monkeypatch):

@@ -44,3 +44,19 @@ def hf_tokenizer_from_json(folder):
 def test_missing_tokenizer_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no tokenizer in"):
         GPT2Tokenizer.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "name,text,message",
+    [
+        ("vocab.json", "garbage", "vocab.json and .*merges.txt: not a readable tokenizer: Error while reading BPE files"),
+        ("tokenizer.json", '{"x":', "tokenizer.json: not a readable tokenizer"),
+        ("tokenizer_config.json", "{not json", "tokenizer_config.json is not a readable JSON file"),
+        ("tokenizer_config.json", "[1]", "tokenizer_config.json holds a JSON list, not an object of settings"),
+    ],
+)
+def test_broken_tokenizer_files_are_a_value_error_naming_them(tmp_path, name, text, message):
+    write_tokenizer(tmp_path)
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=message):
+        GPT2Tokenizer.from_pretrained(tmp_path)

@@ -7,14 +7,37 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+import warnings
+from typing import TYPE_CHECKING, Callable, Iterable
 
 if TYPE_CHECKING:
     import torch
 
+    from tritongpt2.engine.generation import SamplingParams
+
 
 def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _csv_of(known: Callable[[], Iterable[str]], what: str) -> Callable[[str], list[str]]:
+    """An argparse type: comma-separated names, each one of known()."""
+
+    def names(text: str) -> list[str]:
+        allowed = list(known())
+        given = _csv(text)
+        unknown = [name for name in given if name not in allowed]
+        if unknown or not given:
+            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(map(repr, unknown)) or repr(text)}; known: {', '.join(allowed)}")
+        return given
+
+    return names
+
+
+def _model_names() -> Iterable[str]:
+    from tritongpt2.bench.model_shapes import MODEL_SHAPES
+
+    return MODEL_SHAPES
 
 
 def _audit_compile(args: argparse.Namespace) -> int:
@@ -52,9 +75,10 @@ def _generate(args: argparse.Namespace) -> int:
 
     from tritongpt2.engine.checkpoint import resolve_model_dir
     from tritongpt2.engine.engine import Engine
-    from tritongpt2.engine.generation import SamplingParams, stream_tokens
+    from tritongpt2.engine.generation import stream_tokens
     from tritongpt2.engine.tokenizer import GPT2Tokenizer
 
+    params = sampling_params(args.temperature, args.top_k, args.top_p)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read().rstrip("\n")
     if not prompt:
         raise ValueError("empty prompt: give it as an argument or on standard input")
@@ -62,15 +86,14 @@ def _generate(args: argparse.Namespace) -> int:
     tokenizer = GPT2Tokenizer.from_pretrained(folder)
     engine = Engine.from_pretrained(folder, dtype=_dtype(args.dtype), backend=args.backend, max_batch=1)
     ids = torch.tensor([tokenizer.encode(prompt)], device=engine.device)
-    sampled = any(v is not None for v in (args.temperature, args.top_k, args.top_p))
-    params = SamplingParams(sampled, args.temperature or 1.0, args.top_k or 0, args.top_p or 1.0)
+    eos = tokenizer.eos_token_id
+    steps = stream_tokens(engine, ids, max_new_tokens=args.max_new_tokens, params=params,
+                          eos_token_id=eos if eos is not None else [], seed=args.seed)
     sys.stdout.write(prompt)
     sys.stdout.flush()
     generated: list[int] = []
     shown = ""
-    eos = tokenizer.eos_token_id
-    for tokens in stream_tokens(engine, ids, max_new_tokens=args.max_new_tokens, params=params,
-                                eos_token_id=eos if eos is not None else [], seed=args.seed):
+    for tokens in steps:
         generated.append(int(tokens[0]))
         text = tokenizer.decode(generated)
         # A character split across tokens decodes to U+FFFD until its last byte arrives.
@@ -82,26 +105,41 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def sampling_params(temperature: float | None, top_k: int | None, top_p: float | None) -> SamplingParams:
+    """Greedy unless a sampling option is given; --temperature 0 is greedy too (sampling's limit as
+    the temperature falls). Every value is checked as the Python API checks it."""
+    from tritongpt2.engine.generation import SamplingParams
+
+    greedy = temperature == 0 or (temperature, top_k, top_p) == (None, None, None)
+    return SamplingParams(
+        not greedy,
+        1.0 if temperature in (None, 0) else temperature,
+        0 if top_k is None else top_k,
+        1.0 if top_p is None else top_p,
+    )
+
+
 def _embed(args: argparse.Namespace) -> int:
     import numpy as np
 
     from tritongpt2.embedder import Embedder
 
-    if not args.texts:
-        raise ValueError("no text to embed")
+    texts = args.texts or [line for line in sys.stdin.read().split("\n") if line]
+    if not texts:
+        raise ValueError("no text to embed: give texts as arguments, or on standard input one per line")
     embedder = Embedder.from_pretrained(args.model, pooling=args.pooling, normalize=args.normalize,
                                         dtype=_dtype(args.dtype), backend=args.backend)
-    vectors = embedder(args.texts)
+    vectors = embedder(texts)
     if args.output:
-        np.save(args.output, vectors)
+        # np.save adds .npy to a name without it.
+        path = Path(args.output if args.output.endswith(".npy") else args.output + ".npy")
+        np.save(path, vectors)
+        print(f"wrote {path}", file=sys.stderr)
     else:
         json.dump({"model": str(args.model), "pooling": args.pooling, "normalize": args.normalize,
                    "embeddings": vectors.tolist()}, sys.stdout)
         sys.stdout.write("\n")
     return 0
-
-
-PARITY_LIMIT = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
 
 
 def bench_device(quick: bool, requested: str | None) -> torch.device:
@@ -137,6 +175,8 @@ def _bench(args: argparse.Namespace) -> int:
     from tritongpt2.bench.report import markdown, write_results
     from tritongpt2.bench.suite import QUICK_SHAPE, device_name, run_suite
 
+    if args.quick and args.models:
+        raise ValueError("--quick times its own tiny model; --models does not apply to it")
     device = bench_device(args.quick, args.device)
     on_gpu = device.type == "cuda"
     models = args.models or (["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"] if on_gpu else ["gpt2"])
@@ -156,7 +196,7 @@ def _bench(args: argparse.Namespace) -> int:
     failed = [r for r in document["results"] if "error" in r]
     for record in failed:
         print(f"FAILED: {record['model']} {record['dtype']} {record['workload']} {record['impl']}: {record['error']}", file=sys.stderr)
-    wrong = [c for c in document["parity"] if "error" in c or c["relative_error_vs_hf_eager"] > PARITY_LIMIT[c["dtype"]]]
+    wrong = [c for c in document["parity"] if "error" in c or c["relative_error_vs_float64"] > c["limit"]]
     for check in wrong:
         print(f"PARITY FAILED: {check}", file=sys.stderr)
     return 1 if failed or wrong else 0
@@ -200,10 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="continue a prompt, streaming the text")
     _model_options(generate)
-    generate.add_argument("--max-new-tokens", type=int, default=50)
-    generate.add_argument("--temperature", type=float, help="sample at this temperature (greedy when no sampling option)")
-    generate.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
-    generate.add_argument("--top-p", type=float, help="sample from the smallest set holding this probability")
+    generate.add_argument("--max-new-tokens", type=int, default=50, help="at most this many tokens (default: %(default)s)")
+    generate.add_argument("--temperature", type=float,
+                          help="sample at this temperature; 0 is greedy, as is giving no sampling option")
+    generate.add_argument("--top-k", type=int, help="sample from the k most likely tokens (0: all)")
+    generate.add_argument("--top-p", type=float, help="sample from the smallest set holding this probability, in (0, 1]")
     generate.add_argument("--seed", type=int, help="seed for sampling")
     generate.add_argument("prompt", nargs="?", help="the prompt; read from standard input when absent")
     generate.set_defaults(run=_generate)
@@ -212,13 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(embed)
     embed.add_argument("--pooling", choices=["mean", "last", "first"], default="mean")
     embed.add_argument("--normalize", action="store_true", help="scale each vector to unit length")
-    embed.add_argument("--output", help="write an .npy file instead of JSON")
-    embed.add_argument("texts", nargs="*")
+    embed.add_argument("--output", help="write an .npy file instead of JSON (.npy is added to a name without it)")
+    embed.add_argument("texts", nargs="*", help="the texts; read from standard input, one per line, when absent")
     embed.set_defaults(run=_embed)
     bench = commands.add_parser("bench", help="time tritongpt2 against transformers, side by side")
     bench.add_argument("--quick", action="store_true", help="tiny shapes on the CPU backends (even where CUDA is), with a parity check")
-    bench.add_argument("--models", type=_csv, help="GPT-2 sizes (default: all four on a GPU, gpt2 on the CPU)")
-    bench.add_argument("--dtypes", type=_csv, help="default: float16,bfloat16 on a GPU, float32 on the CPU")
+    bench.add_argument("--models", type=_csv_of(_model_names, "model"),
+                       help="GPT-2 sizes, comma-separated (default: all four on a GPU, gpt2 on the CPU)")
+    bench.add_argument("--dtypes", type=_csv_of(lambda: DTYPES, "dtype"),
+                       help="comma-separated (default: float16,bfloat16 on a GPU, float32 on the CPU)")
     bench.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     bench.add_argument("--output", help="folder for the JSON, markdown and PNG (default: a new "
                        "./tritongpt2-results/<device>-<time> folder)")
@@ -249,12 +292,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Errors in what the user gave (arguments, files, input) are one line and exit status 2;
+    warnings are one line each."""
     args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except (ValueError, NotImplementedError, OSError) as error:
-        print(f"tritongpt2: error: {error}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return args.run(args)
+        except (ValueError, NotImplementedError, OSError) as error:
+            print(f"tritongpt2: error: {_one_line(error)}", file=sys.stderr)
+            return 2
+
+
+def _one_line(message: object) -> str:
+    return " ".join(str(message).split())
+
+
+def _show_warning(message: Warning | str, *_: object, **__: object) -> None:
+    print(f"tritongpt2: warning: {_one_line(message)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +33,16 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
 
 
 class Embedder:
-    """`embedder(["text", ...])` returns an [N, n_embd] float32 numpy array.
+    """`embedder(["text", ...])` returns an [N, n_embd] float32 numpy array; `embedder("text")` a
+    [1, n_embd] one. Any iterable of strings (a generator too) is taken, read once into a list.
 
     Texts are tokenized, sorted by length and run in batches of up to max_batch texts, each padded
-    to a power-of-two length bucket, so on a GPU each bucket replays one captured graph. Texts longer
-    than the model's context are truncated. Calls from several threads are serialised on one lock
-    (the engine has one KV cache)."""
+    to a power-of-two length bucket, so on a GPU each bucket replays one captured graph. A text
+    longer than the model's context (max_seq tokens) is embedded from its first max_seq tokens, with
+    a warning. Calls from several threads are serialised on one lock (the engine has one KV cache)."""
 
     def __init__(self, engine: Engine, tokenizer: GPT2Tokenizer, *, pooling: str = "mean", normalize: bool = False) -> None:
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling={pooling!r} must be one of {', '.join(POOLINGS)}")
+        _check_pooling(pooling)
         self.engine, self.tokenizer = engine, tokenizer
         self.pooling, self.normalize = pooling, normalize
         self._lock = threading.Lock()
@@ -57,24 +59,32 @@ class Embedder:
     ) -> Embedder:
         """A checkpoint folder (or hub id) with its tokenizer. Engine options as EngineOptions fields
         (dtype=, device=, backend=, max_batch=, max_seq=, cuda_graphs=) or an EngineOptions."""
+        _check_pooling(pooling)
+        options = EngineOptions.of(options, **option_values)  # bad options are refused before anything is read
         checkpoint = load_checkpoint(name_or_path)
-        engine = Engine.from_checkpoint(checkpoint, EngineOptions.of(options, **option_values))
+        engine = Engine.from_checkpoint(checkpoint, options)
         return cls(engine, GPT2Tokenizer.from_pretrained(checkpoint.folder), pooling=pooling, normalize=normalize)
 
     @property
     def dimension(self) -> int:
         return self.engine.config.n_embd
 
-    def __call__(self, texts: list[str] | str) -> np.ndarray:
-        if isinstance(texts, str):
-            texts = [texts]
-        if not all(isinstance(t, str) for t in texts):
-            raise ValueError("texts must be strings")
+    def __call__(self, texts: Iterable[str] | str) -> np.ndarray:
+        texts = _texts(texts)
         max_seq = self.engine.cache.max_seq
-        encoded = [self.tokenizer.encode(text)[:max_seq] for text in texts]
+        encoded = [self.tokenizer.encode(text) for text in texts]
         for text, ids in zip(texts, encoded):
             if not ids:
                 raise ValueError(f"text {text!r} has no tokens")
+        longer = {i: len(ids) for i, ids in enumerate(encoded) if len(ids) > max_seq}
+        if longer:
+            shown = ", ".join(f"texts[{i}] has {count}" for i, count in list(longer.items())[:3])
+            warnings.warn(
+                f"{len(longer)} text(s) longer than the model's context of max_seq={max_seq} tokens ({shown}): each is "
+                f"embedded from its first {max_seq} tokens",
+                stacklevel=2,
+            )
+            encoded = [ids[:max_seq] for ids in encoded]
         out = np.empty((len(texts), self.dimension), dtype=np.float32)
         order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
         with self._lock:
@@ -96,3 +106,25 @@ class Embedder:
         if self.normalize:
             vectors = torch.nn.functional.normalize(vectors, dim=-1)
         return vectors.cpu().numpy()
+
+
+def _check_pooling(pooling: str) -> None:
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling={pooling!r} must be one of {', '.join(POOLINGS)}")
+
+
+def _texts(texts: Any) -> list[str]:
+    """texts as a list of valid Unicode strings; ValueError naming the first that is not one."""
+    if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Iterable):
+        raise ValueError(f"texts must be a str or an iterable of str, got {type(texts).__name__}")
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(f"texts[{i}] is of type {type(text).__name__}, not str")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(
+                f"texts[{i}] holds a lone surrogate {text[error.start]!r} at character {error.start}: not valid Unicode text"
+            ) from None
+    return texts
