@@ -8,13 +8,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tritongpt2
-from tritongpt2.bench.model_shapes import ModelShape
-from tritongpt2.bench.suite import build_model
+from checkpoints import save_model
 from tritongpt2.kernels.launch import VIEW_OPS
 
 pytest.importorskip("transformers")
 # gpt2's 12 layers and widths; a smaller vocabulary keeps the test quick (the LM head is one matmul whatever its size).
-GPT2_LAYERS = ModelShape("gpt2-small-vocab", 768, 12, 12, vocab_size=4096)
+GPT2_LAYERS = dict(n_embd=768, n_head=12, n_layer=12, n_inner=None, n_positions=1024, vocab_size=4096)
 MOST_OPS = 200
 
 
@@ -33,9 +32,9 @@ class WorkOps(TorchDispatchMode):
 
 
 def test_a_gpt2_decode_step_through_the_drop_in_api_runs_under_200_ops(tmp_path):
-    build_model(GPT2_LAYERS, torch.float32, torch.device("cpu")).save_pretrained(tmp_path)
+    save_model(tmp_path, **GPT2_LAYERS)
     model = tritongpt2.GPT2LMHeadModel.from_pretrained(tmp_path, backend="torch")
-    prompt = torch.randint(0, GPT2_LAYERS.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(0, GPT2_LAYERS["vocab_size"], (1, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = model(input_ids=prompt)
         next_id = out.logits[:, -1:].argmax(-1)
