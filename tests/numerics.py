@@ -56,8 +56,10 @@ def on(backend: str | Backend, value: Any) -> Any:
 
 
 def relative_error(out: torch.Tensor, oracle: torch.Tensor) -> float:
-    diff = out.double() - oracle.double()
-    return (diff.norm() / oracle.double().norm().clamp_min(1e-30)).item()
+    """||out - oracle|| / ||oracle||, in float64 on the CPU: ours, on the backend's device, is held
+    against a reference computed on the CPU."""
+    out, oracle = out.detach().cpu().double(), oracle.detach().cpu().double()
+    return ((out - oracle).norm() / oracle.norm().clamp_min(1e-30)).item()
 
 
 def assert_close(out: torch.Tensor, oracle: torch.Tensor, same_dtype: torch.Tensor | None = None) -> None:
