@@ -86,7 +86,7 @@ def _to_host(args: tuple, kwargs: dict) -> bool:
     for arg in (*args[1:], kwargs.get("device"), kwargs.get("other")):
         if isinstance(arg, torch.Tensor):
             return not isinstance(arg, OnDevice)
-        if isinstance(arg, (str, torch.device)) and not isinstance(arg, torch.dtype):
+        if isinstance(arg, (str, torch.device)):
             try:
                 return torch.device(arg).type == "cpu"
             except RuntimeError:
