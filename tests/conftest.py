@@ -7,6 +7,21 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import device_audit  # noqa: E402  (after TRITON_INTERPRET: it imports the package when enabled)
+
+# TRITONGPT2_TEST_DEVICE_AUDIT=1: the kernel backend's tensors count as living on a device of their
+# own, as on a GPU machine (device_audit.py). Installed before the test modules import the package's
+# functions, so that they import the checked ones.
+if device_audit.ENABLED:
+    if torch.cuda.is_available():
+        raise RuntimeError(f"{device_audit.ENV}=1 stands in for a GPU on a CPU-only machine; on this one run the suite as it is")
+    device_audit.install()
+
+
+def pytest_report_header(config):
+    if device_audit.ENABLED:
+        return f"device audit on ({device_audit.ENV}=1): the {device_audit.FOREIGN} backend counts as a device of its own"
+
 
 def pytest_generate_tests(metafunc):
     # `ops`: the test runs once per backend whose ops run on the tests' device (numerics.BACKEND_OPS).

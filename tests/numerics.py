@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
-from tritongpt2.kernels.backend import resolve_backend
+import device_audit
+from tritongpt2.kernels.backend import BACKENDS, Backend, resolve_backend
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -23,9 +24,42 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
+def device_of(backend: str | Backend) -> torch.device:
+    """The device a backend's tensors live on: cuda for triton, the CPU for interpret and torch."""
+    return (backend if isinstance(backend, Backend) else BACKENDS[backend]).device
+
+
+def on(backend: str | Backend, value: Any) -> Any:
+    """value on device_of(backend): a tensor, a module (moved in place, as module.to does), None,
+    or a tuple, list or dict of them. Every tensor a test hands to an engine or model of `backend`
+    goes through here (or is made from one that did), so that on a GPU machine the kernel backend's
+    inputs are on cuda while the torch backend's stay on the CPU; the device audit (device_audit.py)
+    checks that they do."""
+    name = backend.name if isinstance(backend, Backend) else backend
+    device = device_of(name)
+    foreign = device_audit.ENABLED and name == device_audit.FOREIGN
+    if value is None:
+        return None
+    if isinstance(value, torch.nn.Module):
+        value.to(device)
+        if device_audit.ENABLED:
+            device_audit.tag(value, name)
+        return value
+    if isinstance(value, torch.Tensor):
+        moved = value.to(device)  # a tensor the audit marked leaves the device with .to("cpu")
+        return device_audit.mark(moved) if foreign else moved
+    if isinstance(value, (tuple, list)):
+        return type(value)(on(name, item) for item in value)
+    if isinstance(value, dict):
+        return {key: on(name, item) for key, item in value.items()}
+    raise TypeError(f"on() moves tensors, modules and containers of them, not {type(value).__name__}")
+
+
 def relative_error(out: torch.Tensor, oracle: torch.Tensor) -> float:
-    diff = out.double() - oracle.double()
-    return (diff.norm() / oracle.double().norm().clamp_min(1e-30)).item()
+    """||out - oracle|| / ||oracle||, in float64 on the CPU: ours, on the backend's device, is held
+    against a reference computed on the CPU."""
+    out, oracle = out.detach().cpu().double(), oracle.detach().cpu().double()
+    return ((out - oracle).norm() / oracle.norm().clamp_min(1e-30)).item()
 
 
 def assert_close(out: torch.Tensor, oracle: torch.Tensor, same_dtype: torch.Tensor | None = None) -> None:

@@ -46,6 +46,10 @@ def test_quick_runs_on_the_cpu_where_cuda_is_available(fake_suite, monkeypatch, 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert cli.main(["bench", "--quick", "--output", str(tmp_path)]) == 0
     assert fake_suite["device"] == torch.device("cpu")
+    # The implementations it times there run on the CPU: tritongpt2 on the torch backend.
+    device = fake_suite["device"]
+    made = dict(suite.runners_for(suite.build_model(suite.QUICK_SHAPE, torch.float32, device), device))
+    assert "tritongpt2-nograph" not in made and made["tritongpt2"]().backend == "torch"
     assert cli.main(["bench", "--quick", "--device", "cuda", "--output", str(tmp_path)]) == 2
 
 

@@ -11,7 +11,7 @@ import torch
 
 import tritongpt2
 from checkpoints import save_model
-from numerics import BACKEND, ON_GPU, relative_error
+from numerics import BACKEND, ON_GPU, on, relative_error
 from tritongpt2.heads.cache import KVCache
 
 transformers = pytest.importorskip("transformers")
@@ -294,10 +294,10 @@ def concurrent(call, inputs):
 @pytest.mark.parametrize("backend", ["torch", BACKEND])
 def test_eight_threads_each_get_their_own_answer(tmp_path, backend):
     folder, model = save_model(tmp_path)
-    tritongpt2.accelerate(model, backend=backend)
+    tritongpt2.accelerate(on(backend, model), backend=backend)
     native = tritongpt2.GPT2LMHeadModel.from_pretrained(folder, backend=backend)
     engine = tritongpt2.Engine.from_pretrained(folder, backend=backend)
-    prompts = [ids(rows=1 + i % 3, seq=3 + i, seed=i) for i in range(8)]
+    prompts = [on(backend, ids(rows=1 + i % 3, seq=3 + i, seed=i)) for i in range(8)]
     calls = {
         "accelerated": lambda x: model(input_ids=x).logits,
         "native": lambda x: native(input_ids=x).logits,
@@ -318,6 +318,6 @@ def test_interpret_backend_refuses_bfloat16(tmp_path):
     with pytest.raises(ValueError, match="interpreter computes bfloat16 tl.dot wrongly"):
         tritongpt2.Engine.from_pretrained(folder, backend="interpret", dtype=torch.bfloat16)
     # An accelerated bfloat16 model on the interpreter runs transformers' forward instead, and says why.
-    tritongpt2.accelerate(model.to(torch.bfloat16), backend="interpret")
+    tritongpt2.accelerate(on("interpret", model.to(torch.bfloat16)), backend="interpret")
     with torch.no_grad(), pytest.warns(UserWarning, match="interpreter computes bfloat16"):
-        model(input_ids=ids())
+        model(input_ids=on("interpret", ids()))

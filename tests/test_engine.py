@@ -1,10 +1,12 @@
-"""The engine against transformers' eager GPT-2, in float32, on the interpreter and the torch backend."""
+"""The engine against transformers' eager GPT-2, in float32, on the interpreter and the torch backend.
+The reference runs on the CPU; the engine's inputs go to its backend's device (numerics.on), and its
+outputs come back to the CPU to be compared."""
 
 import pytest
 import torch
 
 from checkpoints import save_model
-from numerics import BACKEND, relative_error
+from numerics import BACKEND, on, relative_error
 from tritongpt2.engine.engine import Engine
 from tritongpt2.engine.generation import generate
 from tritongpt2.kernels.activations import ACTIVATIONS
@@ -58,8 +60,8 @@ def test_logits_match_transformers(models, name, backend):
     engine = Engine.from_pretrained(folder, backend=backend)
     ids = prompts(2, 7)
     expected = hf_logits(model, ids)
-    assert relative_error(engine.prefill(ids, logits="all").logits, expected) < TOLERANCE
-    assert relative_error(engine.prefill(ids).logits, expected[:, -1]) < TOLERANCE
+    assert relative_error(engine.prefill(on(backend, ids), logits="all").logits, expected) < TOLERANCE
+    assert relative_error(engine.prefill(on(backend, ids)).logits, expected[:, -1]) < TOLERANCE
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -71,14 +73,14 @@ def test_left_and_right_padding(models, backend):
     mask[0, :4] = 0  # left padding
     mask[1, 6:] = 0  # right padding
     expected = hf_logits(model, ids, mask)
-    out = engine.prefill(ids, mask, logits="all", hidden=True)
+    out = engine.prefill(on(backend, ids), on(backend, mask), logits="all", hidden=True)
     real = mask.bool()
-    assert relative_error(out.logits[real], expected[real]) < TOLERANCE
+    assert relative_error(out.logits.cpu()[real], expected[real]) < TOLERANCE
     last = torch.tensor([8, 5, 8])
-    assert relative_error(engine.prefill(ids, mask).logits, expected[torch.arange(3), last]) < TOLERANCE
+    assert relative_error(engine.prefill(on(backend, ids), on(backend, mask)).logits, expected[torch.arange(3), last]) < TOLERANCE
     with torch.no_grad():
         hidden = model.transformer(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
-    assert relative_error(out.hidden_states[real], hidden.last_hidden_state[real]) < TOLERANCE
+    assert relative_error(out.hidden_states.cpu()[real], hidden.last_hidden_state[real]) < TOLERANCE
     assert not torch.isnan(out.hidden_states).any(), "padding positions must not produce NaN"
 
 
@@ -89,7 +91,7 @@ def test_token_type_ids_and_explicit_positions(models, backend):
     ids, types = prompts(2, 6), prompts(2, 6, seed=7)
     positions = torch.tensor([[3, 4, 5, 6, 7, 8], [0, 2, 4, 6, 8, 10]])
     expected = hf_logits(model, ids, token_type_ids=types, position_ids=positions)
-    out = engine.prefill(ids, token_type_ids=types, position_ids=positions, logits="all")
+    out = engine.prefill(on(backend, ids), token_type_ids=on(backend, types), position_ids=on(backend, positions), logits="all")
     assert relative_error(out.logits, expected) < TOLERANCE
 
 
@@ -99,10 +101,10 @@ def test_continuing_from_the_cache(models, backend):
     engine = Engine.from_pretrained(folder, backend=backend)
     ids = prompts(2, 12)
     expected = hf_logits(model, ids)
-    engine.prefill(ids[:, :5])
-    middle = engine.prefill(ids[:, 5:11], reset=False, logits="all").logits
+    engine.prefill(on(backend, ids[:, :5]))
+    middle = engine.prefill(on(backend, ids[:, 5:11]), reset=False, logits="all").logits
     assert relative_error(middle, expected[:, 5:11]) < TOLERANCE
-    last = engine.decode(ids[:, 11]).logits
+    last = engine.decode(on(backend, ids[:, 11])).logits
     assert relative_error(last, expected[:, 11]) < TOLERANCE
     assert engine.cache.used == 12
 
@@ -119,7 +121,7 @@ def test_greedy_generation_equals_transformers(models, backend):
         expected = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0
         )
-    ours = generate(engine, ids, mask, max_new_tokens=10, eos_token_id=[])
+    ours = generate(engine, on(backend, ids), on(backend, mask), max_new_tokens=10, eos_token_id=[])  # on the CPU
     assert torch.equal(ours, expected)
     continuations = {tuple(row[6:].tolist()) for row in ours}
     assert len(continuations) == 3, "random weights too blind: every prompt continues the same way"
@@ -133,12 +135,12 @@ def test_inputs_embeds_instead_of_ids(models, backend):
     embeds = torch.randn(2, 5, 80)
     with torch.no_grad():
         expected = model(inputs_embeds=embeds, token_type_ids=types).logits
-    out = engine.prefill(inputs_embeds=embeds, token_type_ids=types, logits="all")
+    out = engine.prefill(inputs_embeds=on(backend, embeds), token_type_ids=on(backend, types), logits="all")
     assert relative_error(out.logits, expected) < TOLERANCE
     with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
-        engine.prefill(ids, inputs_embeds=embeds)
+        engine.prefill(on(backend, ids), inputs_embeds=on(backend, embeds))
     with pytest.raises(ValueError, match=r"inputs_embeds must be \[batch, seq, 80\], got shape \(2, 5, 7\)"):
-        engine.prefill(inputs_embeds=torch.randn(2, 5, 7))
+        engine.prefill(inputs_embeds=on(backend, torch.randn(2, 5, 7)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -150,8 +152,8 @@ def test_continuing_with_a_mask_that_covers_the_cached_tokens(models, backend):
     mask[0, :3] = 0
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     expected = hf_logits(model, ids, mask, position_ids=positions)
-    engine.prefill(ids[:, :6], mask[:, :6])
-    out = engine.prefill(ids[:, 6:], mask, reset=False, logits="all")  # the mask as transformers takes it: past + new
+    engine.prefill(on(backend, ids[:, :6]), on(backend, mask[:, :6]))
+    out = engine.prefill(on(backend, ids[:, 6:]), on(backend, mask), reset=False, logits="all")  # the mask as transformers takes it: past + new
     assert relative_error(out.logits, expected[:, 6:]) < TOLERANCE
     assert torch.equal(engine.cache.key_mask[:2, :9].cpu(), mask.int())
 
@@ -161,4 +163,4 @@ def test_every_activation_end_to_end(tmp_path, activation):
     folder, model = save_model(tmp_path, n_layer=1, activation_function=activation)
     engine = Engine.from_pretrained(folder, backend=BACKEND)
     ids = prompts(1, 5)
-    assert relative_error(engine.prefill(ids, logits="all").logits, hf_logits(model, ids)) < TOLERANCE
+    assert relative_error(engine.prefill(on(BACKEND, ids), logits="all").logits, hf_logits(model, ids)) < TOLERANCE

@@ -59,7 +59,7 @@ def test_graph_replays_match_the_eager_kernels(checkpoint, dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_parity_with_transformers(checkpoint, dtype):
     folder, model = checkpoint
-    model = model.to(device="cuda", dtype=dtype)
+    model = copy.deepcopy(model).to(device="cuda", dtype=dtype)  # a copy: Module.to converts in place
     engine = Engine.from_pretrained(folder, dtype=dtype, backend="triton")
     ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0)).cuda()
     mask = torch.ones_like(ids)
@@ -72,7 +72,7 @@ def test_low_precision_parity_with_transformers(checkpoint, dtype):
 
 def test_float32_greedy_generation_on_the_gpu(checkpoint):
     folder, model = checkpoint
-    model = model.to(device="cuda", dtype=torch.float32)
+    model = copy.deepcopy(model).to(device="cuda", dtype=torch.float32)
     engine = Engine.from_pretrained(folder, backend="triton")
     ids = torch.randint(0, 300, (2, 6), generator=torch.Generator().manual_seed(1)).cuda()
     with torch.no_grad():

@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from checkpoints import save_model
-from numerics import BACKEND, OPS, relative_error
+from numerics import BACKEND, OPS, on, relative_error
 from tritongpt2.engine.engine import Engine
 from tritongpt2.engine.forward import gpt2_step
 from tritongpt2.engine import graphs
@@ -47,12 +47,13 @@ def checkpoint(tmp_path_factory):
     return save_model(tmp_path_factory.mktemp("graphs"))
 
 
-def step_inputs(batch, seq, seed):
+def step_inputs(batch, seq, seed, backend="torch"):
+    """(ids, mask, the new-token count) on the backend's device."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 300, (batch, seq), generator=g)
     mask = (torch.rand(batch, seq, generator=g) > 0.3).to(torch.int32)
     mask[:, -1] = 1
-    return ids, mask, torch.full((1,), seq, dtype=torch.int64)
+    return on(backend, (ids, mask, torch.full((1,), seq, dtype=torch.int64)))
 
 
 def recorded_step(engine, ids, mask, new, **options):
@@ -72,9 +73,9 @@ def launch_shapes(records):
 def test_kernel_step_never_reads_the_device_and_takes_shapes_from_the_bucket(checkpoint, seq):
     engine = Engine.from_pretrained(checkpoint[0], backend=BACKEND)
     with host_reads_forbidden():
-        first = recorded_step(engine, *step_inputs(4, seq, seed=1), logits="last", hidden=True)
+        first = recorded_step(engine, *step_inputs(4, seq, seed=1, backend=BACKEND), logits="last", hidden=True)
         engine.cache.lengths[:4] += 7  # other data, other cache state: the same launches
-        second = recorded_step(engine, *step_inputs(4, seq, seed=2), logits="last", hidden=True)
+        second = recorded_step(engine, *step_inputs(4, seq, seed=2, backend=BACKEND), logits="last", hidden=True)
     assert first and launch_shapes(first) == launch_shapes(second)
 
 
@@ -140,7 +141,7 @@ def test_padding_that_would_overrun_the_cache_captures_the_exact_length(checkpoi
 
 def test_kernels_under_graph_runner(checkpoint):
     eager, graphed, _ = eager_and_graphed(checkpoint[0], backend=BACKEND)
-    ids, mask, _ = step_inputs(2, 4, seed=6)
+    ids, mask, _ = step_inputs(2, 4, seed=6, backend=BACKEND)
     for _ in range(2):
         expected, got = eager.prefill(ids, mask), graphed.prefill(ids, mask)
         assert relative_error(got.logits, expected.logits) < 1e-6

@@ -1,10 +1,12 @@
-"""The six drop-in classes and accelerate() against transformers, on random-weight checkpoints."""
+"""The six drop-in classes and accelerate() against transformers, on random-weight checkpoints. The
+references run on the CPU; ours take inputs on their backend's device (numerics.on), and their
+outputs come back to the CPU to be compared."""
 
 import pytest
 import torch
 
 from checkpoints import in_float64, save_model
-from numerics import BACKEND, assert_close, relative_error
+from numerics import BACKEND, assert_close, on, relative_error
 import tritongpt2
 
 transformers = pytest.importorskip("transformers")
@@ -14,8 +16,11 @@ BACKENDS = ["torch", BACKEND]
 
 def close(ours, theirs, oracle, mask=None):
     """ours against transformers in float64 (oracle), allowed numerics.TOLERANCE for the dtype plus
-    twice the error transformers makes in the same dtype (theirs): a tolerance earned, not guessed."""
+    twice the error transformers makes in the same dtype (theirs): a tolerance earned, not guessed.
+    Compared on the CPU, where the references are."""
+    ours = ours.cpu()
     if mask is not None:
+        mask = mask.cpu()
         ours, theirs, oracle = ours[mask], theirs[mask], oracle[mask]
     assert_close(ours, oracle, theirs)
 
@@ -42,7 +47,7 @@ def test_gpt2_model_hidden_states_and_cache(tmp_path, backend):
     ours = tritongpt2.GPT2Model.from_pretrained(folder, backend=backend)
     ids, mask = batch()
     expected, oracle = hf_run(hf, input_ids=ids, attention_mask=mask, output_hidden_states=True)
-    got = ours(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    got = ours(input_ids=on(backend, ids), attention_mask=on(backend, mask), output_hidden_states=True)
     real = mask.bool()
     close(got.last_hidden_state, expected.last_hidden_state, oracle.last_hidden_state, real)
     assert len(got.hidden_states) == len(expected.hidden_states) == 3
@@ -50,10 +55,10 @@ def test_gpt2_model_hidden_states_and_cache(tmp_path, backend):
         close(a, b, c, real)
     assert got[0] is got.last_hidden_state and got["hidden_states"] is got.hidden_states
     assert got.past_key_values is got.cache and got.past_key_values.get_seq_length() == 7
-    as_tuple = ours(input_ids=ids, attention_mask=mask, return_dict=False)
+    as_tuple = ours(input_ids=on(backend, ids), attention_mask=on(backend, mask), return_dict=False)
     assert isinstance(as_tuple, tuple) and len(as_tuple) == 2
     with pytest.raises(NotImplementedError, match="output_attentions"):
-        ours(input_ids=ids, output_attentions=True)
+        ours(input_ids=on(backend, ids), output_attentions=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -64,19 +69,19 @@ def test_lm_head_logits_loss_and_continuation(tmp_path, backend):
     labels = ids.clone()
     labels[0, :3] = -100
     expected, oracle = hf_run(hf, input_ids=ids, attention_mask=mask, labels=labels)
-    got = ours(input_ids=ids, attention_mask=mask, labels=labels)
+    got = ours(input_ids=on(backend, ids), attention_mask=on(backend, mask), labels=on(backend, labels))
     close(got.logits, expected.logits, oracle.logits, mask.bool())
     assert abs(got.loss.item() - expected.loss.item()) < 1e-4 * abs(expected.loss.item())
-    assert ours(input_ids=ids, logits_to_keep=1).logits.shape == (2, 1, 300)
+    assert ours(input_ids=on(backend, ids), logits_to_keep=1).logits.shape == (2, 1, 300)
 
-    first = ours(input_ids=ids[:, :5], attention_mask=mask[:, :5], use_cache=True)
-    second = ours(input_ids=ids[:, 5:], attention_mask=mask, past_key_values=first.past_key_values)
+    first = ours(input_ids=on(backend, ids[:, :5]), attention_mask=on(backend, mask[:, :5]), use_cache=True)
+    second = ours(input_ids=on(backend, ids[:, 5:]), attention_mask=on(backend, mask), past_key_values=first.past_key_values)
     full, full_oracle = hf_run(hf, input_ids=ids, attention_mask=mask)
     close(second.logits, full.logits[:, 5:], full_oracle.logits[:, 5:])
     # As transformers' caches: the same object, continued in place.
     assert second.past_key_values is first.past_key_values and first.past_key_values.get_seq_length() == 9
     with pytest.raises(ValueError, match="past_key_values is a DynamicCache; the tritongpt2 forward continues only from"):
-        ours(input_ids=ids[:, 5:], past_key_values=expected.past_key_values)
+        ours(input_ids=on(backend, ids[:, 5:]), past_key_values=expected.past_key_values)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -86,9 +91,10 @@ def test_lm_head_generate_equals_transformers(tmp_path, backend):
     ids, mask = batch(rows=2, seq=6, pad_left=3, pad_right=0)
     with torch.no_grad():
         expected = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert torch.equal(ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0), expected)
+    got = ours.generate(input_ids=on(backend, ids), attention_mask=on(backend, mask), max_new_tokens=6, pad_token_id=0)
+    assert torch.equal(got.cpu(), expected)
     with pytest.raises(NotImplementedError, match="num_beams"):
-        ours.generate(input_ids=ids, num_beams=4)
+        ours.generate(input_ids=on(backend, ids), num_beams=4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -106,7 +112,7 @@ def test_sequence_classification_pools_the_last_real_token(tmp_path, backend, pr
     ids, mask = batch()
     ids[mask == 0] = 0
     expected, oracle = hf_run(hf, input_ids=ids, attention_mask=mask, labels=labels)
-    got = ours(input_ids=ids, attention_mask=mask, labels=labels)
+    got = ours(input_ids=on(backend, ids), attention_mask=on(backend, mask), labels=on(backend, labels))
     close(got.logits, expected.logits, oracle.logits)
     assert abs(got.loss.item() - expected.loss.item()) < 1e-4 * max(1.0, abs(expected.loss.item()))
     assert ours.config.problem_type == hf.config.problem_type == problem
@@ -156,7 +162,7 @@ def test_token_classification(tmp_path, backend):
     labels = torch.randint(0, 4, ids.shape)
     labels[0, :2] = -100
     expected, oracle = hf_run(hf, input_ids=ids, labels=labels, output_hidden_states=True)
-    got = ours(input_ids=ids, labels=labels, output_hidden_states=True)
+    got = ours(input_ids=on(backend, ids), labels=on(backend, labels), output_hidden_states=True)
     close(got.logits, expected.logits, oracle.logits)
     assert abs(got.loss.item() - expected.loss.item()) < 1e-4 * expected.loss.item()
     assert got.hidden_states[-1].shape == (3, 7, 80)
@@ -169,7 +175,7 @@ def test_question_answering_clamps_positions(tmp_path, backend):
     ids, _ = batch()
     start, end = torch.tensor([1, 40, 3]), torch.tensor([[4], [6], [-5]])
     expected, oracle = hf_run(hf, input_ids=ids, start_positions=start, end_positions=end)
-    got = ours(input_ids=ids, start_positions=start, end_positions=end)
+    got = ours(input_ids=on(backend, ids), start_positions=on(backend, start), end_positions=on(backend, end))
     close(got.start_logits, expected.start_logits, oracle.start_logits)
     close(got.end_logits, expected.end_logits, oracle.end_logits)
     assert abs(got.loss.item() - expected.loss.item()) < 1e-4 * expected.loss.item()
@@ -194,7 +200,7 @@ def test_double_heads_every_summary_option(tmp_path, backend, summary):
     kwargs = dict(input_ids=ids, mc_token_ids=mc_token_ids, labels=labels)
     if summary.get("summary_use_proj", True) and summary.get("summary_proj_to_labels", True):
         kwargs["mc_labels"] = mc_labels
-    (expected, oracle), got = hf_run(hf, **kwargs), ours(**kwargs)
+    (expected, oracle), got = hf_run(hf, **kwargs), ours(**on(backend, kwargs))
     close(got.logits, expected.logits, oracle.logits)
     close(got.mc_logits, expected.mc_logits, oracle.mc_logits)
     assert abs(got.loss.item() - expected.loss.item()) < 1e-4 * expected.loss.item()
@@ -249,9 +255,9 @@ def test_accelerate_in_place_with_shared_weights(tmp_path, backend, name, config
     ids = torch.randint(1, 300, (2, 6), generator=torch.Generator().manual_seed(2))
     expected, oracle = (main(out) for out in hf_run(model, input_ids=ids))
     keys = list(model.state_dict())
-    assert tritongpt2.accelerate(model, backend=backend) is model
+    assert tritongpt2.accelerate(on(backend, model), backend=backend) is model
     with torch.no_grad():
-        close(main(model(input_ids=ids)), expected, oracle)
+        close(main(model(input_ids=on(backend, ids))), expected, oracle)
     base = model.transformer if hasattr(model, "transformer") else model
     assert model.tritongpt2.engine.weights.wte.data_ptr() == base.wte.weight.data_ptr()
     assert model.tritongpt2.engine.weights.layers[1].fc_weight.data_ptr() == base.h[1].mlp.c_fc.weight.data_ptr()
@@ -279,8 +285,8 @@ def test_accelerate_a_half_precision_model(tmp_path, backend, dtype):
     model = model.to(dtype)
     ids = torch.randint(0, 300, (2, 6), generator=torch.Generator().manual_seed(4))
     expected, oracle = (out.logits for out in hf_run(model, input_ids=ids))
-    tritongpt2.accelerate(model, backend=backend)
+    tritongpt2.accelerate(on(backend, model), backend=backend)
     with torch.no_grad():
-        got = model(input_ids=ids).logits
+        got = model(input_ids=on(backend, ids)).logits
     assert got.dtype == dtype
     close(got, expected, oracle)
