@@ -144,7 +144,7 @@ class Engine:
         head_mask [n_head] or [n_layer, n_head] scales each head's attention output (0 removes it).
         `cache` is the engine's own unless given (one from `new_cache`)."""
         _check_logits_mode(logits)
-        cache = self._cache(cache)
+        cache = self.cache_to_use(cache)
         head_scale = self._head_scale(head_mask)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
@@ -184,7 +184,7 @@ class Engine:
         check_ids=False skips the range check of the ids, which reads them on the host (a device
         synchronisation): for tokens the engine sampled itself."""
         _check_logits_mode(logits)
-        cache = self._cache(cache)
+        cache = self.cache_to_use(cache)
         if cache.used == 0:
             raise ValueError("decode needs a prefilled cache; call prefill first")
         if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1:
@@ -200,7 +200,7 @@ class Engine:
         inputs = {"input_ids": ids, "inputs_embeds": None, "attention_mask": mask, "token_type_ids": types, "position_ids": None}
         return self._step(cache, inputs, logits=logits, hidden=hidden, mask_of_ones=True)
 
-    def _cache(self, cache: StaticKVCache | None) -> StaticKVCache:
+    def cache_to_use(self, cache: StaticKVCache | None) -> StaticKVCache:
         """The cache a step runs on: the engine's own, or the caller's if it fits this model."""
         if cache is None:
             return self.cache

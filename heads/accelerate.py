@@ -182,7 +182,7 @@ class Accelerated:
             if ours is not None:
                 arguments[name] = given = ours
         if isinstance(given, KVCache) and self.engine is not None:
-            self.engine._cache(given.storage)  # a cache of the model's former dtype or device is refused
+            self.engine.cache_to_use(given.storage)  # a cache of the model's former dtype or device is refused
         return self.transformers_forward(**arguments)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
