@@ -11,6 +11,7 @@ the real per-layer shapes with 1 and 2 layers; the difference is one layer, scal
 from __future__ import annotations
 
 import inspect
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
@@ -30,16 +31,24 @@ WORKLOADS = ("decode", "prefill", "embed")
 GATHER_OPS = {"embedding", "index_select", "index"}
 
 
+# Kernels that read a few rows, not a weight or the KV cache: their program count does not decide
+# how much of the GPU streams memory.
+ROW_KERNELS = {"embedding_kernel", "layer_norm_kernel"}
+
+
 @dataclass
 class StepTraffic:
     bytes: int = 0
     launches: int = 0
     per_kernel: dict[str, int] = field(default_factory=dict)
+    fewest_programs: dict[str, int] = field(default_factory=dict)  # per Triton kernel, over its launches
 
-    def add(self, name: str, nbytes: int) -> None:
+    def add(self, name: str, nbytes: int, programs: int | None = None) -> None:
         self.bytes += nbytes
         self.launches += 1
         self.per_kernel[name] = self.per_kernel.get(name, 0) + nbytes
+        if programs is not None:
+            self.fewest_programs[name] = min(programs, self.fewest_programs.get(name, programs))
 
 
 def _tensor_bytes(value: object) -> int:
@@ -105,7 +114,7 @@ def counting_kernel_traffic(traffic: StepTraffic, aten: AtenTraffic) -> Iterator
             yield
         finally:
             aten.in_kernel = False
-            traffic.add(record.kernel.fn.__name__, current[0])
+            traffic.add(record.kernel.fn.__name__, current[0], math.prod(record.grid))
 
     InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store = counted_load, counted_store
     try:
@@ -187,6 +196,8 @@ def run_traffic_audit(shape: ModelShape, workload: str, batch: int, context: int
             "dtype": str(dtype).removeprefix("torch."), "impl": impl, "bytes": total, "ideal_bytes": ideal,
             "ratio_to_ideal": round(total / ideal, 3), "launches": launches,
             "launches_per_layer": two.launches - one.launches,
+            "fewest_programs": min((p for k, p in two.fewest_programs.items() if k not in ROW_KERNELS), default=None),
+            "programs_per_kernel": two.fewest_programs,
             "per_layer_bytes": {k: v - one.per_kernel.get(k, 0) for k, v in two.per_kernel.items() if v - one.per_kernel.get(k, 0)},
         })
     return rows

@@ -65,7 +65,7 @@ def gpt2_step(
     cache.key_mask[:batch].scatter_(1, slots, attention_mask.to(torch.int32))
     if position_ids is None:
         position_ids = positions_from_mask(cache.next_position[:batch], attention_mask)
-    access = ops.cache_access(slots, start, cache.key_mask)
+    access = ops.cache_access(slots, start, cache.key_mask, cache.semaphores)
 
     x = ops.embedding(input_ids, position_ids, weights.wte, weights.wpe, token_type_ids, inputs_embeds)  # [B, T, C]
     eps, width = config.layer_norm_epsilon, config.n_embd
@@ -84,9 +84,11 @@ def gpt2_step(
             attn = ops.flash_attention(q, keys, values, access, scale)
         if head_scale is not None:
             attn = (attn.view(batch, seq, config.n_head, -1) * head_scale[i, :, None]).view(batch, seq, width)
-        x = ops.linear_residual(attn, layer.attn_proj_weight, layer.attn_proj_bias, x)
-        h = ops.ln_linear(x, layer.ln_2_weight, layer.ln_2_bias, eps, layer.fc_weight, layer.fc_bias, config.activation_function)
-        x = ops.linear_residual(h, layer.mlp_proj_weight, layer.mlp_proj_bias, x)
+        x = ops.linear_residual(attn, layer.attn_proj_weight, layer.attn_proj_bias, x, semaphores=access.semaphores)
+        x = ops.mlp(
+            x, layer.ln_2_weight, layer.ln_2_bias, eps, layer.fc_weight, layer.fc_bias, config.activation_function,
+            layer.mlp_proj_weight, layer.mlp_proj_bias, semaphores=access.semaphores,
+        )
 
     cache.lengths[:batch].add_(new_tokens)
     cache.next_position[:batch].add_(attention_mask.sum(-1))
@@ -100,7 +102,9 @@ def gpt2_step(
             # Each row's last real token: the first 1 of the mask read from the end.
             last = seq - 1 - attention_mask.flip(-1).long().argmax(-1)
             final = x.rows((torch.arange(batch, device=attention_mask.device), last))  # [B, C]
-        out_logits = ops.ln_linear(final, weights.ln_f_weight, weights.ln_f_bias, eps, weights.lm_head.T)
+        out_logits = ops.ln_linear(
+            final, weights.ln_f_weight, weights.ln_f_bias, eps, weights.lm_head.T, semaphores=access.semaphores
+        )
     elif logits == "all":
-        out_logits = ops.ln_linear(x, weights.ln_f_weight, weights.ln_f_bias, eps, weights.lm_head.T)
+        out_logits = ops.ln_linear(x, weights.ln_f_weight, weights.ln_f_bias, eps, weights.lm_head.T, semaphores=access.semaphores)
     return StepOutput(hidden_states, out_logits, collected)

@@ -7,6 +7,9 @@ import torch
 # A cache that may grow adds slots in steps of this many (and at least doubles), so a generation
 # reallocates a few times, not every token.
 SLOT_GRANULE = 64
+# Counters for kernels whose programs count each other's arrival, beyond one per (row, head) for
+# decode attention: split-K column tiles and the fused MLP's (a few hundred at gpt2-xl's widths).
+SEMAPHORES_BEYOND_HEADS = 4096
 
 
 class StaticKVCache:
@@ -15,7 +18,9 @@ class StaticKVCache:
 
     - key_mask [rows, slots] int32: 1 where a slot holds a real token (padding stays 0);
     - lengths [rows]: slots used in each row, where the next token is written;
-    - next_position [rows]: the position id of each row's next real token.
+    - next_position [rows]: the position id of each row's next real token;
+    - semaphores: int32 counters, zero between kernels, that the step's kernels arrive on (owned by
+      the cache so that steps on different caches never share them).
 
     Rows advance together (a batch is prefilled and decoded as one), so the host knows how many
     slots are used without reading the device: `used`. The engine's own cache is static: its
@@ -45,6 +50,7 @@ class StaticKVCache:
         self.key_mask = torch.zeros(max_batch, slots, dtype=torch.int32, device=device)
         self.lengths = torch.zeros(max_batch, dtype=torch.int64, device=device)
         self.next_position = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        self.semaphores = _semaphores(max_batch, n_head, device)
         self.max_seq = max_seq
         self.growable = growable
         self.used = 0
@@ -148,3 +154,8 @@ class StaticKVCache:
             new = torch.zeros(rows, dtype=torch.int64, device=self.device)
             new[:kept_rows] = getattr(self, name)[:kept_rows]
             setattr(self, name, new)
+        self.semaphores = _semaphores(rows, heads, self.device)
+
+
+def _semaphores(rows: int, heads: int, device: torch.device | str) -> torch.Tensor:
+    return torch.zeros(rows * heads + SEMAPHORES_BEYOND_HEADS, dtype=torch.int32, device=device)

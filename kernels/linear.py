@@ -20,9 +20,11 @@ import triton.language as tl
 
 from .activations import activation_formula
 from .launch import launch
-from .moments import merged_row_statistics, store_block_moments
+from .matmul_parts import accumulate, linear_epilogue
+from .moments import merged_row_statistics
 from .operands import MOMENT_FIELDS, CacheAccess, Residual
-from .tiling import matmul_tiles
+from .split_linear import run_split_linear
+from .tiling import SPLIT_ROWS, matmul_tiles, split_tiles
 from .validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -33,81 +35,6 @@ from .validation import (
     check_shape,
     check_tensor,
 )
-
-
-@triton.jit
-def _tanh(x):
-    # The interpreter has no libdevice tanh.
-    # 2*sigmoid(2x) - 1: exp overflows to inf for large -x, which gives -1 exactly, never NaN.
-    return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
-
-
-@triton.jit
-def _softplus(x):
-    # torch's softplus returns x itself above 20.
-    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
-
-
-@triton.jit
-def apply_activation(x, FORMULA: tl.constexpr):
-    """x is float32; FORMULA is a value of ACTIVATIONS."""
-    if FORMULA == "gelu_tanh":
-        x = 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
-    elif FORMULA == "gelu_erf":
-        x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
-    elif FORMULA == "gelu_erf_clip10":
-        x = tl.minimum(tl.maximum(0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476)), -10.0), 10.0)
-    elif FORMULA == "quick_gelu":
-        x = x / (1.0 + tl.exp(-1.702 * x))
-    elif FORMULA == "relu":
-        x = tl.maximum(x, 0.0)
-    elif FORMULA == "relu2":
-        x = tl.maximum(x, 0.0)
-        x = x * x
-    elif FORMULA == "relu6":
-        x = tl.minimum(tl.maximum(x, 0.0), 6.0)
-    elif FORMULA == "leaky_relu":
-        x = tl.where(x >= 0.0, x, 0.01 * x)
-    elif FORMULA == "silu":
-        x = x / (1.0 + tl.exp(-x))
-    elif FORMULA == "sigmoid":
-        x = 1.0 / (1.0 + tl.exp(-x))
-    elif FORMULA == "tanh":
-        x = _tanh(x)
-    elif FORMULA == "mish":
-        x = x * _tanh(_softplus(x))
-    elif FORMULA == "hardswish":
-        x = x * tl.minimum(tl.maximum(x + 3.0, 0.0), 6.0) / 6.0
-    elif FORMULA == "laplace":
-        x = 0.5 * (1.0 + tl.math.erf((x - 0.707107) / (0.282095 * 1.4142135623730951)))
-    elif FORMULA == "sqrtsoftplus":
-        x = tl.sqrt(_softplus(x))
-    return x
-
-
-@triton.jit
-def store_qkv(
-    y, rows, cols, row_in, inside, q_ptr, stride_qm, k_cache_ptr, v_cache_ptr, slots_ptr,
-    stride_cb, stride_ch, stride_cs, n_slots, seq_len, width, head_dim,
-):
-    """c_attn's output columns are q | k | v, each `width` wide: q goes row-major to q_ptr, k and v
-    into the caches [B_cache, H, S, D] at row (m // seq_len), slot slots[m], head and dim from the
-    channel. A slot outside the cache is dropped rather than written out of bounds."""
-    part = cols // width
-    channel = cols % width
-    tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_qm + channel[None, :], y, mask=inside & (part == 0)[None, :])
-    slot = tl.load(slots_ptr + rows, mask=row_in, other=-1).to(tl.int64)
-    slot_in = (slot >= 0) & (slot < n_slots)
-    batch = (rows // seq_len).to(tl.int64)
-    cache_at = (
-        batch[:, None] * stride_cb
-        + (channel // head_dim).to(tl.int64)[None, :] * stride_ch
-        + slot[:, None] * stride_cs
-        + (channel % head_dim)[None, :]
-    )
-    kv_inside = inside & slot_in[:, None]
-    tl.store(k_cache_ptr + cache_at, y, mask=kv_inside & (part == 1)[None, :])
-    tl.store(v_cache_ptr + cache_at, y, mask=kv_inside & (part == 2)[None, :])
 
 
 @triton.jit
@@ -131,41 +58,18 @@ def linear_kernel(
 
     if NORMALIZE:
         mean, rstd = merged_row_statistics(moments_ptr, moment_blocks, rows, row_in, K, eps, BLOCK_MOMENTS)
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_in = ks < K
-        a = tl.load(x_rows + ks[None, :], mask=row_in[:, None] & k_in[None, :], other=0.0)
-        if NORMALIZE:
-            gamma = tl.load(ln_weight_ptr + ks, mask=k_in, other=0.0).to(tl.float32)
-            beta = tl.load(ln_bias_ptr + ks, mask=k_in, other=0.0).to(tl.float32)
-            a = (a.to(tl.float32) - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
-        w = tl.load(
-            w_ptr + ks.to(tl.int64)[:, None] * stride_wk + cols.to(tl.int64)[None, :] * stride_wn,
-            mask=k_in[:, None] & col_in[None, :],
-            other=0.0,
-        )
-        acc = tl.dot(a.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
-
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
-    acc = apply_activation(acc, ACTIVATION)
-    inside = row_in[:, None] & col_in[None, :]
-    if HAS_RESIDUAL:
-        acc += tl.load(residual_ptr + rows.to(tl.int64)[:, None] * stride_rm + cols[None, :], mask=inside, other=0.0).to(
-            tl.float32
-        )
-    y = acc.to(out_ptr.dtype.element_ty)
-    if HAS_RESIDUAL:
-        store_block_moments(out_moments_ptr, tl.program_id(1), tl.num_programs(1), rows, row_in, y.to(tl.float32), inside)
-    if QKV:
-        store_qkv(
-            y, rows, cols, row_in, inside, out_ptr, stride_om, k_cache_ptr, v_cache_ptr, slots_ptr,
-            stride_cb, stride_ch, stride_cs, n_slots, seq_len, N // 3, head_dim,
-        )
     else:
-        tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], y, mask=inside)
+        mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        rstd = mean
+    acc = accumulate(
+        tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_rows, row_in, 0, K, w_ptr, stride_wk, stride_wn, cols, col_in,
+        ln_weight_ptr, ln_bias_ptr, mean, rstd, NORMALIZE, DOT_PRECISION, BLOCK_K, "",
+    )
+    linear_epilogue(
+        acc, rows, cols, row_in, col_in, out_ptr, stride_om, bias_ptr, residual_ptr, stride_rm, out_moments_ptr,
+        tl.program_id(1), tl.num_programs(1), k_cache_ptr, v_cache_ptr, slots_ptr, stride_cb, stride_ch, stride_cs,
+        n_slots, seq_len, head_dim, N, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, QKV,
+    )
 
 
 # Blocks of row moments a LayerNorm prologue merges per step: 8 x 3 floats per row stay in registers
@@ -173,7 +77,7 @@ def linear_kernel(
 MOMENTS_PER_STEP = 8
 
 
-def _check_weight(weight: torch.Tensor, bias: torch.Tensor | None, in_features: int) -> int:
+def check_weight(weight: torch.Tensor, bias: torch.Tensor | None, in_features: int) -> int:
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=2, contiguous=False)
     if weight.shape[0] != in_features:
         raise ValueError(f"weight has shape {tuple(weight.shape)}; expected [{in_features}, N] (Conv1D layout)")
@@ -185,7 +89,7 @@ def _check_weight(weight: torch.Tensor, bias: torch.Tensor | None, in_features: 
     return weight.shape[1]
 
 
-def _check_rows(x: torch.Tensor) -> torch.Tensor:
+def check_rows(x: torch.Tensor) -> torch.Tensor:
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     if x.dim() < 2 or x.numel() == 0:
         raise ValueError(f"x must be a non-empty tensor of rows [..., K], got shape {tuple(x.shape)}")
@@ -200,7 +104,7 @@ def _check_layer_norm(ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float
     check_finite("eps", eps)
 
 
-def _normalized_input(x: Residual, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float) -> dict:
+def normalized_input(x: Residual, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float) -> dict:
     """The prologue's arguments for a LayerNorm of x.values from its row moments."""
     moments = check_residual("x", x, needs_moments=True)
     _check_layer_norm(ln_weight, ln_bias, eps, x.values.shape[-1])
@@ -211,18 +115,28 @@ def _normalized_input(x: Residual, ln_weight: torch.Tensor, ln_bias: torch.Tenso
     )
 
 
-def _run(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, **options) -> None:
+def column_block(m: int, n: int, k: int, element_size: int) -> int:
+    """The column tile a product of this shape runs with: one block of output row moments per tile."""
+    return split_tiles(n, k, element_size).block_n if m <= SPLIT_ROWS else matmul_tiles(m, n, k, element_size).block_n
+
+
+def _run(
+    rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+    semaphores: torch.Tensor | None, **options,
+) -> None:
     m, k = rows.shape
     n = weight.shape[1]
+    # float32 must match a float32 reference; the GPU default for it would be tf32.
+    options.update(bias_ptr=bias, HAS_BIAS=bias is not None, DOT_PRECISION="ieee" if rows.dtype == torch.float32 else "tf32")
+    if m <= SPLIT_ROWS:
+        run_split_linear(rows, weight, out, split_tiles(n, k, rows.element_size()), semaphores, **options)
+        return
     tiles = matmul_tiles(m, n, k, rows.element_size())
     launch(
         linear_kernel,
         (triton.cdiv(m, tiles.block_m), triton.cdiv(n, tiles.block_n)),
         x_ptr=rows, stride_xm=rows.stride(0), w_ptr=weight, stride_wk=weight.stride(0), stride_wn=weight.stride(1),
         out_ptr=out, stride_om=out.stride(0), M=m, N=n, K=k,
-        bias_ptr=bias, HAS_BIAS=bias is not None,
-        # float32 must match a float32 reference; the GPU default for it would be tf32.
-        DOT_PRECISION="ieee" if rows.dtype == torch.float32 else "tf32",
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         **options,
@@ -237,34 +151,41 @@ def ln_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     activation: str = "linear",
+    *,
+    semaphores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """act(LN(x) @ weight + bias) for x [..., K] with its row moments, weight [K, N]: c_fc with its
-    activation, or the LM head with ln_f folded in (weight = wte.T, no bias). [..., N] in x's dtype."""
-    options = _normalized_input(x, ln_weight, ln_bias, eps)
-    rows = _check_rows(x.values)
-    n = _check_weight(weight, bias, rows.shape[1])
+    activation, or the LM head with ln_f folded in (weight = wte.T, no bias). [..., N] in x's dtype.
+    `semaphores` (zeroed int32, the caller's) serve a split product of a few rows."""
+    options = normalized_input(x, ln_weight, ln_bias, eps)
+    rows = check_rows(x.values)
+    n = check_weight(weight, bias, rows.shape[1])
     check_same_dtype(x=x.values, ln_weight=ln_weight, ln_bias=ln_bias, weight=weight, bias=bias)
     check_same_device(x=x.values, moments=x.moments, ln_weight=ln_weight, ln_bias=ln_bias, weight=weight, bias=bias)
     out = torch.empty(rows.shape[0], n, dtype=x.values.dtype, device=x.values.device)
-    _run(rows, weight, bias, out, ACTIVATION=activation_formula(activation), **options)
+    _run(rows, weight, bias, out, semaphores, ACTIVATION=activation_formula(activation), **options)
     return out.view(*x.values.shape[:-1], n)
 
 
-def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: Residual) -> Residual:
+def linear_residual(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: Residual, *, semaphores: torch.Tensor | None = None
+) -> Residual:
     """residual + x @ weight + bias for x [..., K], weight [K, N], residual [..., N]: the c_proj of
     attention and of the MLP. Returns the new residual stream [..., N] in x's dtype, with its moments."""
-    rows = _check_rows(x)
-    n = _check_weight(weight, bias, rows.shape[1])
+    rows = check_rows(x)
+    n = check_weight(weight, bias, rows.shape[1])
     check_residual("residual", residual)
     check_shape("residual", residual.values, (*x.shape[:-1], n))
     check_same_dtype(x=x, weight=weight, bias=bias, residual=residual.values)
     check_same_device(x=x, weight=weight, bias=bias, residual=residual.values)
     out = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
-    # One block of moments per program along N: the same tiles _run picks.
-    blocks = triton.cdiv(n, matmul_tiles(rows.shape[0], n, rows.shape[1], rows.element_size()).block_n)
+    blocks = triton.cdiv(n, column_block(rows.shape[0], n, rows.shape[1], rows.element_size()))
     moments = torch.empty(rows.shape[0], blocks, MOMENT_FIELDS, dtype=torch.float32, device=x.device)
     source = residual.values.reshape(-1, n)
-    _run(rows, weight, bias, out, HAS_RESIDUAL=True, residual_ptr=source, stride_rm=source.stride(0), out_moments_ptr=moments)
+    _run(
+        rows, weight, bias, out, semaphores, HAS_RESIDUAL=True, residual_ptr=source, stride_rm=source.stride(0),
+        out_moments_ptr=moments,
+    )
     lead = x.shape[:-1]
     return Residual(out.view(*lead, n), moments.view(*lead, blocks, MOMENT_FIELDS))
 
@@ -283,11 +204,11 @@ def ln_qkv_projection(
     """c_attn: LN(x) @ W + b for x [B, T, C] (with its row moments), W [C, 3C], split q | k | v. k and
     v are written into the caches [B_cache, H, S, D] at row b, slot access.slots[b, t]; q is returned
     as [B, T, C]."""
-    options = _normalized_input(x, ln_weight, ln_bias, eps)
+    options = normalized_input(x, ln_weight, ln_bias, eps)
     check_tensor("x", x.values, dtypes=FLOAT_DTYPES, ndim=3)
     batch, seq, width = x.values.shape
-    rows = _check_rows(x.values)
-    n = _check_weight(weight, bias, width)
+    rows = check_rows(x.values)
+    n = check_weight(weight, bias, width)
     if n != 3 * width:
         raise ValueError(f"weight has shape {tuple(weight.shape)}; c_attn needs [{width}, {3 * width}]")
     check_tensor("k_cache", k_cache, dtypes=FLOAT_DTYPES, ndim=4)
@@ -311,7 +232,7 @@ def ln_qkv_projection(
     q = torch.empty(batch, seq, width, dtype=x.values.dtype, device=x.values.device)
     stride_cb, stride_ch, stride_cs = k_cache.stride()[:3]
     _run(
-        rows, weight, bias, q.view(-1, width), QKV=True, k_cache_ptr=k_cache, v_cache_ptr=v_cache, slots_ptr=cache_slots,
+        rows, weight, bias, q.view(-1, width), access.semaphores, QKV=True, k_cache_ptr=k_cache, v_cache_ptr=v_cache, slots_ptr=cache_slots,
         stride_cb=stride_cb, stride_ch=stride_ch, stride_cs=stride_cs, n_slots=n_slots, seq_len=seq, head_dim=head_dim,
         **options,
     )

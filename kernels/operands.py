@@ -33,12 +33,15 @@ class Residual(NamedTuple):
 class CacheAccess:
     """Token t of row b is written at slot slots[b, t] (slots outside the cache are dropped); as a
     query it sits at slot query_start[b] + t and sees slot j when j <= its slot and key_mask[b, j]
-    != 0. `prepared` is a backend's own precomputed form of the same, if it keeps one."""
+    != 0. `prepared` is a backend's own precomputed form of the same, if it keeps one. `semaphores`,
+    zeroed int32 counters owned by the cache, serve kernels whose programs count each other's arrival
+    (split-K products, decode attention); kernels given none allocate their own."""
 
     slots: torch.Tensor  # [B, T] int
     query_start: torch.Tensor  # [B] int
     key_mask: torch.Tensor  # [B_cache, S] int32
     prepared: Any = None
+    semaphores: torch.Tensor | None = None
 
     @property
     def queries(self) -> int:

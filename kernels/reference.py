@@ -99,6 +99,22 @@ def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, r
     return (residual.to(dtype) + x.to(dtype) @ weight.to(dtype) + bias.to(dtype)).to(x.dtype)
 
 
+def mlp(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    fc_weight: torch.Tensor,
+    fc_bias: torch.Tensor,
+    activation: str,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor,
+) -> torch.Tensor:
+    """x + act(LN(x) @ fc_weight + fc_bias) @ proj_weight + proj_bias, h rounded to x's dtype between."""
+    h = ln_linear(x, ln_weight, ln_bias, eps, fc_weight, fc_bias, activation)
+    return linear_residual(h, proj_weight, proj_bias, x)
+
+
 def ln_qkv_projection(
     x: torch.Tensor,
     ln_weight: torch.Tensor,

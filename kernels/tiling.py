@@ -7,7 +7,10 @@ Ampere: a pipelined matmul tile stays under sm_80's 163 KiB of shared memory.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
 import triton
 
@@ -16,6 +19,12 @@ MAX_HEAD_DIM = 256
 # Decode attention splits a row's context until about this many programs are in flight (2 per SM
 # on an H100), so a batch of one still spreads its KV reads over the whole chip.
 DECODE_TARGET_PROGRAMS = 264
+# Products of at most this many rows (decode, short embeds) run split-K: one row block, so a row's
+# result never depends on how many other rows share its batch.
+SPLIT_ROWS = 16
+# An H100 has 132 SMs: a weight-streaming launch of fewer programs leaves SMs reading nothing.
+MIN_STREAMING_PROGRAMS = 132
+TUNING_TABLE = Path(__file__).with_name("decode_tuning.json")
 
 
 @dataclass(frozen=True)
@@ -25,6 +34,22 @@ class MatmulTiles:
     block_k: int
     num_warps: int
     num_stages: int
+
+
+@dataclass(frozen=True)
+class SplitTiles:
+    """A split-K product of at most SPLIT_ROWS rows: column tiles of block_n, K cut into `splits`
+    ranges of k_per_split (a multiple of block_k), one program per (column tile, range)."""
+
+    block_n: int
+    block_k: int
+    k_per_split: int
+    splits: int
+    num_warps: int
+    num_stages: int
+
+    def programs(self, n: int) -> int:
+        return triton.cdiv(n, self.block_n) * self.splits
 
 
 @dataclass(frozen=True)
@@ -63,6 +88,53 @@ def matmul_tiles(m: int, n: int, k: int, element_size: int) -> MatmulTiles:
     return MatmulTiles(64 if wide else 128, 64, 32 if wide else 64, num_warps=8, num_stages=3)
 
 
+def split_tiles(n: int, k: int, element_size: int) -> SplitTiles:
+    """Tiles for an [m <= SPLIT_ROWS, k] @ [k, n] product: the committed tuning table's entry for the
+    shape (written by bench/gpu.sh from timings on a GPU), else `default_split_tiles`."""
+    if min(n, k) < 1:
+        raise ValueError(f"matmul shape n={n}, k={k} must be positive")
+    entry = tuning_table().get(tuning_key(n, k, element_size))
+    if entry is None:
+        return default_split_tiles(n, k, element_size)
+    return split_tiles_of(n, k, entry["block_n"], entry["block_k"], entry["splits"], entry["num_warps"], entry["num_stages"])
+
+
+def tuning_key(n: int, k: int, element_size: int) -> str:
+    return f"{n}x{k}:{element_size}"
+
+
+@lru_cache(maxsize=1)
+def tuning_table() -> dict[str, dict[str, int]]:
+    return json.loads(TUNING_TABLE.read_text())["linear"]
+
+
+def split_tiles_of(n: int, k: int, block_n: int, block_k: int, splits: int, num_warps: int, num_stages: int) -> SplitTiles:
+    """The tiles that cut K into about `splits` ranges of whole block_k steps (fewer when K is short)."""
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    return SplitTiles(block_n, block_k, k_per_split, triton.cdiv(k, k_per_split), num_warps, num_stages)
+
+
+def default_split_tiles(n: int, k: int, element_size: int) -> SplitTiles:
+    """Wide enough to fill the GPU without splitting (the LM head): the widest column tile that still
+    gives MIN_STREAMING_PROGRAMS programs, since every program reads its rows' LayerNorm inputs once.
+    Otherwise 64 columns and the fewest K ranges that give MIN_STREAMING_PROGRAMS programs (one range
+    when no cut of K gives them): each range adds a float32 partial of the output to write and read back, 4 x splits /
+    k of the weight's bytes. Among those, the deepest block_k (fewer, larger weight loads in flight).
+    A weight tile holds at most 8192 elements (2048 in float32), so nothing spills."""
+    elements = 2048 if element_size >= 4 else 8192
+    for block_n in (256, 128):
+        if triton.cdiv(n, block_n) >= MIN_STREAMING_PROGRAMS and elements // block_n >= 16:
+            return split_tiles_of(n, k, block_n, min(128, elements // block_n), 1, num_warps=8, num_stages=4)
+    block_n = 64
+    block_ks = [16 * 2**i for i in range(4) if 16 * 2**i * block_n <= elements]
+    choices = [split_tiles_of(n, k, block_n, block_k, splits, num_warps=8, num_stages=4)
+               for block_k in block_ks for splits in range(1, triton.cdiv(k, 16) + 1)]
+    enough = [c for c in choices if c.programs(n) >= MIN_STREAMING_PROGRAMS]
+    if not enough:  # a product too small to fill the GPU however it is cut: no partials to add up
+        return max((c for c in choices if c.splits == 1), key=lambda c: c.block_k)
+    return min(enough, key=lambda c: (c.splits, -c.block_k))
+
+
 def head_block(head_dim: int) -> int:
     """The power-of-two block (16 at least, for tl.dot) that holds one head."""
     if head_dim < 1 or head_dim > MAX_HEAD_DIM:
@@ -86,11 +158,12 @@ def attention_tiles(seq: int, head_dim: int, element_size: int = 2) -> Attention
     return AttentionTiles(min(block_m, max(16, triton.next_power_of_2(seq))), block_n, block_d, num_warps, num_stages=2)
 
 
-def decode_tiles(head_dim: int) -> AttentionTiles:
+def decode_tiles(head_dim: int, element_size: int = 2) -> AttentionTiles:
     """Tiles for decode attention: one query row, BLOCK_N cache slots per step, a K or V tile of
-    4096 elements at most (64 slots of a 64-wide head) so float32 tiles of wide heads do not spill."""
+    4096 elements at most (64 slots of a 64-wide head) so float32 tiles of wide heads do not spill;
+    float32 tiles spread over 8 warps (4 spill beside the merge of the splits on sm_80)."""
     block_d = head_block(head_dim)
-    return AttentionTiles(1, min(64, 4096 // block_d), block_d, num_warps=4, num_stages=2)
+    return AttentionTiles(1, min(64, 4096 // block_d), block_d, num_warps=8 if element_size >= 4 else 4, num_stages=2)
 
 
 def decode_splits(batch_heads: int, slots: int, block_n: int) -> int:

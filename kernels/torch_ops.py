@@ -65,7 +65,9 @@ class _Prepared:
     written: torch.Tensor | None  # ... and which tokens those are, [B * T] flat; None when all of them
 
 
-def cache_access(slots: torch.Tensor, query_start: torch.Tensor, key_mask: torch.Tensor) -> CacheAccess:
+def cache_access(
+    slots: torch.Tensor, query_start: torch.Tensor, key_mask: torch.Tensor, semaphores: torch.Tensor | None = None
+) -> CacheAccess:
     batch, queries = slots.shape
     n_slots = key_mask.shape[1]
     window = min(n_slots, int(query_start.max()) + queries)
@@ -85,7 +87,7 @@ def cache_access(slots: torch.Tensor, query_start: torch.Tensor, key_mask: torch
     else:
         written = ((flat_slots >= 0) & (flat_slots < n_slots)).nonzero().squeeze(1)
         prepared = _Prepared(window, visible, bias, blind, rows[written], flat_slots[written], written)
-    return CacheAccess(slots, query_start, key_mask, prepared)
+    return CacheAccess(slots, query_start, key_mask, prepared, semaphores)
 
 
 def embedding(
@@ -115,7 +117,10 @@ def ln_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     activation: str = "linear",
+    *,
+    semaphores: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """The kernels' counters (`semaphores`) serve nothing here, as in linear_residual and mlp."""
     values = x.values
     # The normalized row is rounded to the weight's dtype before the product, as the kernels feed it.
     h = _wide(F.layer_norm(_wide(values), (values.shape[-1],), _wide(ln_weight), _wide(ln_bias), eps).to(weight.dtype))
@@ -124,10 +129,29 @@ def ln_linear(
     return y.to(values.dtype).view(*values.shape[:-1], weight.shape[1])
 
 
-def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: Residual) -> Residual:
+def linear_residual(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: Residual, *, semaphores: torch.Tensor | None = None
+) -> Residual:
     y = addmm_rows(_wide(x).reshape(-1, x.shape[-1]), _wide(weight), _wide(bias))
     y = y.view(*x.shape[:-1], weight.shape[1]).add_(_wide(residual.values))
     return Residual(y.to(x.dtype))
+
+
+def mlp(
+    x: Residual,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    fc_weight: torch.Tensor,
+    fc_bias: torch.Tensor,
+    activation: str,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor,
+    *,
+    semaphores: torch.Tensor | None = None,
+) -> Residual:
+    h = ln_linear(x, ln_weight, ln_bias, eps, fc_weight, fc_bias, activation)
+    return linear_residual(h, proj_weight, proj_bias, x)
 
 
 def ln_qkv_projection(

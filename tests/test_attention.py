@@ -175,9 +175,9 @@ def test_decode_cases_split_and_leave_splits_past_a_row():
     # a row whose slot is before the last chunk's start leaves at least that chunk empty.
     covered = False
     for batch, heads, head_dim, cache_rows, slots, query_slots in DECODE:
-        split, combine = recorded("decode_attention", *meta_case(batch, 0, heads, head_dim, cache_rows, slots))
+        (split,) = recorded("decode_attention", *meta_case(batch, 0, heads, head_dim, cache_rows, slots))
         splits = split.grid[1]
-        assert split.grid == (batch * heads, splits) and combine.grid == (batch * heads,)
+        assert split.grid == (batch * heads, splits)
         assert 1 <= splits <= decode_splits(batch * heads, slots, decode_tiles(head_dim).block_n)
         covered |= splits > 1 and min(query_slots) < (splits - 1) * slots / splits
     assert covered, "no decode case has several splits with one of them entirely past a row's slot"
@@ -191,7 +191,7 @@ def test_launch_configuration_on_meta_tensors(model, heads, head_dim):
         tiles = attention_tiles(1024, head_dim)
         assert launch.grid == (1024 // tiles.block_m, batch * heads)
         assert (launch.num_warps, launch.arguments["BLOCK_D"]) == (tiles.num_warps, head_dim)
-        split, _ = recorded("decode_attention", *meta_case(batch, 0, heads, head_dim, batch, 1024))
+        (split,) = recorded("decode_attention", *meta_case(batch, 0, heads, head_dim, batch, 1024))
         assert split.grid[0] == batch * heads
         assert 1 <= split.grid[1] <= decode_splits(batch * heads, 1024, decode_tiles(head_dim).block_n)
         assert batch > 1 or split.grid[1] > 1, "a single sequence's context is spread over several programs"

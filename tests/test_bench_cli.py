@@ -85,8 +85,8 @@ def test_error_rows_make_the_command_fail(monkeypatch, tmp_path):
 
 
 TRAFFIC_ROW = {"model": "gpt2", "workload": "decode", "batch": 1, "context": 1024, "n_layer": 12, "dtype": "float16",
-               "impl": "tritongpt2", "bytes": 2, "ideal_bytes": 1, "ratio_to_ideal": 2.0, "launches": 80,
-               "launches_per_layer": 6, "per_layer_bytes": {}}
+               "impl": "tritongpt2", "bytes": 2, "ideal_bytes": 1, "ratio_to_ideal": 2.0, "launches": 56,
+               "launches_per_layer": 4, "fewest_programs": 144, "programs_per_kernel": {}, "per_layer_bytes": {}}
 
 
 def test_traffic_audit_leaves_the_committed_file_alone_by_default(monkeypatch, tmp_path):

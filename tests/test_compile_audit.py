@@ -12,6 +12,8 @@ import pytest
 from numerics import OPS
 from tritongpt2.bench.compile_audit import MAX_REGISTERS, REGISTER_HEADROOM, SHARED_LIMIT
 
+MATMUL_KERNELS = ("linear_kernel", "split_linear_kernel", "decode_mlp_kernel", "flash_attention_kernel")
+
 
 @pytest.fixture(scope="module")
 def audit(tmp_path_factory):
@@ -49,7 +51,7 @@ def test_matmuls_and_prefill_attention_use_tensor_cores(audit):
     # match a float32 reference), which are FMA instructions, not tensor cores.
     _, rows, _ = audit
     for row in rows:
-        if row["kernel"] in ("linear_kernel", "flash_attention_kernel") and row["dtype"] != "float32":
+        if row["kernel"] in MATMUL_KERNELS and row["dtype"] != "float32":
             assert row["tensor_core"] is not None, row
         if row["kernel"] == "linear_kernel" and row["arch"] == "sm_90" and "BLOCK_M=128" in row["config"]:
             assert row["tensor_core"] == "wgmma", row

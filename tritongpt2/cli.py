@@ -214,16 +214,18 @@ def _audit_traffic(args: argparse.Namespace) -> int:
     from tritongpt2.bench.model_shapes import model_shape
     from tritongpt2.bench.quiet import quiet_transformers
     from tritongpt2.bench.traffic_audit import run_traffic_audit
+    from tritongpt2.kernels.tiling import MIN_STREAMING_PROGRAMS
 
     shape = model_shape(args.model)
     output = _output_folder(args, "traffic")
     with quiet_transformers():
         rows = run_traffic_audit(shape, args.workload, args.batch, args.context, _dtype(args.dtype))
-    print("| impl | workload | batch | context | bytes/step | ideal | ratio to ideal | launches/step | launches/layer |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| impl | workload | batch | context | bytes/step | ideal | ratio to ideal | launches/step | launches/layer "
+          f"| fewest programs per streaming launch (an H100 has {MIN_STREAMING_PROGRAMS} SMs) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['impl']} | {r['workload']} | {r['batch']} | {r['context']} | {r['bytes']:,} | {r['ideal_bytes']:,} | "
-              f"{r['ratio_to_ideal']} | {r['launches']} | {r['launches_per_layer']} |")
+              f"{r['ratio_to_ideal']} | {r['launches']} | {r['launches_per_layer']} | {r['fewest_programs'] or '-'} |")
     path = output / f"traffic-{shape.name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(path.read_text())["results"] if path.exists() else []

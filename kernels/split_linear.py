@@ -1,0 +1,75 @@
+"""The linear layer of a few rows (decode), split along K so that a batch of one still streams its
+weight through every SM: y = epilogue(prologue(x) @ W + b), as linear.py computes it for many rows.
+
+Program p computes column tile p // splits over the K range p % splits; the last program of a column
+tile to finish adds the float32 partials in a fixed order and runs the epilogue (matmul_parts.split_tile).
+The counters it arrives on are int32, zero between launches (each tile's last program resets its own),
+and belong to the caller: launches that share them must not run at the same time.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import launch
+from .matmul_parts import split_tile
+from .tiling import SPLIT_ROWS, SplitTiles
+
+
+@triton.jit
+def split_linear_kernel(
+    x_ptr, stride_xm, w_ptr, stride_wk, stride_wn, out_ptr, stride_om, M, N, K, k_per_split, n_splits,
+    partial_ptr=None, counters_ptr=None,
+    bias_ptr=None,
+    ln_weight_ptr=None, ln_bias_ptr=None, eps=0.0, moments_ptr=None, moment_blocks=1,
+    residual_ptr=None, stride_rm=0, out_moments_ptr=None,
+    k_cache_ptr=None, v_cache_ptr=None, slots_ptr=None, stride_cb=0, stride_ch=0, stride_cs=0, n_slots=0, seq_len=1,
+    head_dim=1,
+    NORMALIZE: tl.constexpr = False, HAS_BIAS: tl.constexpr = False, ACTIVATION: tl.constexpr = "identity",
+    HAS_RESIDUAL: tl.constexpr = False, QKV: tl.constexpr = False, DOT_PRECISION: tl.constexpr = "tf32",
+    BLOCK_M: tl.constexpr = 16, BLOCK_N: tl.constexpr = 64, BLOCK_K: tl.constexpr = 64,
+    BLOCK_MOMENTS: tl.constexpr = 1,
+):
+    split_tile(
+        tl.program_id(0), x_ptr, stride_xm, w_ptr, stride_wk, stride_wn, out_ptr, stride_om, M, N, K, k_per_split,
+        n_splits, partial_ptr, counters_ptr, bias_ptr, ln_weight_ptr, ln_bias_ptr, eps, moments_ptr, moment_blocks,
+        residual_ptr, stride_rm, out_moments_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, stride_cb, stride_ch, stride_cs,
+        n_slots, seq_len, head_dim, NORMALIZE, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, QKV, DOT_PRECISION, BLOCK_M,
+        BLOCK_N, BLOCK_K, BLOCK_MOMENTS, "",
+    )
+
+
+def split_scratch(m: int, n: int, tiles: SplitTiles, semaphores: torch.Tensor | None, device: torch.device) -> dict:
+    """The partials and counters a split product of [m, n] needs, as kernel arguments. Without the
+    caller's semaphores, zeroed counters of its own (one more launch)."""
+    if tiles.splits == 1:
+        return {}
+    column_tiles = triton.cdiv(n, tiles.block_n)
+    counters = torch.zeros(column_tiles, dtype=torch.int32, device=device) if semaphores is None else semaphores
+    if counters.numel() < column_tiles:
+        raise ValueError(f"{counters.numel()} semaphores are too few for {column_tiles} column tiles")
+    partial = torch.empty(tiles.splits, m, n, dtype=torch.float32, device=device)
+    return dict(partial_ptr=partial, counters_ptr=counters)
+
+
+def run_split_linear(
+    rows: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, tiles: SplitTiles, semaphores: torch.Tensor | None,
+    **options,
+) -> None:
+    """out = epilogue(prologue(rows) @ weight) for rows [m <= SPLIT_ROWS, k]; `options` are the
+    prologue's and epilogue's kernel arguments."""
+    m, k = rows.shape
+    n = weight.shape[1]
+    if m > SPLIT_ROWS:
+        raise ValueError(f"a split product takes at most {SPLIT_ROWS} rows, got {m}")
+    launch(
+        split_linear_kernel,
+        (tiles.programs(n),),
+        x_ptr=rows, stride_xm=rows.stride(0), w_ptr=weight, stride_wk=weight.stride(0), stride_wn=weight.stride(1),
+        out_ptr=out, stride_om=out.stride(0), M=m, N=n, K=k, k_per_split=tiles.k_per_split, n_splits=tiles.splits,
+        BLOCK_M=SPLIT_ROWS, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        **split_scratch(m, n, tiles, semaphores, rows.device), **options,
+    )
