@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .decode_attention import decode_attention, decode_attention_combine_kernel, decode_attention_split_kernel
-from .embedding import embedding, embedding_kernel
+from .embedding import decode_embedding, embedding, embedding_kernel
 from .flash_attention import flash_attention, flash_attention_kernel
 from .layer_norm import layer_norm, layer_norm_kernel
 from .linear import linear_kernel, linear_residual, ln_linear, ln_qkv_projection
@@ -18,7 +18,7 @@ def cache_access(slots: torch.Tensor, query_start: torch.Tensor, key_mask: torch
 
 
 OPS = (
-    embedding, layer_norm, ln_linear, linear_residual, ln_qkv_projection, cache_access, flash_attention,
+    embedding, decode_embedding, layer_norm, ln_linear, linear_residual, ln_qkv_projection, cache_access, flash_attention,
     decode_attention,
 )
 KERNELS = (
