@@ -136,10 +136,12 @@ class Engine:
         reset: bool = True,
         head_mask: torch.Tensor | None = None,
         cache: StaticKVCache | None = None,
+        slot_positions: bool = False,
     ) -> StepOutput:
         """Run prompts input_ids [B, T] (or inputs_embeds [B, T, C]; padded left or right, padding
         marked 0 in attention_mask) into the cache. Positions default to those transformers'
-        generate derives from the mask, continuing from the cached tokens. reset=False appends to the
+        generate derives from the mask, continuing from the cached tokens; with slot_positions, to
+        the cached tokens' count + arange(T), padding included (transformers' forward). reset=False appends to the
         batch already cached; its attention_mask may then cover the cached tokens too, [B, used + T].
         head_mask [n_head] or [n_layer, n_head] scales each head's attention output (0 removes it).
         `cache` is the engine's own unless given (one from `new_cache`)."""
@@ -167,7 +169,10 @@ class Engine:
         if past_mask is not None:
             cache.key_mask[:batch, :past] = past_mask
         inputs = {"input_ids": ids, "inputs_embeds": embeds, "attention_mask": mask, "token_type_ids": types, "position_ids": positions}
-        return self._step(cache, inputs, logits=logits, hidden=hidden, layer_inputs=layer_inputs, head_scale=head_scale)
+        return self._step(
+            cache, inputs, logits=logits, hidden=hidden, layer_inputs=layer_inputs, head_scale=head_scale,
+            mask_of_ones=attention_mask is None and seq == 1, slot_positions=slot_positions,
+        )
 
     @serialized
     def decode(
@@ -245,6 +250,8 @@ class Engine:
         if past and isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == past + shape[1]:
             full = attention_mask_of(mask, mask.shape, self.device)
             return full[:, past:].contiguous(), full[:, :past]
+        if mask is None and shape[1] == 1:
+            return self._constant(tuple(shape), 1, torch.int32), None
         return attention_mask_of(mask, shape, self.device), None
 
     def _optional_ids(self, name: str, values: torch.Tensor | None, shape: torch.Size, high: int) -> torch.Tensor | None:
@@ -261,16 +268,19 @@ class Engine:
     def _step(
         self, cache: StaticKVCache, inputs: dict[str, torch.Tensor | None], *, logits: str | None, hidden: bool,
         layer_inputs: bool = False, mask_of_ones: bool = False, head_scale: torch.Tensor | None = None,
+        slot_positions: bool = False,
     ) -> StepOutput:
         batch, seq = inputs["attention_mask"].shape
         # Graphs are captured over the engine's own cache, whose storage never moves.
         if self.graphs is None or layer_inputs or head_scale is not None or cache is not self.cache:
             out = self._run_step(
                 cache, inputs, self._constant((1,), seq, torch.int64), logits=logits, hidden=hidden,
-                layer_inputs=layer_inputs, head_scale=head_scale,
+                layer_inputs=layer_inputs, head_scale=head_scale, slot_positions=slot_positions,
             )
         else:
-            out = self._graph_step(inputs, logits=logits, hidden=hidden, mask_of_ones=mask_of_ones)
+            out = self._graph_step(
+                inputs, logits=logits, hidden=hidden, mask_of_ones=mask_of_ones, slot_positions=slot_positions
+            )
         cache.advance(batch, seq)
         return out
 
@@ -290,7 +300,8 @@ class Engine:
         )
 
     def _graph_step(
-        self, inputs: dict[str, torch.Tensor | None], *, logits: str | None, hidden: bool, mask_of_ones: bool
+        self, inputs: dict[str, torch.Tensor | None], *, logits: str | None, hidden: bool, mask_of_ones: bool,
+        slot_positions: bool,
     ) -> StepOutput:
         batch, seq = inputs["attention_mask"].shape
         rows = bucket(batch, self.cache.max_batch)
@@ -301,10 +312,12 @@ class Engine:
         given["new_tokens"] = self._constant((1,), seq, torch.int64)
         # The buffers of these hold the same values for every call of the same shape: not copied again.
         known = {"new_tokens": seq, **({"attention_mask": "ones"} if mask_of_ones else {})}
-        key = (rows, length, tuple(sorted(given)), logits, hidden)
+        key = (rows, length, tuple(sorted(given)), logits, hidden) + (("slot_positions",) if slot_positions else ())
 
         def step(buffers: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
-            out = self._run_step(self.cache, buffers, buffers["new_tokens"], logits=logits, hidden=hidden)
+            out = self._run_step(
+                self.cache, buffers, buffers["new_tokens"], logits=logits, hidden=hidden, slot_positions=slot_positions
+            )
             return out.hidden_states, out.logits
 
         hidden_states, out_logits = self.graphs.run(key, given, step, leading=(rows, length), known=known)

@@ -26,9 +26,8 @@ class StepOutput:
 
 
 def positions_from_mask(next_position: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids as transformers' generate derives them: count real tokens, padding gets 1."""
-    if attention_mask.shape[1] == 1:  # decode: a row's next position (two launches, not six)
-        return next_position[:, None].masked_fill(attention_mask == 0, 1)
+    """Position ids as transformers' generate derives them: count real tokens, padding gets 1.
+    (A decode step's are derived inside the backend's decode_embedding.)"""
     positions = next_position[:, None] + attention_mask.long().cumsum(-1) - 1
     return positions.masked_fill(attention_mask == 0, 1)
 
@@ -49,6 +48,7 @@ def gpt2_step(
     hidden: bool = False,
     layer_inputs: bool = False,
     head_scale: torch.Tensor | None = None,
+    slot_positions: bool = False,
 ) -> StepOutput:
     """Run input_ids [B, T] (or inputs_embeds [B, T, C]) through the model, appending to the cache
     at each row's length.
@@ -56,18 +56,28 @@ def gpt2_step(
     attention_mask [B, T] marks real tokens (1) and padding (0); new_tokens [1] is how far the
     rows' lengths advance (T, or fewer when T was padded up to a graph bucket). T == 1 is a decode
     step (split-KV attention), T > 1 a prefill (flash attention). head_scale [n_layer, n_head], when
-    given, multiplies each head's attention output (transformers' head_mask)."""
+    given, multiplies each head's attention output (transformers' head_mask). Positions, unless
+    given, are derived from the mask as generate does, or are the slots (past + arange(T), as
+    transformers' forward does) when slot_positions."""
     batch, seq = attention_mask.shape
-    start = cache.lengths[:batch]
-    # Decode takes the shortcuts that one token per row allows (no arange, cumsum or search for the
-    # last token): small launches are a large part of a decode step on a GPU.
-    slots = start[:, None] if seq == 1 else start[:, None] + torch.arange(seq, device=attention_mask.device)
-    cache.key_mask[:batch].scatter_(1, slots, attention_mask.to(torch.int32))
-    if position_ids is None:
-        position_ids = positions_from_mask(cache.next_position[:batch], attention_mask)
+    if seq == 1:
+        # Decode: one launch embeds the tokens and does the cache bookkeeping (slots, key mask,
+        # positions, lengths): small launches are a large part of a decode step on a GPU. The
+        # layers read the slots it returns, since the cache's lengths have already advanced.
+        x, slots = ops.decode_embedding(
+            input_ids, position_ids, weights.wte, weights.wpe, token_type_ids, inputs_embeds,
+            attention_mask=attention_mask, new_tokens=new_tokens, lengths=cache.lengths,
+            next_position=cache.next_position, key_mask=cache.key_mask, slot_positions=slot_positions,
+        )  # [B, 1, C], [B, 1]
+        start = slots[:, 0]
+    else:
+        start = cache.lengths[:batch]
+        slots = start[:, None] + torch.arange(seq, device=attention_mask.device)
+        cache.key_mask[:batch].scatter_(1, slots, attention_mask.to(torch.int32))
+        if position_ids is None:
+            position_ids = slots if slot_positions else positions_from_mask(cache.next_position[:batch], attention_mask)
+        x = ops.embedding(input_ids, position_ids, weights.wte, weights.wpe, token_type_ids, inputs_embeds)  # [B, T, C]
     access = ops.cache_access(slots, start, cache.key_mask, cache.semaphores)
-
-    x = ops.embedding(input_ids, position_ids, weights.wte, weights.wpe, token_type_ids, inputs_embeds)  # [B, T, C]
     eps, width = config.layer_norm_epsilon, config.n_embd
     collected = []
     for i, layer in enumerate(weights.layers):
@@ -90,8 +100,9 @@ def gpt2_step(
             layer.mlp_proj_weight, layer.mlp_proj_bias, semaphores=access.semaphores,
         )
 
-    cache.lengths[:batch].add_(new_tokens)
-    cache.next_position[:batch].add_(attention_mask.sum(-1))
+    if seq > 1:
+        cache.lengths[:batch].add_(new_tokens)
+        cache.next_position[:batch].add_(attention_mask.sum(-1))
 
     hidden_states = ops.layer_norm(x.values, weights.ln_f_weight, weights.ln_f_bias, eps) if hidden else None
     out_logits = None

@@ -27,7 +27,8 @@ def as_batch(name: str, values: torch.Tensor, device: torch.device) -> torch.Ten
 
 def check_range(name: str, values: torch.Tensor, high: int) -> None:
     """Every value in [0, high); reads the tensor on the host, so never inside a captured step."""
-    low_value, high_value = int(values.min()), int(values.max())
+    smallest, largest = torch.aminmax(values)  # one reduction for both ends
+    low_value, high_value = int(smallest), int(largest)
     if low_value < 0:
         raise ValueError(f"{name} holds {low_value}; values must be >= 0")
     if high_value >= high:

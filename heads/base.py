@@ -128,10 +128,7 @@ class GPT2PreTrainedModel(nn.Module):
         output_hidden_states = self._flag("output_hidden_states", output_hidden_states)
 
         cache = self.cache_for(past_key_values, rows, seq)
-        past = cache.storage.used if cache is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(past, past + seq, device=engine.device).expand(rows, seq)
-        else:
+        if position_ids is not None:
             position_ids = _rows_of("position_ids", position_ids, rows, seq)
         if token_type_ids is not None:
             token_type_ids = _rows_of("token_type_ids", token_type_ids, rows, seq)
@@ -157,6 +154,7 @@ class GPT2PreTrainedModel(nn.Module):
             ids, attention_mask, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=embeds,
             logits="all" if lm_logits else None, hidden=(not lm_logits if last_hidden is None else last_hidden) or output_hidden_states,
             layer_inputs=output_hidden_states, reset=cache is None, head_mask=head_mask, cache=storage,
+            slot_positions=position_ids is None,  # past + arange(seq), as transformers' forward numbers them
         )
         if use_cache and cache is None:
             cache = new_cache(storage)

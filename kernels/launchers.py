@@ -6,7 +6,7 @@ import torch
 
 from .decode_attention import decode_attention, decode_attention_kernel
 from .decode_mlp import decode_mlp_kernel, mlp
-from .embedding import embedding, embedding_kernel
+from .embedding import decode_embedding, embedding, embedding_kernel
 from .flash_attention import flash_attention, flash_attention_kernel
 from .layer_norm import layer_norm, layer_norm_kernel
 from .linear import linear_kernel, linear_residual, ln_linear, ln_qkv_projection
@@ -22,8 +22,8 @@ def cache_access(
 
 
 OPS = (
-    embedding, layer_norm, ln_linear, linear_residual, mlp, ln_qkv_projection, cache_access, flash_attention,
-    decode_attention,
+    embedding, decode_embedding, layer_norm, ln_linear, linear_residual, mlp, ln_qkv_projection, cache_access,
+    flash_attention, decode_attention,
 )
 KERNELS = (
     layer_norm_kernel,

@@ -62,6 +62,45 @@ def embedding(
     return x.to(wte.dtype)
 
 
+def decode_embedding(
+    input_ids: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    wte: torch.Tensor,
+    wpe: torch.Tensor,
+    token_type_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    *,
+    attention_mask: torch.Tensor,
+    new_tokens: torch.Tensor,
+    lengths: torch.Tensor,
+    next_position: torch.Tensor,
+    key_mask: torch.Tensor,
+    slot_positions: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """embedding() of one token per row, inputs [B, 1], taking the step's cache bookkeeping too.
+
+    Row b's token goes to slot lengths[b] (inside the cache), where key_mask[b, slot] becomes
+    attention_mask[b]; its position, unless given, is that slot when slot_positions (transformers'
+    forward: past + arange(T)), else next_position[b] for a real token and 1 for padding (what
+    generate derives from the mask). Then lengths[b] advance by new_tokens and next_position[b] by
+    the mask. Returns the embeddings [B, 1, C] and the slots [B, 1] (the lengths before the step)."""
+    batch = attention_mask.shape[0]
+    slots = lengths[:batch, None].clone()
+    positions = torch.empty_like(slots)
+    for b in range(batch):
+        slot, real = int(slots[b, 0]), int(attention_mask[b, 0])
+        key_mask[b, slot] = real
+        if position_ids is not None:
+            positions[b, 0] = position_ids[b, 0]
+        elif slot_positions:
+            positions[b, 0] = slot
+        else:
+            positions[b, 0] = next_position[b] if real else 1
+        lengths[b] += new_tokens[0]
+        next_position[b] += real
+    return embedding(input_ids, positions, wte, wpe, token_type_ids, inputs_embeds), slots
+
+
 def _normalized(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     x = x.to(_compute_dtype(x))
     mean = x.mean(-1, keepdim=True)

@@ -105,6 +105,32 @@ def embedding(
     return Residual(x.to(wte.dtype))
 
 
+def decode_embedding(
+    input_ids: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    wte: torch.Tensor,
+    wpe: torch.Tensor,
+    token_type_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    *,
+    attention_mask: torch.Tensor,
+    new_tokens: torch.Tensor,
+    lengths: torch.Tensor,
+    next_position: torch.Tensor,
+    key_mask: torch.Tensor,
+    slot_positions: bool = False,
+) -> tuple[Residual, torch.Tensor]:
+    batch = attention_mask.shape[0]
+    slots = lengths[:batch, None].clone()
+    key_mask[:batch].scatter_(1, slots, attention_mask)
+    if position_ids is None:
+        position_ids = slots if slot_positions else next_position[:batch, None].masked_fill(attention_mask == 0, 1)
+    x = embedding(input_ids, position_ids, wte, wpe, token_type_ids, inputs_embeds)
+    lengths[:batch].add_(new_tokens)
+    next_position[:batch].add_(attention_mask[:, 0])
+    return x, slots
+
+
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     return F.layer_norm(_wide(x), (x.shape[-1],), _wide(weight), _wide(bias), eps).to(x.dtype)
 

@@ -215,3 +215,18 @@ def test_buffers_refilled_when_the_batch_or_the_mask_changes_in_a_bucket(checkpo
         assert relative_error(got[1:], expected[1:]) < 1e-6
         assert relative_error(graphed.decode(tokens).logits, eager.decode(tokens).logits) < 1e-6
     assert [key[:2] for key in graphed.graphs.keys()] == [(4, 16), (4, 1)]
+
+
+def test_slot_numbered_and_mask_numbered_steps_do_not_share_a_graph(checkpoint):
+    # Over a padded prompt the two numberings differ, so a graph of one replayed for the other would be wrong.
+    eager, graphed, capture = eager_and_graphed(checkpoint[0])
+    ids, mask, _ = step_inputs(2, 5, seed=10)
+    for slot_positions in (True, False, True):
+        expected = eager.prefill(ids, mask, slot_positions=slot_positions, logits="all").logits
+        got = graphed.prefill(ids, mask, slot_positions=slot_positions, logits="all").logits
+        assert relative_error(got, expected) < 1e-6
+        token = expected[:, -1:].argmax(-1)
+        expected = eager.prefill(token, reset=False, slot_positions=slot_positions).logits
+        got = graphed.prefill(token, reset=False, slot_positions=slot_positions).logits
+        assert relative_error(got, expected) < 1e-6
+    assert capture.captures == 4, "a prefill and a one-token step, each numbered both ways"

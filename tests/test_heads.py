@@ -85,6 +85,21 @@ def test_lm_head_logits_loss_and_continuation(tmp_path, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_one_token_steps_are_numbered_as_transformers_forward_numbers_them(tmp_path, backend):
+    # transformers' forward gives a new token position past + 0 whatever the mask: after a left-padded
+    # prompt that is not the count of real tokens (generate's numbering, the engine's default).
+    folder, hf = save_model(tmp_path)
+    ours = tritongpt2.GPT2LMHeadModel.from_pretrained(folder, backend=backend)
+    ids, mask = batch(rows=2, seq=8, pad_left=3, pad_right=0)
+    full, full_oracle = hf_run(hf, input_ids=ids, attention_mask=mask)
+    out = ours(input_ids=on(backend, ids[:, :6]), attention_mask=on(backend, mask[:, :6]))
+    for t in (6, 7):
+        step = dict(input_ids=on(backend, ids[:, t:t + 1]), attention_mask=on(backend, mask[:, :t + 1]))
+        out = ours(**step, past_key_values=out.past_key_values)
+        close(out.logits, full.logits[:, t:t + 1], full_oracle.logits[:, t:t + 1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_lm_head_generate_equals_transformers(tmp_path, backend):
     folder, hf = save_model(tmp_path)
     ours = tritongpt2.GPT2LMHeadModel.from_pretrained(folder, backend=backend)

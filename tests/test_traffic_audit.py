@@ -1,5 +1,5 @@
 """Memory traffic of a decode step at gpt2's per-layer shapes, under the interpreter: within 1.1x of
-the ideal, at most 6 launches per layer and 8 outside the layers, and less than transformers moves."""
+the ideal, at most 6 launches per layer and 2 outside the layers, and less than transformers moves."""
 
 import json
 import os
@@ -27,9 +27,9 @@ def test_gpt2_decode_at_context_1024_meets_the_targets():
     ours, theirs = rows["tritongpt2"], rows["hf-eager"]
     assert ours["ratio_to_ideal"] <= 1.1, ours
     assert ours["launches_per_layer"] <= 6, ours
-    # Outside the layers: the embedding and the LM head, the key-mask write, the positions (2), and
-    # advancing the lengths (1) and the next positions (2).
-    assert ours["launches"] - 12 * ours["launches_per_layer"] <= 8, ours
+    # Outside the layers: the embedding (which also writes the key mask, derives the positions and
+    # advances the lengths) and the LM head.
+    assert ours["launches"] - 12 * ours["launches_per_layer"] <= 2, ours
     assert theirs["bytes"] > ours["bytes"] and theirs["launches"] > ours["launches"]
 
 
