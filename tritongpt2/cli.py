@@ -142,6 +142,27 @@ def _embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from tritongpt2.engine.options import EngineOptions
+
+    try:
+        from tritongpt2.serve.app import ServeSettings
+        from tritongpt2.serve.server import SchedulerOptions, app_for_model, serve_forever, warn_if_exposed
+    except ImportError as missing:
+        raise ValueError(f"serve needs the serve extra ({missing}): pip install 'tritongpt2[serve]'") from None
+
+    api_key = args.api_key or os.environ.get("TRITONGPT2_API_KEY") or None
+    warn_if_exposed(args.host, api_key)
+    options = EngineOptions(dtype=_dtype(args.dtype), backend=args.backend, max_batch=args.max_batch, max_seq=args.max_seq)
+    scheduling = SchedulerOptions(pooling=args.pooling, normalize=args.normalize, max_queue=args.max_queue,
+                                  embed_token_budget=args.embed_token_budget)
+    name = args.served_model_name or Path(str(args.model).rstrip("/")).name
+    settings = ServeSettings(model_name=name, api_key=api_key, max_body_bytes=args.max_body_bytes)
+    app = app_for_model(args.model, options, scheduling, settings)
+    serve_forever(app, args.host, args.port, log_level=args.log_level)
+    return 0
+
+
 def bench_device(quick: bool, requested: str | None) -> torch.device:
     """--quick runs on the CPU (its kernels under the interpreter); otherwise CUDA when available."""
     import torch
@@ -256,6 +277,26 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--output", help="write an .npy file instead of JSON (.npy is added to a name without it)")
     embed.add_argument("texts", nargs="*", help="the texts; read from standard input, one per line, when absent")
     embed.set_defaults(run=_embed)
+    serve = commands.add_parser("serve", help="an OpenAI-compatible server: /v1/completions, /v1/embeddings, /metrics")
+    _model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s; beyond localhost, "
+                       "give --api-key)")
+    serve.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    serve.add_argument("--max-batch", type=int, default=16, help="cache rows: sequences decoded together (default: %(default)s)")
+    serve.add_argument("--max-seq", type=int, help="tokens per row, prompt and completion (default: the model's n_positions)")
+    serve.add_argument("--pooling", choices=["mean", "last", "first"], default="mean", help="how /v1/embeddings pools "
+                       "the hidden states (default: %(default)s)")
+    serve.add_argument("--normalize", action="store_true", help="scale each embedding to unit length")
+    serve.add_argument("--served-model-name", help="the model id clients send (default: the --model folder's name)")
+    serve.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 routes (default: $TRITONGPT2_API_KEY)")
+    serve.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond the running batch before "
+                       "503 with Retry-After (default: %(default)s)")
+    serve.add_argument("--embed-token-budget", type=int, default=4096, help="padded tokens per embedding batch "
+                       "(default: %(default)s)")
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default: %(default)s)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(run=_serve)
+
     bench = commands.add_parser("bench", help="time tritongpt2 against transformers, side by side")
     bench.add_argument("--quick", action="store_true", help="tiny shapes on the CPU backends (even where CUDA is), with a parity check")
     bench.add_argument("--models", type=_csv_of(_model_names, "model"),
