@@ -254,6 +254,26 @@ def test_a_client_that_disconnects_frees_its_row_at_once(server, reference, toke
     assert generated < max_tokens  # stopped early, not run to the end
 
 
+def test_a_client_that_gives_up_on_a_whole_response_frees_its_row(folder, tokenizer):
+    """The client times out while the engine is held; its request is cancelled by the time the
+    engine is free, and its row is freed after the one step that was already under way."""
+    engine, thread = start(folder, tokenizer, EngineOptions(backend="torch", max_batch=2, max_seq=256))
+    with thread:
+        body = {"model": MODEL, "prompt": TEXTS[0], "max_tokens": 200, "temperature": 0.7, "seed": 3}
+        with engine.lock:
+            with pytest.raises(httpx.TimeoutException):
+                httpx.post(thread.url + "/v1/completions", json=body, timeout=1.0)
+            time.sleep(0.5)  # ample time for the server to see the connection close
+        deadline = time.monotonic() + 10
+        while metric(thread, "tritongpt2_generated_tokens_total") == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        while metric(thread, "tritongpt2_running_batch_size") != 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert metric(thread, "tritongpt2_running_batch_size") == 0
+        assert metric(thread, "tritongpt2_generated_tokens_total") <= 2
+        assert metric(thread, 'tritongpt2_requests_total{route="/v1/completions",status="499"}') == 1
+
+
 def test_a_full_queue_answers_503_with_retry_after_never_hangs(folder, tokenizer):
     """One row and a queue of one: while the engine is held, the first request waits in the queue and
     the second is turned away at once; the first is answered when the engine is free."""

@@ -187,7 +187,33 @@ def _output_folder(args: argparse.Namespace, label: str, committed_subfolder: st
     return Path(args.output) if args.output else new_results_folder(label)
 
 
+def _bench_serve(args: argparse.Namespace) -> int:
+    from tritongpt2.bench.model_shapes import model_shape
+    from tritongpt2.bench.quiet import quiet_transformers
+    from tritongpt2.bench.serve_load import LoadSettings, run_serve_load, serve_markdown, write_serve_results
+    from tritongpt2.bench.suite import QUICK_SHAPE, device_name
+
+    if len(args.models or []) > 1 or len(args.dtypes or []) > 1:
+        raise ValueError("--serve loads one model in one dtype: give at most one of each in --models and --dtypes")
+    if args.quick and args.models:
+        raise ValueError("--quick serves its own tiny model; --models does not apply to it")
+    device = bench_device(args.quick, args.device)
+    shape = QUICK_SHAPE if args.quick else model_shape((args.models or ["gpt2"])[0])
+    dtype = _dtype((args.dtypes or ["float16" if device.type == "cuda" else "float32"])[0])
+    settings = LoadSettings(seconds=2.0, embed_requests=8, max_seq=shape.n_positions) if args.quick else LoadSettings()
+    output = _output_folder(args, device_name(device) + "-serve", "quick" if args.quick else "")
+    print(f"writing into {output}", file=sys.stderr)
+    with quiet_transformers():
+        document = run_serve_load(shape, dtype, device, settings=settings)
+    print(serve_markdown(document))
+    for path in write_serve_results(document, output):
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
+    if args.serve:
+        return _bench_serve(args)
     if args.quick:
         # --quick runs the kernels under the interpreter, which must be on before triton is imported.
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -299,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="time tritongpt2 against transformers, side by side")
     bench.add_argument("--quick", action="store_true", help="tiny shapes on the CPU backends (even where CUDA is), with a parity check")
+    bench.add_argument("--serve", action="store_true", help="load figures of `tritongpt2 serve` instead: generated tokens/s "
+                       "at 1, 4, 16 and 32 concurrent streams, embedding latency at 1 and 16 clients (one model, one dtype)")
     bench.add_argument("--models", type=_csv_of(_model_names, "model"),
                        help="GPT-2 sizes, comma-separated (default: all four on a GPU, gpt2 on the CPU)")
     bench.add_argument("--dtypes", type=_csv_of(lambda: DTYPES, "dtype"),

@@ -20,12 +20,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from tritongpt2.embedder import Embedder
+from tritongpt2.embedder import SMALLEST_LENGTH, Embedder
 from tritongpt2.engine.continuous import ContinuousBatch
 from tritongpt2.engine.engine import Engine
-from tritongpt2.engine.generation import SamplingParams, next_tokens
+from tritongpt2.engine.generation import SamplingParams, filter_logits
 from tritongpt2.engine.graphs import bucket
-from tritongpt2.embedder import SMALLEST_LENGTH
 from tritongpt2.engine.tokenizer import GPT2Tokenizer
 
 from .text import TextStream
@@ -225,21 +224,24 @@ class Scheduler:
                 self._started()
             if job not in self._running:
                 self._running.append(job)
-            for row, choice in zip(rows, job.choices[prompt * job.n:(prompt + 1) * job.n]):
+            choices = job.choices[prompt * job.n:(prompt + 1) * job.n]
+            for row, choice in zip(rows, choices):
                 choice.row = row
-                self._take(job, choice, logits)
+            tokens = _draw(logits.expand(len(choices), -1), [(job, choice) for choice in choices])
+            for choice, token in zip(choices, tokens):
+                self._take(job, choice, token)
 
     def _decode(self) -> None:
         by_row = {c.row: (job, c) for job in self._running for c in job.choices if c.row is not None}
         if not by_row:
             return
         logits = self.batch.step({row: choice.tokens[-1] for row, (_, choice) in by_row.items()})
-        for row, (job, choice) in by_row.items():
-            self._take(job, choice, logits[row])
+        tokens = _draw(torch.stack([logits[row] for row in by_row]), list(by_row.values()))
+        for (job, choice), token in zip(by_row.values(), tokens):
+            self._take(job, choice, token)
 
-    def _take(self, job: CompletionJob, choice: Choice, logits: torch.Tensor) -> None:
-        """Draw the choice's next token, send its text, and free its row when it has finished."""
-        token = int(next_tokens(logits[None], job.params, choice.generator)[0])
+    def _take(self, job: CompletionJob, choice: Choice, token: int) -> None:
+        """Add the choice's next token, send its text, and free its row when it has finished."""
         choice.tokens.append(token)
         self.on_tokens(1)
         if token in self.eos_token_ids:
@@ -275,3 +277,24 @@ class Scheduler:
         self._embeds.clear()
         with self._queued_lock:
             self._queued = 0
+
+
+def _draw(logits: torch.Tensor, owners: list[tuple[CompletionJob, Choice]]) -> list[int]:
+    """One token per row of logits [B, V], each by its job's sampling parameters: rows that sample
+    alike share each operation, and each draws its noise from its own generator, so a row's token
+    is what `next_tokens` draws for it alone."""
+    tokens = torch.empty(len(owners), dtype=torch.int64, device=logits.device)
+    groups: dict[SamplingParams, list[int]] = {}
+    for i, (job, _) in enumerate(owners):
+        groups.setdefault(job.params, []).append(i)
+    for params, rows in groups.items():
+        index = torch.tensor(rows, device=logits.device)
+        if not params.do_sample:
+            tokens[index] = logits[index].argmax(-1)
+            continue
+        probs = filter_logits(logits[index], params).softmax(-1)
+        noise = torch.empty_like(probs)
+        for j, row in enumerate(rows):
+            noise[j].exponential_(generator=owners[row][1].generator)
+        tokens[index] = (probs / noise).argmax(-1)
+    return tokens.tolist()

@@ -1,0 +1,181 @@
+"""Load figures for `tritongpt2 serve` (`tritongpt2 bench --serve`): the server on 127.0.0.1 over a
+random-weight model, driven by the official openai client (AsyncOpenAI, one event loop).
+
+- generation: N concurrent streams, each a closed loop of streamed completions (a fixed prompt
+  length and max_tokens, temperature 1, a seed per request) for a fixed time after a warm-up;
+  aggregate generated tokens/s counts the chunks received (one per token);
+- embedding: N concurrent clients, each a closed loop of one-text requests; p50 and p99 latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .model_shapes import ModelShape
+
+STREAMS = (1, 4, 16, 32)
+EMBED_CLIENTS = (1, 16)
+SERVED_NAME = "random-gpt2"
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    prompt_tokens: int = 32
+    max_tokens: int = 64
+    embed_tokens: int = 16
+    seconds: float = 20.0  # timed per generation level, after a warm-up request per stream
+    embed_requests: int = 64  # per embedding level (spread over its clients)
+    max_seq: int = 256
+
+
+def write_random_checkpoint(shape: ModelShape, folder: Path) -> None:
+    """A random-weight gpt2 of the shape (initializer_range 0.2) saved with transformers, and a
+    byte-level tokenizer over its vocabulary: the 256 byte symbols, then distinct pairs of them."""
+    from tokenizers import pre_tokenizers
+
+    from .suite import build_model
+
+    build_model(shape, torch.float32, torch.device("cpu")).save_pretrained(folder)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    pairs = (a + b for a in alphabet for b in alphabet)
+    vocab = {symbol: i for i, symbol in enumerate(alphabet)}
+    while len(vocab) < shape.vocab_size - 1:
+        vocab.setdefault(next(pairs), len(vocab))
+    vocab["<|endoftext|>"] = shape.vocab_size - 1
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+
+
+async def _generation(url: str, streams: int, settings: LoadSettings, vocab: int) -> dict:
+    """The clock starts when every stream has received its first token, and counts the tokens
+    received for `seconds`; then the streams close theirs."""
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    rng = random.Random(streams)
+    ready: set[int] = set()
+    clock = {"start": None, "end": float("inf"), "tokens": 0, "requests": 0}
+
+    async def loop(stream_index: int) -> None:
+        while time.perf_counter() < clock["end"]:
+            prompt = [rng.randrange(vocab) for _ in range(settings.prompt_tokens)]
+            stream = await client.completions.create(model=SERVED_NAME, prompt=prompt, max_tokens=settings.max_tokens,
+                                                     temperature=1.0, seed=rng.randrange(1 << 30), stream=True)
+            async for _ in stream:
+                now = time.perf_counter()
+                if now >= clock["end"]:
+                    await stream.close()
+                    return
+                if clock["start"] is not None:
+                    clock["tokens"] += 1
+                elif stream_index not in ready:
+                    ready.add(stream_index)
+                    if len(ready) == streams:
+                        clock["start"], clock["end"] = now, now + settings.seconds
+            if clock["start"] is not None:
+                clock["requests"] += 1
+
+    await asyncio.gather(*(loop(i) for i in range(streams)))
+    await client.close()
+    return {"streams": streams, "tokens": clock["tokens"], "seconds": settings.seconds,
+            "tokens_per_s": round(clock["tokens"] / settings.seconds, 1), "completed_requests": clock["requests"],
+            "load_average_1min": round(os.getloadavg()[0], 2)}
+
+
+async def _embedding(url: str, clients: int, settings: LoadSettings, vocab: int) -> dict:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    rng = random.Random(clients)
+    latencies: list[float] = []
+    per_client = max(1, settings.embed_requests // clients)
+
+    async def loop() -> None:
+        for i in range(per_client + 1):
+            ids = [rng.randrange(vocab) for _ in range(settings.embed_tokens)]
+            start = time.perf_counter()
+            await client.embeddings.create(model=SERVED_NAME, input=[ids])
+            if i:  # the first request of each client is a warm-up
+                latencies.append(time.perf_counter() - start)
+
+    await asyncio.gather(*(loop() for _ in range(clients)))
+    await client.close()
+    ms = np.array(latencies) * 1000
+    return {"clients": clients, "requests": len(latencies), "p50_ms": round(float(np.percentile(ms, 50)), 1),
+            "p99_ms": round(float(np.percentile(ms, 99)), 1), "load_average_1min": round(os.getloadavg()[0], 2)}
+
+
+def run_serve_load(shape: ModelShape, dtype: torch.dtype, device: torch.device, *, backend: str | None = None,
+                   settings: LoadSettings = LoadSettings(), streams: tuple[int, ...] = STREAMS,
+                   embed_clients: tuple[int, ...] = EMBED_CLIENTS) -> dict:
+    from tritongpt2.engine.options import EngineOptions
+    from tritongpt2.serve.app import ServeSettings
+    from tritongpt2.serve.server import SchedulerOptions, ServerThread, app_for_model
+
+    from .suite import device_name, versions
+
+    backend = backend or ("triton" if device.type == "cuda" else "torch")
+    options = EngineOptions(dtype=dtype, device=device, backend=backend, max_batch=max(streams), max_seq=settings.max_seq)
+    with tempfile.TemporaryDirectory() as folder:
+        write_random_checkpoint(shape, Path(folder))
+        app = app_for_model(folder, options, SchedulerOptions(max_queue=4 * max(streams)), ServeSettings(SERVED_NAME))
+        with ServerThread(app, timeout=600) as server:
+            generation = [asyncio.run(_generation(server.url, n, settings, shape.vocab_size)) for n in streams]
+            embedding = [asyncio.run(_embedding(server.url, n, settings, shape.vocab_size)) for n in embed_clients]
+    single = next((g["tokens_per_s"] for g in generation if g["streams"] == 1), None)
+    for g in generation:
+        g["speedup_vs_1_stream"] = round(g["tokens_per_s"] / single, 2) if single else None
+    return {"device": device_name(device), "date": datetime.date.today().isoformat(), "versions": versions(),
+            "model": shape.name, "dtype": str(dtype).removeprefix("torch."), "backend": backend,
+            "settings": {**asdict(settings), "max_batch": max(streams)}, "generation": generation, "embedding": embedding}
+
+
+def serve_markdown(document: dict) -> str:
+    s = document["settings"]
+    lines = [
+        f"Device: {document['device']} · {document['date']} · " + ", ".join(f"{k} {v}" for k, v in document["versions"].items()),
+        "",
+        f"`tritongpt2 serve` under load: {document['model']} with random weights, {document['dtype']}, the "
+        f"{document['backend']} backend, --max-batch {s['max_batch']}, through the openai client on 127.0.0.1.",
+        "",
+        f"Generation: each stream is a closed loop of streamed completions ({s['prompt_tokens']}-token prompts, "
+        f"max_tokens {s['max_tokens']}, sampled), timed for {s['seconds']} s after a warm-up.",
+        "",
+        "| concurrent streams | generated tokens/s | vs 1 stream | tokens | completed requests | load average |",
+        "|---|---|---|---|---|---|",
+        *(f"| {g['streams']} | {g['tokens_per_s']} | {g['speedup_vs_1_stream']}x | {g['tokens']} | {g['completed_requests']} | "
+          f"{g['load_average_1min']} |" for g in document["generation"]),
+        "",
+        f"Embedding: each client is a closed loop of one-text requests of {s['embed_tokens']} tokens.",
+        "",
+        "| concurrent clients | p50 ms | p99 ms | requests | load average |",
+        "|---|---|---|---|---|",
+        *(f"| {e['clients']} | {e['p50_ms']} | {e['p99_ms']} | {e['requests']} | {e['load_average_1min']} |"
+          for e in document["embedding"]),
+        "",
+        "Load average: the machine's 1-minute load average at the end of each level (this process and any other; "
+        "on a machine shared with other work, a level measured under more load is slower for it).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_serve_results(document: dict, folder: Path) -> list[Path]:
+    from .report import slug
+
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"serve-{slug(document['device'])}-{document['date']}"
+    written = [folder / f"{stem}.json", folder / f"{stem}.md"]
+    written[0].write_text(json.dumps(document, indent=1) + "\n")
+    written[1].write_text(serve_markdown(document))
+    return written
