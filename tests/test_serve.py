@@ -103,6 +103,9 @@ def test_greedy_completions_equal_the_engines_own(server, client, reference, tok
     assert single.choices[0].text == greedy(reference, tokenizer, ids, 7)[0]
     echoed = client.completions.create(model=MODEL, prompt=TEXTS[4], max_tokens=5, temperature=0, echo=True)
     assert echoed.choices[0].text == TEXTS[4] + greedy(reference, tokenizer, TEXTS[4], 5)[0]
+    default = httpx.post(server.url + "/v1/completions", timeout=30,
+                         json={"model": MODEL, "prompt": TEXTS[4], "max_tokens": None, "temperature": 0}).json()
+    assert default["choices"][0]["text"] == greedy(reference, tokenizer, TEXTS[4], 16)[0]  # OpenAI's default, 16
 
 
 def test_streaming_sends_a_chunk_per_token_then_usage(server, client, reference, tokenizer):

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
 
 MAX_STOP_STRINGS = 4
+DEFAULT_MAX_TOKENS = 16  # OpenAI's, for the completions API
 MAX_INPUTS = 2048
 OFF_VALUES: dict[str, list[Any]] = {
     "logprobs": [], "best_of": [1], "presence_penalty": [0], "frequency_penalty": [0], "logit_bias": [{}], "suffix": [""],
@@ -64,7 +65,7 @@ class _Request(BaseModel):
 
 class CompletionRequest(_Request):
     prompt: Any
-    max_tokens: StrictInt | None = Field(default=16, ge=1)
+    max_tokens: StrictInt | None = Field(default=DEFAULT_MAX_TOKENS, ge=1)
     temperature: float | None = Field(default=1.0, ge=0, le=2)
     top_p: float | None = Field(default=1.0, gt=0, le=1)
     top_k: StrictInt | None = Field(default=None, ge=-1)
@@ -103,7 +104,9 @@ class CompletionRequest(_Request):
         return value
 
     def checked(self) -> CompletionRequest:
-        """Checks across fields, which pydantic's per-field ones cannot make."""
+        """Checks across fields, which pydantic's per-field ones cannot make; max_tokens null is the default."""
+        if self.max_tokens is None:
+            self.max_tokens = DEFAULT_MAX_TOKENS
         for name, off in OFF_VALUES.items():
             value = getattr(self, name)
             if value is not None and value not in off and not (name == "best_of" and value == self.n):
