@@ -136,7 +136,7 @@ def run_serve_load(shape: ModelShape, dtype: torch.dtype, device: torch.device, 
     single = next((g["tokens_per_s"] for g in generation if g["streams"] == 1), None)
     for g in generation:
         g["speedup_vs_1_stream"] = round(g["tokens_per_s"] / single, 2) if single else None
-    return {"device": device_name(device), "date": datetime.date.today().isoformat(), "versions": versions(),
+    return {"device": device_name(device), "cpus": os.cpu_count(), "date": datetime.date.today().isoformat(), "versions": versions(),
             "model": shape.name, "dtype": str(dtype).removeprefix("torch."), "backend": backend,
             "settings": {**asdict(settings), "max_batch": max(streams)}, "generation": generation, "embedding": embedding}
 
@@ -144,7 +144,7 @@ def run_serve_load(shape: ModelShape, dtype: torch.dtype, device: torch.device, 
 def serve_markdown(document: dict) -> str:
     s = document["settings"]
     lines = [
-        f"Device: {document['device']} · {document['date']} · " + ", ".join(f"{k} {v}" for k, v in document["versions"].items()),
+        f"Device: {document['device']} ({document['cpus']} CPUs) · {document['date']} · " + ", ".join(f"{k} {v}" for k, v in document["versions"].items()),
         "",
         f"`tritongpt2 serve` under load: {document['model']} with random weights, {document['dtype']}, the "
         f"{document['backend']} backend, --max-batch {s['max_batch']}, through the openai client on 127.0.0.1.",
