@@ -242,8 +242,7 @@ def _sse(data: Any) -> str:
 async def _stream(job: CompletionJob, events: asyncio.Queue, head: dict, echoed: list[str],
                   include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events as OpenAI sends them: a chunk per generated token, the finish reason in
-    its choice's last chunk, a usage chunk when asked for, then [DONE]. Closing the stream (the
-    client went away) cancels the job."""
+    its choice's last chunk, a usage chunk when asked for, then [DONE]."""
 
     def chunk(index: int, text: str, reason: str | None) -> str:
         choice = {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
@@ -268,4 +267,4 @@ async def _stream(job: CompletionJob, events: asyncio.Queue, head: dict, echoed:
             else:  # cancelled
                 return
     finally:
-        job.cancel()
+        job.cancel()  # the stream was closed: the client went away (or it ended, and this is a no-op)
