@@ -2,9 +2,13 @@
 random-weight model, driven by the official openai client (AsyncOpenAI, one event loop).
 
 - generation: N concurrent streams, each a closed loop of streamed completions (a fixed prompt
-  length and max_tokens, temperature 1, a seed per request) for a fixed time after a warm-up;
-  aggregate generated tokens/s counts the chunks received (one per token);
+  length and max_tokens, temperature 1, a seed per request) for a fixed time once every stream
+  is running; aggregate generated tokens/s counts the chunks received (one per token);
 - embedding: N concurrent clients, each a closed loop of one-text requests; p50 and p99 latency.
+
+Every level is measured in several rounds, the levels taken in turn within a round, so that a
+machine whose load drifts (a shared VM) affects them alike: a figure is the median of its rounds,
+and a speed-up the median of the rounds' ratios to the same round's single stream.
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ class LoadSettings:
     prompt_tokens: int = 32
     max_tokens: int = 64
     embed_tokens: int = 16
-    seconds: float = 20.0  # timed per generation level, after a warm-up request per stream
-    embed_requests: int = 64  # per embedding level (spread over its clients)
+    seconds: float = 8.0  # timed per generation level and round, once every stream is running
+    embed_requests: int = 32  # per embedding level and round (spread over its clients)
+    rounds: int = 3
     max_seq: int = 256
 
 
@@ -88,12 +93,10 @@ async def _generation(url: str, streams: int, settings: LoadSettings, vocab: int
 
     await asyncio.gather(*(loop(i) for i in range(streams)))
     await client.close()
-    return {"streams": streams, "tokens": clock["tokens"], "seconds": settings.seconds,
-            "tokens_per_s": round(clock["tokens"] / settings.seconds, 1), "completed_requests": clock["requests"],
-            "load_average_1min": round(os.getloadavg()[0], 2)}
+    return {"tokens": clock["tokens"], "tokens_per_s": clock["tokens"] / settings.seconds, "requests": clock["requests"]}
 
 
-async def _embedding(url: str, clients: int, settings: LoadSettings, vocab: int) -> dict:
+async def _embedding(url: str, clients: int, settings: LoadSettings, vocab: int) -> list[float]:
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
@@ -111,9 +114,7 @@ async def _embedding(url: str, clients: int, settings: LoadSettings, vocab: int)
 
     await asyncio.gather(*(loop() for _ in range(clients)))
     await client.close()
-    ms = np.array(latencies) * 1000
-    return {"clients": clients, "requests": len(latencies), "p50_ms": round(float(np.percentile(ms, 50)), 1),
-            "p99_ms": round(float(np.percentile(ms, 99)), 1), "load_average_1min": round(os.getloadavg()[0], 2)}
+    return latencies
 
 
 def run_serve_load(shape: ModelShape, dtype: torch.dtype, device: torch.device, *, backend: str | None = None,
@@ -130,15 +131,40 @@ def run_serve_load(shape: ModelShape, dtype: torch.dtype, device: torch.device, 
     with tempfile.TemporaryDirectory() as folder:
         write_random_checkpoint(shape, Path(folder))
         app = app_for_model(folder, options, SchedulerOptions(max_queue=4 * max(streams)), ServeSettings(SERVED_NAME))
+        rounds: dict[int, list[dict]] = {n: [] for n in streams}
+        latencies: dict[int, list[float]] = {n: [] for n in embed_clients}
+        loads: list[float] = []
         with ServerThread(app, timeout=600) as server:
-            generation = [asyncio.run(_generation(server.url, n, settings, shape.vocab_size)) for n in streams]
-            embedding = [asyncio.run(_embedding(server.url, n, settings, shape.vocab_size)) for n in embed_clients]
-    single = next((g["tokens_per_s"] for g in generation if g["streams"] == 1), None)
-    for g in generation:
-        g["speedup_vs_1_stream"] = round(g["tokens_per_s"] / single, 2) if single else None
+            for _ in range(settings.rounds):
+                for n in streams:
+                    rounds[n].append(asyncio.run(_generation(server.url, n, settings, shape.vocab_size)))
+                for n in embed_clients:
+                    latencies[n] += asyncio.run(_embedding(server.url, n, settings, shape.vocab_size))
+                loads.append(round(os.getloadavg()[0], 2))
+    generation = [_generation_level(n, rounds[n], rounds.get(1)) for n in streams]
+    embedding = [_embedding_level(n, latencies[n]) for n in embed_clients]
     return {"device": device_name(device), "cpus": os.cpu_count(), "date": datetime.date.today().isoformat(), "versions": versions(),
             "model": shape.name, "dtype": str(dtype).removeprefix("torch."), "backend": backend,
-            "settings": {**asdict(settings), "max_batch": max(streams)}, "generation": generation, "embedding": embedding}
+            "settings": {**asdict(settings), "max_batch": max(streams)}, "generation": generation, "embedding": embedding,
+            "load_average_1min_per_round": loads}
+
+
+def _generation_level(streams: int, rounds: list[dict], single: list[dict] | None) -> dict:
+    rates = [r["tokens_per_s"] for r in rounds]
+    level = {"streams": streams, "tokens_per_s": round(float(np.median(rates)), 1),
+             "tokens_per_s_range": [round(min(rates), 1), round(max(rates), 1)],
+             "tokens": sum(r["tokens"] for r in rounds), "completed_requests": sum(r["requests"] for r in rounds)}
+    if single:
+        ratios = [r["tokens_per_s"] / one["tokens_per_s"] for r, one in zip(rounds, single)]
+        level["speedup_vs_1_stream"] = round(float(np.median(ratios)), 2)
+        level["speedup_range"] = [round(min(ratios), 2), round(max(ratios), 2)]
+    return level
+
+
+def _embedding_level(clients: int, latencies: list[float]) -> dict:
+    ms = np.array(latencies) * 1000
+    return {"clients": clients, "requests": len(latencies), "p50_ms": round(float(np.percentile(ms, 50)), 1),
+            "p99_ms": round(float(np.percentile(ms, 99)), 1)}
 
 
 def serve_markdown(document: dict) -> str:
@@ -150,24 +176,32 @@ def serve_markdown(document: dict) -> str:
         f"{document['backend']} backend, --max-batch {s['max_batch']}, through the openai client on 127.0.0.1.",
         "",
         f"Generation: each stream is a closed loop of streamed completions ({s['prompt_tokens']}-token prompts, "
-        f"max_tokens {s['max_tokens']}, sampled), timed for {s['seconds']} s after a warm-up.",
+        f"max_tokens {s['max_tokens']}, sampled), counted for {s['seconds']} s once every stream is running, in "
+        f"{s['rounds']} rounds that take the levels in turn: the median round, with the range in brackets; the "
+        "speed-up is each round's ratio to the same round's single stream.",
         "",
-        "| concurrent streams | generated tokens/s | vs 1 stream | tokens | completed requests | load average |",
-        "|---|---|---|---|---|---|",
-        *(f"| {g['streams']} | {g['tokens_per_s']} | {g['speedup_vs_1_stream']}x | {g['tokens']} | {g['completed_requests']} | "
-          f"{g['load_average_1min']} |" for g in document["generation"]),
+        "| concurrent streams | generated tokens/s | vs 1 stream | tokens | completed requests |",
+        "|---|---|---|---|---|",
+        *(f"| {g['streams']} | {g['tokens_per_s']} ({g['tokens_per_s_range'][0]}-{g['tokens_per_s_range'][1]}) | "
+          f"{_speedup_cell(g)} | {g['tokens']} | {g['completed_requests']} |" for g in document["generation"]),
         "",
         f"Embedding: each client is a closed loop of one-text requests of {s['embed_tokens']} tokens.",
         "",
-        "| concurrent clients | p50 ms | p99 ms | requests | load average |",
-        "|---|---|---|---|---|",
-        *(f"| {e['clients']} | {e['p50_ms']} | {e['p99_ms']} | {e['requests']} | {e['load_average_1min']} |"
-          for e in document["embedding"]),
+        "| concurrent clients | p50 ms | p99 ms | requests |",
+        "|---|---|---|---|",
+        *(f"| {e['clients']} | {e['p50_ms']} | {e['p99_ms']} | {e['requests']} |" for e in document["embedding"]),
         "",
-        "Load average: the machine's 1-minute load average at the end of each level (this process and any other; "
-        "on a machine shared with other work, a level measured under more load is slower for it).",
+        "The machine's 1-minute load average after each round (this process and any other): "
+        + ", ".join(map(str, document["load_average_1min_per_round"])) + ".",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _speedup_cell(level: dict) -> str:
+    if "speedup_vs_1_stream" not in level:
+        return ""
+    low, high = level["speedup_range"]
+    return f"{level['speedup_vs_1_stream']}x ({low}-{high})"
 
 
 def write_serve_results(document: dict, folder: Path) -> list[Path]:

@@ -15,13 +15,13 @@ from tritongpt2.bench.suite import QUICK_SHAPE  # noqa: E402
 
 
 def test_the_load_figures_are_measured_and_written(tmp_path):
-    settings = LoadSettings(prompt_tokens=4, max_tokens=8, embed_tokens=4, seconds=0.5, embed_requests=4, max_seq=64)
+    settings = LoadSettings(prompt_tokens=4, max_tokens=8, embed_tokens=4, seconds=0.5, embed_requests=4, rounds=2, max_seq=64)
     document = run_serve_load(QUICK_SHAPE, torch.float32, torch.device("cpu"), settings=settings, streams=(1, 3),
                               embed_clients=(1, 2))
     assert [g["streams"] for g in document["generation"]] == [1, 3]
     assert all(g["tokens"] > 0 and g["tokens_per_s"] > 0 for g in document["generation"])
-    assert document["generation"][0]["speedup_vs_1_stream"] == 1.0
-    assert [(e["clients"], e["requests"]) for e in document["embedding"]] == [(1, 4), (2, 4)]
+    assert document["generation"][0]["speedup_vs_1_stream"] == 1.0 and len(document["load_average_1min_per_round"]) == 2
+    assert [(e["clients"], e["requests"]) for e in document["embedding"]] == [(1, 8), (2, 8)]
     assert all(0 < e["p50_ms"] <= e["p99_ms"] for e in document["embedding"])
     json_path, markdown_path = write_serve_results(document, tmp_path)
     assert json.loads(json_path.read_text())["backend"] == "torch" and document["settings"]["max_batch"] == 3

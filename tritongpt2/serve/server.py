@@ -72,6 +72,9 @@ class ServerThread:
     def __init__(self, app: FastAPI, timeout: float = 60.0) -> None:
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Connections accepted from a socket handed to uvicorn keep Nagle's algorithm unless the
+        # listener turns it off: each small write (an SSE chunk, a short response) then waits ~40 ms.
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.socket.bind(("127.0.0.1", 0))
         self.port = self.socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
