@@ -15,7 +15,7 @@ from tritongpt2.bench.suite import QUICK_SHAPE  # noqa: E402
 
 
 def test_the_load_figures_are_measured_and_written(tmp_path):
-    settings = LoadSettings(prompt_tokens=4, max_tokens=8, embed_tokens=4, seconds=0.5, embed_requests=4, rounds=2, max_seq=64)
+    settings = LoadSettings(prompt_tokens=4, max_tokens=8, requests_per_stream=2, embed_tokens=4, embed_requests=4, rounds=2, max_seq=64)
     document = run_serve_load(QUICK_SHAPE, torch.float32, torch.device("cpu"), settings=settings, streams=(1, 3),
                               embed_clients=(1, 2))
     assert [g["streams"] for g in document["generation"]] == [1, 3]

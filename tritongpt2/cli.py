@@ -200,7 +200,7 @@ def _bench_serve(args: argparse.Namespace) -> int:
     device = bench_device(args.quick, args.device)
     shape = QUICK_SHAPE if args.quick else model_shape((args.models or ["gpt2"])[0])
     dtype = _dtype((args.dtypes or ["float16" if device.type == "cuda" else "float32"])[0])
-    settings = LoadSettings(seconds=1.0, embed_requests=8, rounds=2, max_seq=shape.n_positions) if args.quick else LoadSettings()
+    settings = LoadSettings(max_tokens=8, requests_per_stream=2, embed_requests=8, max_seq=shape.n_positions) if args.quick else LoadSettings()
     output = _output_folder(args, device_name(device) + "-serve", "quick" if args.quick else "")
     print(f"writing into {output}", file=sys.stderr)
     with quiet_transformers():
