@@ -23,6 +23,7 @@ from typing import Any, Iterable
 import torch
 
 from tritongpt2.kernels.launch import LaunchRecord, recording_launches
+from tritongpt2.kernels.tiling import SplitTiles, forcing_split_tiles, split_candidates, tuning_key
 
 from .model_shapes import ModelShape
 
@@ -242,25 +243,79 @@ def run_compile_audit(
 ) -> list[CompileResult]:
     """Compile every distinct configuration that the workloads launch at the given model shapes."""
     _require_compiled_kernels()
-    archs, dtypes, workloads = list(archs), list(dtypes), list(workloads)
+    archs, dtypes = _checked(archs, dtypes)
+    workloads = list(workloads)
+    jobs: dict[tuple[str, CompileJob], list[str]] = {}
+    for shape in shapes:
+        for dtype in dtypes:
+            for workload in workloads:
+                label = f"{shape.name} {workload.name} b{workload.batch}x{workload.seq} ctx{workload.context}"
+                _add_jobs(jobs, dtype, label, step_launches(shape, DTYPES[dtype], workload))
+    return _compile_jobs(jobs, archs, workers)
+
+
+CANDIDATE_WORKLOAD = Workload("decode", 1, 1, 1024)
+SPLIT_KERNELS = ("split_linear_kernel", "decode_mlp_kernel")  # the kernels whose tiles the tuner picks
+
+
+def decode_candidate_tiles(shape: ModelShape, element_size: int) -> list[dict[str, SplitTiles]]:
+    """Every choice the tuner may write for the decode products of a model, as the tiles to force:
+    each candidate of c_attn, attention's c_proj and the LM head alone, and every pair of candidates
+    for the MLP's two products, which one kernel compiles together (its warps are c_fc's)."""
+    c, inner, vocab = shape.n_embd, shape.n_inner, shape.vocab_size
+    alone = [{tuning_key(n, k, element_size): tiles} for n, k in ((3 * c, c), (c, c), (vocab, c))
+             for tiles in split_candidates(n, k, element_size)]
+    fc_key, proj_key = tuning_key(inner, c, element_size), tuning_key(c, inner, element_size)
+    pairs = [{fc_key: fc, proj_key: proj} for fc in split_candidates(inner, c, element_size)
+             for proj in split_candidates(c, inner, element_size)]
+    return alone + pairs
+
+
+def run_candidate_audit(
+    shapes: Iterable[ModelShape],
+    archs: Iterable[str] = tuple(ARCHS),
+    dtypes: Iterable[str] = ("float16", "bfloat16"),
+    workers: int | None = None,
+) -> list[CompileResult]:
+    """Compile every distinct configuration that a decode step launches with each tuning candidate
+    forced in turn (the tuner writes half-precision entries only). k_per_split and splits are run-time
+    arguments, so many candidates share a compiled configuration."""
+    _require_compiled_kernels()
+    archs, dtypes = _checked(archs, dtypes)
+    jobs: dict[tuple[str, CompileJob], list[str]] = {}
+    for shape in shapes:
+        for dtype in dtypes:
+            element_size = DTYPES[dtype].itemsize
+            for forced in decode_candidate_tiles(shape, element_size):
+                with forcing_split_tiles(forced):
+                    records = step_launches(shape, DTYPES[dtype], CANDIDATE_WORKLOAD)
+                split = [r for r in records if r.name in SPLIT_KERNELS]
+                _add_jobs(jobs, dtype, f"{shape.name} decode candidates", split)
+    return _compile_jobs(jobs, archs, workers)
+
+
+def _add_jobs(jobs: dict[tuple[str, CompileJob], list[str]], dtype: str, label: str, records: list[LaunchRecord]) -> None:
+    for record in records:
+        used_by = jobs.setdefault((dtype, compile_job(record)), [])
+        if label not in used_by:
+            used_by.append(label)
+
+
+def _compile_jobs(jobs: dict[tuple[str, CompileJob], list[str]], archs: list[str], workers: int | None) -> list[CompileResult]:
+    tasks = [(job, arch, dtype, used_by) for (dtype, job), used_by in jobs.items() for arch in archs]
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        return list(pool.map(lambda task: compile_for(*task), tasks))
+
+
+def _checked(archs: Iterable[str], dtypes: Iterable[str]) -> tuple[list[str], list[str]]:
+    archs, dtypes = list(archs), list(dtypes)
     for arch in archs:
         if arch not in ARCHS:
             raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
     for dtype in dtypes:
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    jobs: dict[tuple[str, CompileJob], list[str]] = {}
-    for shape in shapes:
-        for dtype in dtypes:
-            for workload in workloads:
-                label = f"{shape.name} {workload.name} b{workload.batch}x{workload.seq} ctx{workload.context}"
-                for record in step_launches(shape, DTYPES[dtype], workload):
-                    used_by = jobs.setdefault((dtype, compile_job(record)), [])
-                    if label not in used_by:
-                        used_by.append(label)
-    tasks = [(job, arch, dtype, used_by) for (dtype, job), used_by in jobs.items() for arch in archs]
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        return list(pool.map(lambda task: compile_for(*task), tasks))
+    return archs, dtypes
 
 
 def _require_compiled_kernels() -> None:
