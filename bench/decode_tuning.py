@@ -4,7 +4,7 @@ written into the committed tuning table (kernels/decode_tuning.json).
 For each GPT-2 size and each half-precision dtype, each distinct split product of a decode step
 (c_attn [C, 3C], attention's c_proj [C, C], the MLP's c_fc [C, I] and projection [I, C], the LM head
 [C, V] as wte.T) is timed in float16 at batch 1 with every tile candidate (kernels/tiling.py:
-split_candidates); its default and winner also in bfloat16 and at batch 16, for the report. The
+split_candidates); its default and winner also in bfloat16, and in float16 at batch 16, for the report. The
 table's key has no batch (a row's result must not depend on what shares its batch) and no dtype but
 its element size: float16 and bfloat16 share an entry, chosen on float16 (the same bytes through the
 same tiles; each new configuration costs a compile, the tune step's main cost). The MLP's two products are one
@@ -101,7 +101,8 @@ def _distinct_in_the_mlp(candidates: list[SplitTiles]) -> list[SplitTiles]:
 def tune_product(shape: ModelShape, product: Product, element_size: int, timer: Timer,
                  fixed: dict[str, SplitTiles], dtypes: tuple[torch.dtype, ...] = TUNED_DTYPES) -> ProductTuning:
     """Time every candidate of `product` in dtypes[0] at batch 1 with `fixed` tiles for the others,
-    choose, and time the default and the winner in every dtype at every report batch."""
+    choose, and time the default and the winner in the other dtypes at batch 1 and in dtypes[0] at
+    the other report batches."""
     default = default_split_tiles(product.n, product.k, element_size)
     candidates = split_candidates(product.n, product.k, element_size)
     if product.name == "mlp_proj":
@@ -115,11 +116,10 @@ def tune_product(shape: ModelShape, product: Product, element_size: int, timer: 
         return per_batch[batch]
 
     tuning.winner = choose(default, {tiles: measure(tiles, dtypes[0], 1) for tiles in candidates})
+    reported = [(dtype, 1) for dtype in dtypes[1:]] + [(dtypes[0], batch) for batch in REPORT_BATCHES[1:]]
     for tiles in dict.fromkeys((default, tuning.winner)):
-        for dtype in dtypes:
-            for batch in REPORT_BATCHES:
-                if (dtype, batch) != (dtypes[0], 1):
-                    measure(tiles, dtype, batch)
+        for dtype, batch in reported:
+            measure(tiles, dtype, batch)
     return tuning
 
 
