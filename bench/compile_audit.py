@@ -280,6 +280,11 @@ def run_candidate_audit(
     arguments, so many candidates share a compiled configuration."""
     _require_compiled_kernels()
     archs, dtypes = _checked(archs, dtypes)
+    return _compile_jobs(candidate_jobs(shapes, dtypes), archs, workers)
+
+
+def candidate_jobs(shapes: Iterable[ModelShape], dtypes: Iterable[str]) -> dict[tuple[str, CompileJob], list[str]]:
+    """The distinct split-product configurations of decode steps with each candidate forced, by dtype."""
     jobs: dict[tuple[str, CompileJob], list[str]] = {}
     for shape in shapes:
         for dtype in dtypes:
@@ -289,7 +294,7 @@ def run_candidate_audit(
                     records = step_launches(shape, DTYPES[dtype], CANDIDATE_WORKLOAD)
                 split = [r for r in records if r.name in SPLIT_KERNELS]
                 _add_jobs(jobs, dtype, f"{shape.name} decode candidates", split)
-    return _compile_jobs(jobs, archs, workers)
+    return jobs
 
 
 def _add_jobs(jobs: dict[tuple[str, CompileJob], list[str]], dtype: str, label: str, records: list[LaunchRecord]) -> None:

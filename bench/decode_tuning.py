@@ -243,12 +243,12 @@ def gpu_timer(rounds: int = 5) -> Timer:
 
         with forcing_split_tiles(forced), observing_launches(observe):
             engine.decode(tokens, check_ids=False)
-        return time_launch(_product_launch(records, product), rounds=rounds)
+        return time_launch(product_launch(records, product), rounds=rounds)
 
     return timer
 
 
-def _product_launch(records: list, product: Product):
+def product_launch(records: list, product: Product):
     """The launch that computes `product`: the MLP kernel for either of its products, else the split
     product of that N and K."""
     for record in records:

@@ -45,6 +45,7 @@ def _copy(tensor: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(tensor.size(), tensor.stride(), dtype=tensor.dtype, device=tensor.device).copy_(tensor)
 
 
+@torch.no_grad()
 def time_launch(record: LaunchRecord, *, rounds: int = 5) -> Timing:
     """Microseconds per launch of `record` replayed from a CUDA graph, its streamed arguments rotated."""
     names = STREAMED_ARGUMENTS.get(record.name, ())

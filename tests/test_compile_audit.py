@@ -6,11 +6,16 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from numerics import OPS
-from tritongpt2.bench.compile_audit import MAX_REGISTERS, REGISTER_HEADROOM, SHARED_LIMIT
+from tritongpt2.bench.compile_audit import ARCHS, MAX_REGISTERS, REGISTER_HEADROOM, SHARED_LIMIT, candidate_jobs
+from tritongpt2.bench.model_shapes import MODEL_SHAPES
+
+RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
+GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 MATMUL_KERNELS = ("linear_kernel", "split_linear_kernel", "decode_mlp_kernel", "flash_attention_kernel")
 
@@ -69,3 +74,25 @@ def test_blocks_per_sm_follow_registers_shared_memory_and_warps():
     # 184 registers round up to 5,888 per warp: one 8-warp block needs 47K, so one fits.
     assert blocks(184, 0, 8) == 1
     assert blocks(32, 120000, 4, "sm_80") == 1 and blocks(32, 0, 1) == 32
+
+
+@pytest.fixture(scope="module")
+def candidate_configurations():
+    jobs = candidate_jobs([MODEL_SHAPES[name] for name in GPT2_SIZES], ["float16", "bfloat16"])
+    return {(job.kernel_name, job.config, dtype, arch) for dtype, job in jobs for arch in ARCHS}
+
+
+@pytest.mark.parametrize("name", ["compile-audit-candidates.json", "compile-audit-candidates-triton3.6.json"])
+def test_every_tuning_candidate_is_audited_clean_in_the_committed_results(name, candidate_configurations):
+    # Compiling every candidate takes most of an hour on CI's two cores, so CI checks the committed
+    # audit (tritongpt2 audit compile --candidates, under each triton) against today's candidates.
+    document = json.loads((RESULTS / name).read_text())
+    audited = {(r["kernel"], r["config"], r["dtype"], r["arch"]): r for r in document["results"]}
+    missing = candidate_configurations - set(audited)
+    assert not missing, (f"{len(missing)} candidate configurations are not in bench/results/{name}: rerun "
+                         f"tritongpt2 audit compile --candidates --models {','.join(GPT2_SIZES)} --json ...", sorted(missing)[:3])
+    assert set(document["models"]) == set(GPT2_SIZES)
+    for row in audited.values():
+        assert row["error"] is None and row["spill_bytes"] == 0, row
+        assert row["registers"] <= MAX_REGISTERS - REGISTER_HEADROOM, row
+        assert row["shared_bytes"] <= SHARED_LIMIT[row["arch"]], row

@@ -12,7 +12,7 @@ import torch
 from tritongpt2.bench.compile_audit import Workload, decode_candidate_tiles, step_launches
 from tritongpt2.bench.decode_step_report import launch_label, per_kernel, step_markdown
 from tritongpt2.bench.decode_tuning import (
-    Product, choose, decode_products, report_markdown, report_rows, tune_model, write_tuning,
+    Product, choose, decode_products, product_launch, report_markdown, report_rows, tune_model, write_tuning,
 )
 from tritongpt2.bench.launch_timing import Timing, streamed_bytes
 from tritongpt2.bench.model_shapes import MODEL_SHAPES
@@ -240,3 +240,16 @@ def test_per_kernel_rows_count_the_streamed_bytes_of_each_launch():
     report = {"model": "gpt2", "dtype": "float16", "context": 1024, "kernels": list(rows.values()), "kernel_ms_sum": 0.1,
               "ms_per_token": {"hf-compile-static": {"median_ms": 2.0, "spread_ms": [1.9, 2.1]}}}
     assert "| hf-compile-static | 2.0 (1.9-2.1) |" in step_markdown(report, "a GPU")
+
+
+def test_the_timer_times_the_launch_that_computes_each_product():
+    records = step_launches(XL, torch.float16, DECODE)
+    for product in decode_products(XL):
+        record = product_launch(records, product)
+        if product.name.startswith("mlp_"):
+            assert record.name == "decode_mlp_kernel"
+        else:
+            assert record.name == "split_linear_kernel"
+            assert (record.arguments["K"], record.arguments["N"]) == (product.k, product.n)
+    with pytest.raises(ValueError, match="no launch of a decode step computes c_attn"):
+        product_launch([r for r in records if r.name != "split_linear_kernel"], decode_products(XL)[0])
