@@ -128,13 +128,12 @@ def tune_model(shape: ModelShape, timer: Timer, dtypes: tuple[torch.dtype, ...] 
     if any(dtype.itemsize != element_size for dtype in dtypes):
         raise ValueError(f"dtypes {dtypes} share table entries only at one element size")
     products = {p.name: p for p in decode_products(shape)}
-    fc_default = default_split_tiles(products["mlp_fc"].n, products["mlp_fc"].k, element_size)
     proj_default = default_split_tiles(products["mlp_proj"].n, products["mlp_proj"].k, element_size)
     results = [tune_product(shape, products[name], element_size, timer, {}, dtypes) for name in ("c_attn", "attn_proj", "lm_head")]
     fc = tune_product(shape, products["mlp_fc"], element_size, timer,
                       {products["mlp_proj"].key(element_size): proj_default}, dtypes)
     proj = tune_product(shape, products["mlp_proj"], element_size, timer,
-                        {products["mlp_fc"].key(element_size): fc.winner or fc_default}, dtypes)
+                        {products["mlp_fc"].key(element_size): fc.winner}, dtypes)
     return results + [fc, proj]
 
 
@@ -143,9 +142,9 @@ def table_document(tunings: list[ProductTuning], device: str, versions: dict[str
     table says the default was measured and kept)."""
     entries = {}
     for t in sorted(tunings, key=lambda t: (t.product.n, t.product.k)):
-        per_dtype = {dtype: {"us": round(timing[1].median_us, 3), "gb_s": round(t.gb_s(t.winner, dtype), 1)}
-                     for dtype, timing in t.timings[t.winner].items()}
-        default_us = {dtype: round(timing[1].median_us, 3) for dtype, timing in t.timings[t.default].items()}
+        per_dtype = {dtype: {"us": round(per_batch[1].median_us, 3), "gb_s": round(t.gb_s(t.winner, dtype), 1)}
+                     for dtype, per_batch in t.timings[t.winner].items()}
+        default_us = {dtype: round(per_batch[1].median_us, 3) for dtype, per_batch in t.timings[t.default].items()}
         entries[t.product.key(t.element_size)] = tile_entry(t.winner) | {
             "measured": {"model": t.model, "product": t.product.name, "batch": 1, **per_dtype, "default_us": default_us}}
     return {
