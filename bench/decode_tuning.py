@@ -13,7 +13,7 @@ projection with c_fc's winner, among projection candidates that differ in more t
 A candidate replaces the default only when faster by more than the spread of the two timings.
 
 The timer is an argument (`Timer`), so the selection, the table and the report are tested on the
-CPU; `gpu_timer` is the real one.
+CPU; `launch_timer` is the real one.
 """
 
 from __future__ import annotations
@@ -203,9 +203,11 @@ def write_tuning(tunings: list[ProductTuning], device: str, versions: dict[str, 
     return written
 
 
-def gpu_timer(rounds: int = 5) -> Timer:
-    """Times the launch computing a product in a real decode step (a one-layer model on the GPU, its
-    engine run eagerly with the tiles forced), replayed alone (bench/launch_timing.py)."""
+def launch_timer(rounds: int = 5, *, backend: str = "triton", device: str = "cuda",
+                 time: Callable[..., Timing] | None = None) -> Timer:
+    """Times the launch computing a product in a real decode step (a one-layer model, its engine run
+    eagerly with the tiles forced), replayed alone on the GPU (bench/launch_timing.py: `time`).
+    The tests run it on the interpreter with a fake `time`."""
     from tritongpt2.engine.config import GPT2Config
     from tritongpt2.engine.engine import Engine
     from tritongpt2.engine.options import EngineOptions
@@ -215,6 +217,8 @@ def gpu_timer(rounds: int = 5) -> Timer:
     from .launch_timing import time_launch
     from .suite import build_model
 
+    time = time or time_launch
+
     engines: dict[tuple[str, torch.dtype, int], tuple[Engine, torch.Tensor]] = {}
 
     def engine_for(shape: ModelShape, dtype: torch.dtype, batch: int) -> tuple[Engine, torch.Tensor]:
@@ -222,12 +226,12 @@ def gpu_timer(rounds: int = 5) -> Timer:
             if any(name != shape.name for name, _, _ in engines):
                 engines.clear()  # one model's engines at a time on the GPU
             model = build_model(ModelShape(shape.name, shape.n_embd, shape.n_head, 1, shape.vocab_size, shape.n_positions),
-                                dtype, torch.device("cuda"))
+                                dtype, torch.device(device))
             config = GPT2Config.from_dict(model.config.to_dict())
             # Room for a decode step per timing after the prompt's 8 tokens.
-            options = EngineOptions(backend="triton", cuda_graphs=False, max_batch=batch, max_seq=shape.n_positions)
+            options = EngineOptions(backend=backend, cuda_graphs=False, max_batch=batch, max_seq=shape.n_positions)
             engine = Engine(config, shared_weights(model, config), options)
-            ids = torch.randint(0, shape.vocab_size, (batch, 8), device="cuda")
+            ids = torch.randint(0, shape.vocab_size, (batch, 8), device=device)
             engine.prefill(ids, logits=None)
             engines[(shape.name, dtype, batch)] = (engine, ids[:, -1])
         return engines[(shape.name, dtype, batch)]
@@ -242,7 +246,7 @@ def gpu_timer(rounds: int = 5) -> Timer:
 
         with forcing_split_tiles(forced), observing_launches(observe):
             engine.decode(tokens, check_ids=False)
-        return time_launch(product_launch(records, product), rounds=rounds)
+        return time(product_launch(records, product), rounds=rounds)
 
     return timer
 

@@ -12,14 +12,15 @@ import torch
 from tritongpt2.bench.compile_audit import Workload, decode_candidate_tiles, step_launches
 from tritongpt2.bench.decode_step_report import launch_label, per_kernel, step_markdown
 from tritongpt2.bench.decode_tuning import (
-    Product, choose, decode_products, product_launch, report_markdown, report_rows, tune_model, write_tuning,
+    Product, choose, decode_products, launch_timer, product_launch, report_markdown, report_rows, tune_model,
+    write_tuning,
 )
 from tritongpt2.bench.launch_timing import Timing, streamed_bytes
-from tritongpt2.bench.model_shapes import MODEL_SHAPES
+from tritongpt2.bench.model_shapes import MODEL_SHAPES, ModelShape
 from tritongpt2.kernels import tiling
 from tritongpt2.kernels.tiling import (
     MIN_STREAMING_PROGRAMS, checked_tuning_table, default_split_tiles, forcing_split_tiles, split_candidates,
-    split_tiles, tile_entry, tuning_key, weight_tile_elements,
+    split_tiles, split_tiles_of, tile_entry, tuning_key, weight_tile_elements,
 )
 
 GPT2_SIZES = [MODEL_SHAPES[name] for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")]
@@ -253,3 +254,28 @@ def test_the_timer_times_the_launch_that_computes_each_product():
             assert (record.arguments["K"], record.arguments["N"]) == (product.k, product.n)
     with pytest.raises(ValueError, match="no launch of a decode step computes c_attn"):
         product_launch([r for r in records if r.name != "split_linear_kernel"], decode_products(XL)[0])
+
+
+def test_the_launch_timer_times_a_real_step_with_the_forced_tiles():
+    # A tiny model on the interpreter; `time` receives the launch the GPU would replay.
+    shape = ModelShape("tiny", 64, 4, 2, vocab_size=512, n_positions=64)
+    timed = []
+
+    def time(record, rounds):
+        timed.append(record)
+        return Timing(float(len(timed)), 0.0)
+
+    timer = launch_timer(rounds=3, backend="interpret", device="cpu", time=time)
+    products = {p.name: p for p in decode_products(shape)}
+    # Not the defaults (64 columns, one split, 8 warps): what is launched follows what is forced.
+    forced = {products["c_attn"].key(4): split_tiles_of(192, 64, 32, 16, 2, num_warps=4, num_stages=2),
+              products["mlp_fc"].key(4): split_tiles_of(256, 64, 16, 16, 3, num_warps=4, num_stages=2)}
+    for name in ("c_attn", "mlp_fc", "lm_head"):
+        assert timer(shape, products[name], forced, torch.float32, 2) == Timing(float(len(timed)), 0.0)
+    c_attn, mlp, head = timed
+    assert (c_attn.name, c_attn.arguments["BLOCK_N"], c_attn.arguments["n_splits"], c_attn.grid) == (
+        "split_linear_kernel", forced[products["c_attn"].key(4)].block_n, forced[products["c_attn"].key(4)].splits,
+        (forced[products["c_attn"].key(4)].programs(192),))
+    assert mlp.name == "decode_mlp_kernel" and mlp.arguments["FC_BLOCK_N"] == forced[products["mlp_fc"].key(4)].block_n
+    assert mlp.num_warps == forced[products["mlp_fc"].key(4)].num_warps
+    assert (head.arguments["N"], head.arguments["K"]) == (512, 64) and head.arguments["M"] == 2

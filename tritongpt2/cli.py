@@ -211,7 +211,7 @@ def _tune(args: argparse.Namespace) -> int:
     import torch
 
     from tritongpt2.bench.decode_step_report import step_markdown, step_report
-    from tritongpt2.bench.decode_tuning import gpu_timer, report_markdown, report_rows, tune_model, write_tuning
+    from tritongpt2.bench.decode_tuning import launch_timer, report_markdown, report_rows, tune_model, write_tuning
     from tritongpt2.bench.model_shapes import model_shape
     from tritongpt2.bench.quiet import quiet_transformers
     from tritongpt2.bench.suite import device_name, versions
@@ -221,7 +221,7 @@ def _tune(args: argparse.Namespace) -> int:
         raise ValueError("tune times kernels on a GPU, but torch.cuda.is_available() is False")
     device = torch.device("cuda")
     output, table = Path(args.output), Path(args.table) if args.table else tiling.TUNING_TABLE
-    timer = gpu_timer(rounds=args.rounds)
+    timer = launch_timer(rounds=args.rounds)
     tunings = []
     for name in args.models:
         print(f"tuning {name}", file=sys.stderr)
