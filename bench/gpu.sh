@@ -7,7 +7,7 @@
 #    editable install without the `wheel` package): a folder of symlinks on PYTHONPATH, laid out as
 #    pyproject.toml maps the packages (bench/package_overlay.py); commands run as python -m tritongpt2.cli.
 # 2. tune (about 5 minutes on an H100, estimated, not yet measured): every decode tile candidate of
-#    every decode product of gpt2 to gpt2-xl timed (float16, batch 1; ~250 new kernel compiles at
+#    every decode product of gpt2 to gpt2-xl timed (float16, batch 1; 141 to ~180 kernel compiles at
 #    about a second each are most of it), the fastest written into kernels/decode_tuning.json in this
 #    checkout, so every later step runs with them, and a copy into OUTPUT_DIR/tune with the report of
 #    every candidate; then one gpt2 decode step's GB/s per kernel and its ms/token against
