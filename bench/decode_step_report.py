@@ -6,7 +6,8 @@ Per kernel: the launches of one eager step (the tiles the tuning table gives), e
 replayed alone from a CUDA graph with what it streams rotated out of L2 (bench/launch_timing.py);
 every layer launches the same configurations, so a launch's time counts once per layer. Its bytes
 are what it streams (STREAMED_ARGUMENTS: weights, a layer's KV cache), so GB/s is the kernel's own
-share of the ideal step; kernels that stream neither (the embedding) show time only.
+share of the ideal step. Kernels that stream neither (the embedding, which also advances the cache's
+bookkeeping each time it runs, so it cannot be replayed in place) are listed, not timed.
 """
 
 from __future__ import annotations
@@ -39,11 +40,13 @@ def per_kernel(records: list[LaunchRecord], time: Callable[[LaunchRecord], Timin
         grouped.setdefault(launch_label(record), []).append(record)
     rows = []
     for label, launches in grouped.items():
-        timing = time(launches[0])
-        nbytes = streamed_bytes(launches[0])
-        rows.append({"kernel": label, "launches": len(launches), "programs": launches[0].grid,
-                     "us": round(timing.median_us, 3), "spread_us": round(timing.spread_us, 3),
-                     "bytes": nbytes, "gb_s": None if nbytes is None else round(nbytes / timing.median_us / 1e3, 1)})
+        row = {"kernel": label, "launches": len(launches), "programs": launches[0].grid, "us": None, "spread_us": None,
+               "bytes": streamed_bytes(launches[0]), "gb_s": None}
+        if row["bytes"] is not None:
+            timing = time(launches[0])
+            row |= {"us": round(timing.median_us, 3), "spread_us": round(timing.spread_us, 3),
+                    "gb_s": round(row["bytes"] / timing.median_us / 1e3, 1)}
+        rows.append(row)
     return rows
 
 
@@ -73,7 +76,7 @@ def step_report(shape: ModelShape, dtype: torch.dtype, context: int, device: tor
         ms_per_token[runner.name] = {"median_ms": round(statistics.median(rounds), 4),
                                      "spread_ms": [round(min(rounds), 4), round(max(rounds), 4)]}
     free_memory(device)
-    kernel_us = sum(k["us"] * k["launches"] for k in kernels)
+    kernel_us = sum(k["us"] * k["launches"] for k in kernels if k["us"] is not None)
     return {"model": shape.name, "dtype": str(dtype).removeprefix("torch."), "batch": 1, "context": context,
             "kernels": kernels, "kernel_ms_sum": round(kernel_us / 1e3, 4), "ms_per_token": ms_per_token}
 
@@ -82,9 +85,10 @@ def step_markdown(report: dict, device: str) -> str:
     lines = [f"{report['model']} {report['dtype']} decode, batch 1, context {report['context']}, on {device}.", "",
              "| kernel | launches/step | programs | us/launch (spread) | streamed bytes | GB/s |", "|---|---|---|---|---|---|"]
     for k in report["kernels"]:
-        lines.append(f"| {k['kernel']} | {k['launches']} | {k['programs']} | {k['us']} ({k['spread_us']}) | "
+        timed = "not timed" if k["us"] is None else f"{k['us']} ({k['spread_us']})"
+        lines.append(f"| {k['kernel']} | {k['launches']} | {k['programs']} | {timed} | "
                      f"{'' if k['bytes'] is None else format(k['bytes'], ',')} | {'' if k['gb_s'] is None else k['gb_s']} |")
-    lines += ["", f"Kernels alone, summed over the step: {report['kernel_ms_sum']} ms.", "",
+    lines += ["", f"The timed kernels alone, summed over the step: {report['kernel_ms_sum']} ms.", "",
               "| implementation | ms/token (spread) |", "|---|---|"]
     for name, t in report["ms_per_token"].items():
         lines.append(f"| {name} | {t['median_ms']} ({t['spread_ms'][0]}-{t['spread_ms'][1]}) |")

@@ -235,12 +235,13 @@ def test_per_kernel_rows_count_the_streamed_bytes_of_each_launch():
     assert rows["decode_mlp_kernel"]["bytes"] == 8 * c * c * 2
     assert rows["decode_attention_kernel"]["bytes"] == 2 * GPT2.n_head * 1024 * GPT2.head_dim * 2
     assert rows["decode_mlp_kernel"]["gb_s"] == round(8 * c * c * 2 / 2.0 / 1e3, 1)
-    assert all(r["gb_s"] is None for r in rows.values() if r["bytes"] is None)
+    assert all(r["gb_s"] is None and r["us"] is None for r in rows.values() if r["bytes"] is None)
     assert sum(r["launches"] for r in rows.values()) == len(records)
     assert streamed_bytes(next(r for r in records if r.name == "embedding_kernel")) is None
     report = {"model": "gpt2", "dtype": "float16", "context": 1024, "kernels": list(rows.values()), "kernel_ms_sum": 0.1,
               "ms_per_token": {"hf-compile-static": {"median_ms": 2.0, "spread_ms": [1.9, 2.1]}}}
-    assert "| hf-compile-static | 2.0 (1.9-2.1) |" in step_markdown(report, "a GPU")
+    text = step_markdown(report, "a GPU")
+    assert "| hf-compile-static | 2.0 (1.9-2.1) |" in text and "| embedding_kernel | 1 |" in text and "not timed" in text
 
 
 def test_the_timer_times_the_launch_that_computes_each_product():
