@@ -23,7 +23,7 @@ from typing import Any, Iterable
 import torch
 
 from tritongpt2.kernels.launch import LaunchRecord, recording_launches
-from tritongpt2.kernels.tiling import SplitTiles, forcing_split_tiles, split_candidates, tuning_key
+from tritongpt2.kernels.tiling import SplitTiles, forcing_split_tiles, split_candidates
 
 from .model_shapes import ModelShape
 
@@ -255,18 +255,12 @@ def run_compile_audit(
 
 
 CANDIDATE_WORKLOAD = Workload("decode", 1, 1, 1024)
-SPLIT_KERNELS = ("split_linear_kernel", "decode_mlp_kernel")  # the kernels whose tiles the tuner picks
 
 
-def decode_candidate_tiles(shape: ModelShape, element_size: int) -> list[dict[str, SplitTiles]]:
-    """Every candidate of each decode product of a model, as the tiles to force, one product at a time
-    (the others at their defaults). The MLP compiles its two products into one kernel: each candidate
-    of one is compiled beside the other's default, not beside every candidate of the other (144 pairs
-    a model); the pair the tuner writes is compiled by the plain audit of the tuned table, which
-    bench/gpu.sh runs after tuning and CI runs on the committed table."""
-    c, inner, vocab = shape.n_embd, shape.n_inner, shape.vocab_size
-    return [{tuning_key(n, k, element_size): tiles} for n, k in ((3 * c, c), (c, c), (inner, c), (c, inner), (vocab, c))
-            for tiles in split_candidates(n, k, element_size)]
+def candidate_label(model: str, key: str, tiles: SplitTiles) -> str:
+    """How the candidate audit names a candidate in `used_by`, and the tuner finds the ones it must skip."""
+    return (f"{model} candidate {key} {tiles.block_n}x{tiles.block_k} splits={tiles.splits} "
+            f"warps={tiles.num_warps} stages={tiles.num_stages}")
 
 
 def run_candidate_audit(
@@ -277,23 +271,32 @@ def run_candidate_audit(
 ) -> list[CompileResult]:
     """Compile every distinct configuration that a decode step launches with each tuning candidate
     forced in turn (the tuner writes half-precision entries only). k_per_split and splits are run-time
-    arguments, so many candidates share a compiled configuration."""
+    arguments, so many candidates share a compiled configuration; each result's used_by names the
+    candidates (candidate_label) that launch it."""
     _require_compiled_kernels()
     archs, dtypes = _checked(archs, dtypes)
     return _compile_jobs(candidate_jobs(shapes, dtypes), archs, workers)
 
 
 def candidate_jobs(shapes: Iterable[ModelShape], dtypes: Iterable[str]) -> dict[tuple[str, CompileJob], list[str]]:
-    """The distinct split-product configurations of decode steps with each candidate forced, by dtype."""
+    """The configuration of the launch computing each decode product with each of its candidates
+    forced, the other products at their defaults, by dtype. The MLP compiles its two products into one
+    kernel: each candidate of one is compiled beside the other's default, not beside every candidate
+    of the other (144 pairs a model); the pair the tuner writes is compiled by the plain audit of the
+    tuned table, which bench/gpu.sh runs after tuning and CI runs on the committed table."""
+    from .decode_tuning import decode_products, product_launch
+
     jobs: dict[tuple[str, CompileJob], list[str]] = {}
     for shape in shapes:
         for dtype in dtypes:
             element_size = DTYPES[dtype].itemsize
-            for forced in decode_candidate_tiles(shape, element_size):
-                with forcing_split_tiles(forced):
-                    records = step_launches(shape, DTYPES[dtype], CANDIDATE_WORKLOAD)
-                split = [r for r in records if r.name in SPLIT_KERNELS]
-                _add_jobs(jobs, dtype, f"{shape.name} decode candidates", split)
+            for product in decode_products(shape):
+                key = product.key(element_size)
+                for tiles in split_candidates(product.n, product.k, element_size):
+                    with forcing_split_tiles({key: tiles}):
+                        records = step_launches(shape, DTYPES[dtype], CANDIDATE_WORKLOAD)
+                    label = candidate_label(shape.name, key, tiles)
+                    _add_jobs(jobs, dtype, label, [product_launch(records, product)])
     return jobs
 
 

@@ -99,16 +99,21 @@ def _distinct_in_the_mlp(candidates: list[SplitTiles]) -> list[SplitTiles]:
 
 
 def tune_product(shape: ModelShape, product: Product, element_size: int, timer: Timer,
-                 fixed: dict[str, SplitTiles], dtypes: tuple[torch.dtype, ...] = TUNED_DTYPES) -> ProductTuning:
+                 fixed: dict[str, SplitTiles], dtypes: tuple[torch.dtype, ...] = TUNED_DTYPES,
+                 excluded: frozenset[str] = frozenset()) -> ProductTuning:
     """Time every candidate of `product` in dtypes[0] at batch 1 with `fixed` tiles for the others,
     choose, and time the default and the winner in the other dtypes at batch 1 and in dtypes[0] at
-    the other report batches."""
+    the other report batches. Candidates named in `excluded` (failed_candidates) are not timed; the
+    default always is."""
+    from .compile_audit import candidate_label
+
     default = default_split_tiles(product.n, product.k, element_size)
-    candidates = split_candidates(product.n, product.k, element_size)
+    key = product.key(element_size)
+    candidates = [tiles for tiles in split_candidates(product.n, product.k, element_size)
+                  if tiles == default or candidate_label(shape.name, key, tiles) not in excluded]
     if product.name == "mlp_proj":
         candidates = _distinct_in_the_mlp(candidates)
     tuning = ProductTuning(shape.name, product, element_size, default)
-    key = product.key(element_size)
 
     def measure(tiles: SplitTiles, dtype: torch.dtype, batch: int) -> Timing:
         per_batch = tuning.timings.setdefault(tiles, {}).setdefault(str(dtype).removeprefix("torch."), {})
@@ -123,17 +128,33 @@ def tune_product(shape: ModelShape, product: Product, element_size: int, timer: 
     return tuning
 
 
-def tune_model(shape: ModelShape, timer: Timer, dtypes: tuple[torch.dtype, ...] = TUNED_DTYPES) -> list[ProductTuning]:
+def failed_candidates(audits: list[dict]) -> frozenset[str]:
+    """The candidates (compile_audit.candidate_label) that launch a configuration with a problem in
+    any of these candidate audits (tritongpt2 audit compile --candidates --json): not selectable."""
+    from .compile_audit import CompileResult
+
+    fields = ("kernel", "config", "arch", "dtype", "used_by", "num_warps", "registers", "spill_bytes", "shared_bytes", "error")
+    failed = set()
+    for audit in audits:
+        for row in audit["results"]:
+            if CompileResult(**{name: row[name] for name in fields}).problems():
+                failed.update(row["used_by"])
+    return frozenset(failed)
+
+
+def tune_model(shape: ModelShape, timer: Timer, dtypes: tuple[torch.dtype, ...] = TUNED_DTYPES,
+               excluded: frozenset[str] = frozenset()) -> list[ProductTuning]:
     element_size = dtypes[0].itemsize
     if any(dtype.itemsize != element_size for dtype in dtypes):
         raise ValueError(f"dtypes {dtypes} share table entries only at one element size")
     products = {p.name: p for p in decode_products(shape)}
     proj_default = default_split_tiles(products["mlp_proj"].n, products["mlp_proj"].k, element_size)
-    results = [tune_product(shape, products[name], element_size, timer, {}, dtypes) for name in ("c_attn", "attn_proj", "lm_head")]
+    results = [tune_product(shape, products[name], element_size, timer, {}, dtypes, excluded)
+               for name in ("c_attn", "attn_proj", "lm_head")]
     fc = tune_product(shape, products["mlp_fc"], element_size, timer,
-                      {products["mlp_proj"].key(element_size): proj_default}, dtypes)
+                      {products["mlp_proj"].key(element_size): proj_default}, dtypes, excluded)
     proj = tune_product(shape, products["mlp_proj"], element_size, timer,
-                        {products["mlp_fc"].key(element_size): fc.winner}, dtypes)
+                        {products["mlp_fc"].key(element_size): fc.winner}, dtypes, excluded)
     return results + [fc, proj]
 
 

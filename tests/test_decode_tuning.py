@@ -9,11 +9,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from tritongpt2.bench.compile_audit import Workload, decode_candidate_tiles, step_launches
+from tritongpt2.bench.compile_audit import Workload, candidate_jobs, candidate_label, step_launches
 from tritongpt2.bench.decode_step_report import launch_label, per_kernel, step_markdown
 from tritongpt2.bench.decode_tuning import (
-    Product, choose, decode_products, launch_timer, product_launch, report_markdown, report_rows, tune_model,
-    write_tuning,
+    Product, choose, decode_products, failed_candidates, launch_timer, product_launch, report_markdown, report_rows,
+    tune_model, write_tuning,
 )
 from tritongpt2.bench.launch_timing import Timing, streamed_bytes
 from tritongpt2.bench.model_shapes import MODEL_SHAPES, ModelShape
@@ -216,12 +216,36 @@ def test_forced_tiles_hold_only_inside_the_block():
     assert split_tiles(768, 768, 2) != forced
 
 
-def test_the_candidate_audit_forces_every_candidate_of_every_product():
-    forced = decode_candidate_tiles(GPT2, 2)
-    assert all(len(f) == 1 for f in forced)
-    for product in decode_products(GPT2):
-        seen = [f[product.key(2)] for f in forced if product.key(2) in f]
-        assert seen == split_candidates(product.n, product.k, 2), product
+def test_the_candidate_audit_names_every_candidate_of_every_product():
+    jobs = candidate_jobs([GPT2], ["float16"])
+    labels = {label for used_by in jobs.values() for label in used_by}
+    expected = {candidate_label("gpt2", p.key(2), tiles) for p in decode_products(GPT2) for tiles in split_candidates(p.n, p.k, 2)}
+    assert labels == expected
+    mlp_keys = {p.key(2) for p in decode_products(GPT2) if p.name.startswith("mlp_")}
+    for (_, job), used_by in jobs.items():  # a label names the product whose launch it is
+        for label in used_by:
+            key = label.split()[2]
+            assert job.kernel_name == ("decode_mlp_kernel" if key in mlp_keys else "split_linear_kernel"), label
+
+
+def test_candidates_that_fail_the_audit_are_not_timed():
+    c_attn = decode_products(GPT2)[0]
+    default, *others = split_candidates(c_attn.n, c_attn.k, 2)
+    bad, fine = others[0], others[1]
+    row = {"kernel": "split_linear_kernel", "config": "BLOCK_N=32", "arch": "sm_90", "dtype": "float16", "num_warps": 4,
+           "registers": 56, "spill_bytes": 0, "shared_bytes": 0, "error": None}
+    audits = [{"results": [
+        row | {"spill_bytes": 8, "used_by": [candidate_label("gpt2", c_attn.key(2), bad)]},
+        row | {"used_by": [candidate_label("gpt2", c_attn.key(2), fine)]},
+        row | {"error": "boom", "registers": None, "used_by": [candidate_label("gpt2", c_attn.key(2), default)]},
+    ]}]
+    excluded = failed_candidates(audits)
+    assert excluded == {candidate_label("gpt2", c_attn.key(2), t) for t in (bad, default)}
+    calls = []
+    [tuning, *_] = tune_model(GPT2, fake_timer({"c_attn": _as_fast(bad)}, calls), excluded=excluded)
+    timed = {c[2][c_attn.key(2)] for c in calls if c[1] == "c_attn"}
+    assert bad not in timed and fine in timed and default in timed, "the default is timed whatever the audit says"
+    assert tuning.winner == default
 
 
 def test_per_kernel_rows_count_the_streamed_bytes_of_each_launch():

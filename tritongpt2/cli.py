@@ -211,9 +211,12 @@ def _tune(args: argparse.Namespace) -> int:
     import torch
 
     from tritongpt2.bench.decode_step_report import step_markdown, step_report
-    from tritongpt2.bench.decode_tuning import launch_timer, report_markdown, report_rows, tune_model, write_tuning
+    from tritongpt2.bench.decode_tuning import (
+        failed_candidates, launch_timer, report_markdown, report_rows, tune_model, write_tuning,
+    )
     from tritongpt2.bench.model_shapes import model_shape
     from tritongpt2.bench.quiet import quiet_transformers
+    from tritongpt2.bench.report import committed_results_folder
     from tritongpt2.bench.suite import device_name, versions
     from tritongpt2.kernels import tiling
 
@@ -222,10 +225,15 @@ def _tune(args: argparse.Namespace) -> int:
     device = torch.device("cuda")
     output, table = Path(args.output), Path(args.table) if args.table else tiling.TUNING_TABLE
     timer = launch_timer(rounds=args.rounds)
+    # Candidates with a problem in the committed candidate audits (every triton they were compiled with).
+    audits = sorted(committed_results_folder().glob("compile-audit-candidates*.json"))
+    excluded = failed_candidates([json.loads(path.read_text()) for path in audits])
+    print(f"{len(excluded)} candidates left out: they fail the compile audit in {', '.join(p.name for p in audits)}",
+          file=sys.stderr)
     tunings = []
     for name in args.models:
         print(f"tuning {name}", file=sys.stderr)
-        tunings += tune_model(model_shape(name), timer)
+        tunings += tune_model(model_shape(name), timer, excluded=excluded)
     name = device_name(device)
     for path in write_tuning(tunings, name, versions(), table, output):
         print(f"wrote {path}", file=sys.stderr)
