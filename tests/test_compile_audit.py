@@ -11,8 +11,12 @@ from pathlib import Path
 import pytest
 
 from numerics import OPS
-from tritongpt2.bench.compile_audit import ARCHS, MAX_REGISTERS, REGISTER_HEADROOM, SHARED_LIMIT, candidate_jobs
+from tritongpt2.bench.compile_audit import (
+    ARCHS, MAX_REGISTERS, REGISTER_HEADROOM, SHARED_LIMIT, candidate_jobs, candidate_label,
+)
+from tritongpt2.bench.decode_tuning import decode_products, failed_candidates
 from tritongpt2.bench.model_shapes import MODEL_SHAPES
+from tritongpt2.kernels.tiling import default_split_tiles
 
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -82,17 +86,33 @@ def candidate_configurations():
     return {(job.kernel_name, job.config, dtype, arch) for dtype, job in jobs for arch in ARCHS}
 
 
-@pytest.mark.parametrize("name", ["compile-audit-candidates.json", "compile-audit-candidates-triton3.6.json"])
-def test_every_tuning_candidate_is_audited_clean_in_the_committed_results(name, candidate_configurations):
+# Defaults (kernels/tiling.py: default_split_tiles) that spill 8 bytes under triton 3.6 (ptxas 12.8),
+# attention's c_proj of one row: 64 x 32 tiles at gpt2-xl on sm_90, 64 x 16 at gpt2-medium on sm_80.
+# Until a GPU's tune writes a passing candidate for them (it never chooses a failing default), they launch.
+FAILING_DEFAULTS = {
+    "compile-audit-candidates.json": set(),
+    "compile-audit-candidates-triton3.6.json": {"gpt2-medium candidate 1024x1024:2 64x16 splits=10 warps=8 stages=4",
+                                                "gpt2-xl candidate 1600x1600:2 64x32 splits=6 warps=8 stages=4"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAILING_DEFAULTS))
+def test_every_tuning_candidate_is_in_the_committed_candidate_audit(name, candidate_configurations):
     # Compiling every candidate takes most of an hour on CI's two cores, so CI checks the committed
     # audit (tritongpt2 audit compile --candidates, under each triton) against today's candidates.
+    # A candidate with a problem is left out by the tuner (decode_tuning.failed_candidates).
     document = json.loads((RESULTS / name).read_text())
     audited = {(r["kernel"], r["config"], r["dtype"], r["arch"]): r for r in document["results"]}
     missing = candidate_configurations - set(audited)
     assert not missing, (f"{len(missing)} candidate configurations are not in bench/results/{name}: rerun "
                          f"tritongpt2 audit compile --candidates --models {','.join(GPT2_SIZES)} --json ...", sorted(missing)[:3])
     assert set(document["models"]) == set(GPT2_SIZES)
+    defaults = {candidate_label(name_, p.key(2), default_split_tiles(p.n, p.k, 2))
+                for name_ in GPT2_SIZES for p in decode_products(MODEL_SHAPES[name_])}
+    failed = failed_candidates([document])
+    assert failed & defaults == FAILING_DEFAULTS[name]
     for row in audited.values():
-        assert row["error"] is None and row["spill_bytes"] == 0, row
-        assert row["registers"] <= MAX_REGISTERS - REGISTER_HEADROOM, row
-        assert row["shared_bytes"] <= SHARED_LIMIT[row["arch"]], row
+        if not set(row["used_by"]) <= failed:
+            assert row["error"] is None and row["spill_bytes"] == 0, row
+            assert row["registers"] <= MAX_REGISTERS - REGISTER_HEADROOM, row
+            assert row["shared_bytes"] <= SHARED_LIMIT[row["arch"]], row
