@@ -178,6 +178,9 @@ def compile_job(record: LaunchRecord) -> CompileJob:
         if name in declared:
             signature[name], constexprs[name] = "constexpr", value
             continue
+        if kernel.params[i].do_not_specialize:
+            signature[name] = "i32" if isinstance(value, int) else _specialize(value)[0]
+            continue
         kind, constant, aligned = _specialize(value)
         signature[name] = kind
         if kind == "constexpr":

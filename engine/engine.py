@@ -205,6 +205,23 @@ class Engine:
         inputs = {"input_ids": ids, "inputs_embeds": None, "attention_mask": mask, "token_type_ids": types, "position_ids": None}
         return self._step(cache, inputs, logits=logits, hidden=hidden, mask_of_ones=True)
 
+    @serialized
+    def decode_rows(self, input_ids: torch.Tensor, *, check_ids: bool = True) -> StepOutput:
+        """Continuous batching's step: append one token to each of the first B rows of the engine's
+        own cache, input_ids [B], each row at its own length (rows joined at different times, with
+        `StaticKVCache.copy_row`). Returns logits [B, V]. Under CUDA graphs it replays decode's batch
+        buckets. The caller keeps each row's length on the host and never steps a full row; rows it
+        does not use still advance (their output is meaningless) and are the caller's to
+        `reset_rows`. `cache.used` is left alone: it describes rows that advance together."""
+        ids = as_batch("input_ids", input_ids.reshape(-1, 1) if isinstance(input_ids, torch.Tensor) else input_ids, self.device)
+        if ids.shape[1] != 1 or ids.shape[0] > self.cache.max_batch:
+            raise ValueError(f"decode_rows takes one token for each of at most {self.cache.max_batch} rows, got {tuple(ids.shape)}")
+        if check_ids:
+            check_range("input_ids", ids, self.config.vocab_size)
+        mask = self._constant(tuple(ids.shape), 1, torch.int32)
+        inputs = {"input_ids": ids, "inputs_embeds": None, "attention_mask": mask, "token_type_ids": None, "position_ids": None}
+        return self._step(self.cache, inputs, logits="last", hidden=False, mask_of_ones=True, advance=False)
+
     def cache_to_use(self, cache: StaticKVCache | None) -> StaticKVCache:
         """The cache a step runs on: the engine's own, or the caller's if it fits this model."""
         if cache is None:
@@ -268,7 +285,7 @@ class Engine:
     def _step(
         self, cache: StaticKVCache, inputs: dict[str, torch.Tensor | None], *, logits: str | None, hidden: bool,
         layer_inputs: bool = False, mask_of_ones: bool = False, head_scale: torch.Tensor | None = None,
-        slot_positions: bool = False,
+        slot_positions: bool = False, advance: bool = True,
     ) -> StepOutput:
         batch, seq = inputs["attention_mask"].shape
         # Graphs are captured over the engine's own cache, whose storage never moves.
@@ -281,7 +298,8 @@ class Engine:
             out = self._graph_step(
                 inputs, logits=logits, hidden=hidden, mask_of_ones=mask_of_ones, slot_positions=slot_positions
             )
-        cache.advance(batch, seq)
+        if advance:
+            cache.advance(batch, seq)
         return out
 
     def _constant(self, shape: tuple[int, ...], value: int, dtype: torch.dtype) -> torch.Tensor:

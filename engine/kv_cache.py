@@ -139,6 +139,31 @@ class StaticKVCache:
         self.batch = count
         self.epoch += 1
 
+    def reset_rows(self, rows: list[int] | torch.Tensor) -> None:
+        """Forget the given rows only; every other row keeps its tokens and state (continuous
+        batching frees a finished request's row while the others decode on). `used` and `batch`,
+        which describe rows that advance together, are left to the caller."""
+        index = torch.as_tensor(rows, dtype=torch.int64, device=self.device).reshape(-1)
+        if index.numel() == 0:
+            return
+        self.key_mask.index_fill_(0, index, 0)
+        self.lengths.index_fill_(0, index, 0)
+        self.next_position.index_fill_(0, index, 0)
+
+    def copy_row(self, source: StaticKVCache, source_row: int, row: int, length: int) -> None:
+        """Make `row` hold what `source_row` of `source` holds in its first `length` slots (K, V,
+        the key mask, its length and next position), replacing whatever the row held."""
+        if not 0 <= row < self.max_batch or not 0 <= source_row < source.max_batch:
+            raise ValueError(f"row {row} or source row {source_row} is outside the caches' {self.max_batch} and {source.max_batch} rows")
+        if not 0 < length <= min(self.slots, source.slots):
+            raise ValueError(f"cannot copy {length} slots between caches of {source.slots} and {self.slots} slots")
+        self.keys[:, row, :, :length] = source.keys[:, source_row, :, :length]
+        self.values[:, row, :, :length] = source.values[:, source_row, :, :length]
+        self.key_mask[row].zero_()
+        self.key_mask[row, :length] = source.key_mask[source_row, :length]
+        self.lengths[row] = source.lengths[source_row]
+        self.next_position[row] = source.next_position[source_row]
+
     def _reallocate(self, rows: int, slots: int) -> None:
         layers, _, heads, _, head_dim = self.keys.shape
         kept_rows, kept_slots = min(rows, self.max_batch), min(slots, self.slots)

@@ -27,7 +27,9 @@ from .validation import check_residual, check_same_device, check_same_dtype
 FIXED_COUNTERS = 3
 
 
-@triton.jit
+# M is not specialized: a batch of one compiles the same code as any other (ptxas 12.8 spilled
+# the M == 1 variant of some tiles).
+@triton.jit(do_not_specialize=["M"])
 def decode_mlp_kernel(
     x_ptr, moments_ptr, moment_blocks, ln_weight_ptr, ln_bias_ptr, eps, fc_w_ptr, stride_fk, stride_fn, fc_b_ptr,
     h_ptr, proj_w_ptr, stride_pk, stride_pn, proj_b_ptr, out_ptr, out_moments_ptr, M, width, inner,

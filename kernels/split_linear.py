@@ -18,7 +18,9 @@ from .matmul_parts import split_tile
 from .tiling import SPLIT_ROWS, SplitTiles
 
 
-@triton.jit
+# M is not specialized: a batch of one compiles the same code as any other (ptxas 12.8 spilled
+# the M == 1 variant of some tiles).
+@triton.jit(do_not_specialize=["M"])
 def split_linear_kernel(
     x_ptr, stride_xm, w_ptr, stride_wk, stride_wn, out_ptr, stride_om, M, N, K, k_per_split, n_splits,
     partial_ptr=None, counters_ptr=None,

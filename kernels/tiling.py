@@ -268,10 +268,12 @@ def attention_tiles(seq: int, head_dim: int, element_size: int = 2) -> Attention
 
 def decode_tiles(head_dim: int, element_size: int = 2) -> AttentionTiles:
     """Tiles for decode attention: one query row, BLOCK_N cache slots per step, a K or V tile of
-    4096 elements at most (64 slots of a 64-wide head) so float32 tiles of wide heads do not spill;
-    float32 tiles spread over 8 warps (4 spill beside the merge of the splits on sm_80)."""
+    4096 elements at most in half precision (64 slots of a 64-wide head) and 2048 in float32, so
+    nothing spills beside the merge of the splits (4096 float32 spilled on sm_80 and, with 8 warps,
+    under triton 3.6 on sm_90)."""
     block_d = head_block(head_dim)
-    return AttentionTiles(1, min(64, 4096 // block_d), block_d, num_warps=8 if element_size >= 4 else 4, num_stages=2)
+    elements = 2048 if element_size >= 4 else 4096
+    return AttentionTiles(1, max(16, min(64, elements // block_d)), block_d, num_warps=4, num_stages=2)
 
 
 def decode_splits(batch_heads: int, slots: int, block_n: int) -> int:

@@ -26,11 +26,31 @@ def folder(tmp_path_factory):
     return folder
 
 
+SERVER_URL = "http://127.0.0.1:8000/v1"
+
+
 def test_readme_has_the_examples():
-    assert len(SNIPPETS) == 4 and all('"path/to/gpt2"' in snippet for snippet in SNIPPETS)
+    assert len(SNIPPETS) == 5
+    assert all('"path/to/gpt2"' in snippet or SERVER_URL in snippet for snippet in SNIPPETS)
 
 
 @pytest.mark.parametrize("snippet", SNIPPETS, ids=[f"example-{i + 1}" for i in range(len(SNIPPETS))])
 def test_readme_example_runs_as_written(folder, snippet):
+    if SERVER_URL in snippet:
+        pytest.importorskip("openai")
+        run_against_a_server(folder, snippet)
+        return
     code = snippet.replace('"path/to/gpt2"', repr(str(folder)))
     exec(compile(code, str(README), "exec"), {"__name__": "readme"})  # a namespace of its own: nothing borrowed
+
+
+def run_against_a_server(folder, snippet):
+    """The client example against `tritongpt2 serve --model path/to/gpt2` (model id "gpt2"), on a free port."""
+    from tritongpt2.engine.options import EngineOptions
+    from tritongpt2.serve.app import ServeSettings
+    from tritongpt2.serve.server import SchedulerOptions, ServerThread, app_for_model
+
+    app = app_for_model(folder, EngineOptions(backend="torch", max_batch=2, max_seq=64), SchedulerOptions(), ServeSettings("gpt2"))
+    with ServerThread(app) as server:
+        code = snippet.replace(SERVER_URL, server.url + "/v1")
+        exec(compile(code, str(README), "exec"), {"__name__": "readme"})

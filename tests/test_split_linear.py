@@ -82,6 +82,19 @@ def test_the_mlp_in_one_launch_matches_the_reference(forced_splits, rows, splits
     assert torch.equal(again.values, out.values)
 
 
+@pytest.mark.parametrize("rows", range(1, SPLIT_ROWS + 1))
+def test_every_row_count_up_to_sixteen(forced_splits, rows):
+    forced_splits(3, block_k=32)
+    x = residual_stream(rows, K, torch.float16)
+    ln_w, ln_b = layer_norm_params(K, torch.float16)
+    fc_w, fc_b = randn(K, INNER, dtype=torch.float16, scale=K**-0.5), randn(INNER, dtype=torch.float16)
+    proj_w, proj_b = randn(INNER, K, dtype=torch.float16, scale=INNER**-0.5), randn(K, dtype=torch.float16)
+    arguments = (ln_w, ln_b, 1e-5, fc_w, fc_b, "gelu_new", proj_w, proj_b)
+    out = OPS.mlp(stream(x), *arguments, semaphores=semaphores())
+    exact = reference.mlp(*as_float64(x, ln_w, ln_b), 1e-5, *as_float64(fc_w, fc_b), "gelu_new", *as_float64(proj_w, proj_b))
+    assert_close(out.values, exact, reference.mlp(x, *arguments))
+
+
 def test_many_rows_run_the_mlp_as_two_products():
     x = residual_stream(SPLIT_ROWS + 1, K, torch.float32)
     ln_w, ln_b = layer_norm_params(K, torch.float32)

@@ -147,6 +147,27 @@ def _embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from tritongpt2.engine.options import EngineOptions
+
+    try:
+        from tritongpt2.serve.app import ServeSettings
+        from tritongpt2.serve.server import SchedulerOptions, app_for_model, serve_forever, warn_if_exposed
+    except ImportError as missing:
+        raise ValueError(f"serve needs the serve extra ({missing}): pip install 'tritongpt2[serve]'") from None
+
+    api_key = args.api_key or os.environ.get("TRITONGPT2_API_KEY") or None
+    warn_if_exposed(args.host, api_key)
+    options = EngineOptions(dtype=_dtype(args.dtype), backend=args.backend, max_batch=args.max_batch, max_seq=args.max_seq)
+    scheduling = SchedulerOptions(pooling=args.pooling, normalize=args.normalize, max_queue=args.max_queue,
+                                  embed_token_budget=args.embed_token_budget)
+    name = args.served_model_name or Path(str(args.model).rstrip("/")).name
+    settings = ServeSettings(model_name=name, api_key=api_key, max_body_bytes=args.max_body_bytes)
+    app = app_for_model(args.model, options, scheduling, settings)
+    serve_forever(app, args.host, args.port, log_level=args.log_level)
+    return 0
+
+
 def bench_device(quick: bool, requested: str | None) -> torch.device:
     """--quick runs on the CPU (its kernels under the interpreter); otherwise CUDA when available."""
     import torch
@@ -171,7 +192,33 @@ def _output_folder(args: argparse.Namespace, label: str, committed_subfolder: st
     return Path(args.output) if args.output else new_results_folder(label)
 
 
+def _bench_serve(args: argparse.Namespace) -> int:
+    from tritongpt2.bench.model_shapes import model_shape
+    from tritongpt2.bench.quiet import quiet_transformers
+    from tritongpt2.bench.serve_load import LoadSettings, run_serve_load, serve_markdown, write_serve_results
+    from tritongpt2.bench.suite import QUICK_SHAPE, device_name
+
+    if len(args.models or []) > 1 or len(args.dtypes or []) > 1:
+        raise ValueError("--serve loads one model in one dtype: give at most one of each in --models and --dtypes")
+    if args.quick and args.models:
+        raise ValueError("--quick serves its own tiny model; --models does not apply to it")
+    device = bench_device(args.quick, args.device)
+    shape = QUICK_SHAPE if args.quick else model_shape((args.models or ["gpt2"])[0])
+    dtype = _dtype((args.dtypes or ["float16" if device.type == "cuda" else "float32"])[0])
+    settings = LoadSettings(max_tokens=8, requests_per_stream=2, embed_requests=8, max_seq=shape.n_positions) if args.quick else LoadSettings()
+    output = _output_folder(args, device_name(device) + "-serve", "quick" if args.quick else "")
+    print(f"writing into {output}", file=sys.stderr)
+    with quiet_transformers():
+        document = run_serve_load(shape, dtype, device, settings=settings)
+    print(serve_markdown(document))
+    for path in write_serve_results(document, output):
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
+    if args.serve:
+        return _bench_serve(args)
     if args.quick:
         # --quick runs the kernels under the interpreter, which must be on before triton is imported.
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -305,8 +352,30 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--output", help="write an .npy file instead of JSON (.npy is added to a name without it)")
     embed.add_argument("texts", nargs="*", help="the texts; read from standard input, one per line, when absent")
     embed.set_defaults(run=_embed)
+    serve = commands.add_parser("serve", help="an OpenAI-compatible server: /v1/completions, /v1/embeddings, /metrics")
+    _model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s; beyond localhost, "
+                       "give --api-key)")
+    serve.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    serve.add_argument("--max-batch", type=int, default=16, help="cache rows: sequences decoded together (default: %(default)s)")
+    serve.add_argument("--max-seq", type=int, help="tokens per row, prompt and completion (default: the model's n_positions)")
+    serve.add_argument("--pooling", choices=["mean", "last", "first"], default="mean", help="how /v1/embeddings pools "
+                       "the hidden states (default: %(default)s)")
+    serve.add_argument("--normalize", action="store_true", help="scale each embedding to unit length")
+    serve.add_argument("--served-model-name", help="the model id clients send (default: the --model folder's name)")
+    serve.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 routes (default: $TRITONGPT2_API_KEY)")
+    serve.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond the running batch before "
+                       "503 with Retry-After (default: %(default)s)")
+    serve.add_argument("--embed-token-budget", type=int, default=4096, help="padded tokens per embedding batch "
+                       "(default: %(default)s)")
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default: %(default)s)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(run=_serve)
+
     bench = commands.add_parser("bench", help="time tritongpt2 against transformers, side by side")
     bench.add_argument("--quick", action="store_true", help="tiny shapes on the CPU backends (even where CUDA is), with a parity check")
+    bench.add_argument("--serve", action="store_true", help="load figures of `tritongpt2 serve` instead: generated tokens/s "
+                       "at 1, 4, 16 and 32 concurrent streams, embedding latency at 1 and 16 clients (one model, one dtype)")
     bench.add_argument("--models", type=_csv_of(_model_names, "model"),
                        help="GPT-2 sizes, comma-separated (default: all four on a GPU, gpt2 on the CPU)")
     bench.add_argument("--dtypes", type=_csv_of(lambda: DTYPES, "dtype"),

@@ -14,6 +14,7 @@ import torch
 from tritongpt2.engine.checkpoint import load_checkpoint
 from tritongpt2.engine.engine import Engine
 from tritongpt2.engine.graphs import bucket
+from tritongpt2.engine.kv_cache import StaticKVCache
 from tritongpt2.engine.options import EngineOptions
 from tritongpt2.engine.tokenizer import GPT2Tokenizer
 
@@ -90,10 +91,13 @@ class Embedder:
         with self._lock:
             for start in range(0, len(order), self.engine.cache.max_batch):
                 chosen = order[start:start + self.engine.cache.max_batch]
-                out[chosen] = self._embed([encoded[i] for i in chosen])
+                out[chosen] = self.embed_tokens([encoded[i] for i in chosen])
         return out
 
-    def _embed(self, batch: list[list[int]]) -> np.ndarray:
+    def embed_tokens(self, batch: list[list[int]], cache: StaticKVCache | None = None) -> np.ndarray:
+        """[len(batch), n_embd] for lists of token ids (each 1 to max_seq long), run as one prefill
+        padded to the longest one's length bucket; on the engine's own cache unless `cache` is given
+        (one from `Engine.new_cache`). Not serialised: callers hold their own lock."""
         length = bucket(max(len(ids) for ids in batch), self.engine.cache.max_seq, SMALLEST_LENGTH)
         ids = torch.zeros(len(batch), length, dtype=torch.int64)
         mask = torch.zeros(len(batch), length, dtype=torch.int64)
@@ -101,7 +105,7 @@ class Embedder:
             ids[row, : len(tokens)] = torch.tensor(tokens)
             mask[row, : len(tokens)] = 1
         ids, mask = ids.to(self.engine.device), mask.to(self.engine.device)
-        hidden = self.engine.prefill(ids, mask, logits=None, hidden=True).hidden_states
+        hidden = self.engine.prefill(ids, mask, logits=None, hidden=True, cache=cache).hidden_states
         vectors = pool(hidden.float(), mask, self.pooling)
         if self.normalize:
             vectors = torch.nn.functional.normalize(vectors, dim=-1)
