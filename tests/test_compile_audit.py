@@ -11,12 +11,10 @@ from pathlib import Path
 import pytest
 
 from numerics import OPS
-from tritongpt2.bench.compile_audit import (
-    ARCHS, MAX_REGISTERS, REGISTER_HEADROOM, SHARED_LIMIT, candidate_jobs, candidate_label,
-)
+from tritongpt2.bench.compile_audit import ARCHS, MAX_REGISTERS, REGISTER_HEADROOM, SHARED_LIMIT, candidate_label
 from tritongpt2.bench.decode_tuning import decode_products, failed_candidates
 from tritongpt2.bench.model_shapes import MODEL_SHAPES
-from tritongpt2.kernels.tiling import default_split_tiles
+from tritongpt2.kernels.tiling import default_split_tiles, split_candidates
 
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -80,12 +78,6 @@ def test_blocks_per_sm_follow_registers_shared_memory_and_warps():
     assert blocks(32, 120000, 4, "sm_80") == 1 and blocks(32, 0, 1) == 32
 
 
-@pytest.fixture(scope="module")
-def candidate_configurations():
-    jobs = candidate_jobs([MODEL_SHAPES[name] for name in GPT2_SIZES], ["float16", "bfloat16"])
-    return {(job.kernel_name, job.config, dtype, arch) for dtype, job in jobs for arch in ARCHS}
-
-
 # Defaults (kernels/tiling.py: default_split_tiles) that spill 8 bytes under triton 3.6 (ptxas 12.8),
 # attention's c_proj of one row: 64 x 32 tiles at gpt2-xl on sm_90, 64 x 16 at gpt2-medium on sm_80.
 # Until a GPU's tune writes a passing candidate for them (it never chooses a failing default), they launch.
@@ -97,21 +89,26 @@ FAILING_DEFAULTS = {
 
 
 @pytest.mark.parametrize("name", sorted(FAILING_DEFAULTS))
-def test_every_tuning_candidate_is_in_the_committed_candidate_audit(name, candidate_configurations):
+def test_every_tuning_candidate_is_in_the_committed_candidate_audit(name):
     # Compiling every candidate takes most of an hour on CI's two cores, so CI checks the committed
-    # audit (tritongpt2 audit compile --candidates, under each triton) against today's candidates.
-    # A candidate with a problem is left out by the tuner (decode_tuning.failed_candidates).
+    # audit (tritongpt2 audit compile --candidates, under each triton) names today's candidates,
+    # each compiled for every arch and dtype. A candidate with a problem is left out by the tuner
+    # (decode_tuning.failed_candidates).
     document = json.loads((RESULTS / name).read_text())
-    audited = {(r["kernel"], r["config"], r["dtype"], r["arch"]): r for r in document["results"]}
-    missing = candidate_configurations - set(audited)
-    assert not missing, (f"{len(missing)} candidate configurations are not in bench/results/{name}: rerun "
-                         f"tritongpt2 audit compile --candidates --models {','.join(GPT2_SIZES)} --json ...", sorted(missing)[:3])
     assert set(document["models"]) == set(GPT2_SIZES)
-    defaults = {candidate_label(name_, p.key(2), default_split_tiles(p.n, p.k, 2))
-                for name_ in GPT2_SIZES for p in decode_products(MODEL_SHAPES[name_])}
+    candidates = {candidate_label(model, p.key(2), tiles) for model in GPT2_SIZES for p in decode_products(MODEL_SHAPES[model])
+                  for tiles in split_candidates(p.n, p.k, 2)}
+    for arch in ARCHS:
+        for dtype in ("float16", "bfloat16"):
+            audited = {label for r in document["results"] if (r["arch"], r["dtype"]) == (arch, dtype) for label in r["used_by"]}
+            missing = candidates - audited
+            assert not missing, (f"{len(missing)} candidates are not in bench/results/{name} for {arch} {dtype}: rerun tritongpt2 "
+                                 f"audit compile --candidates --models {','.join(GPT2_SIZES)} --json ...", sorted(missing)[:3])
+    defaults = {candidate_label(model, p.key(2), default_split_tiles(p.n, p.k, 2))
+                for model in GPT2_SIZES for p in decode_products(MODEL_SHAPES[model])}
     failed = failed_candidates([document])
     assert failed & defaults == FAILING_DEFAULTS[name]
-    for row in audited.values():
+    for row in document["results"]:
         if not set(row["used_by"]) <= failed:
             assert row["error"] is None and row["spill_bytes"] == 0, row
             assert row["registers"] <= MAX_REGISTERS - REGISTER_HEADROOM, row
