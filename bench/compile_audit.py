@@ -23,6 +23,7 @@ from typing import Any, Iterable
 import torch
 
 from tritongpt2.kernels.launch import LaunchRecord, recording_launches
+from tritongpt2.kernels.tiling import SplitTiles, forcing_split_tiles, split_candidates
 
 from .model_shapes import ModelShape
 
@@ -245,25 +246,85 @@ def run_compile_audit(
 ) -> list[CompileResult]:
     """Compile every distinct configuration that the workloads launch at the given model shapes."""
     _require_compiled_kernels()
-    archs, dtypes, workloads = list(archs), list(dtypes), list(workloads)
+    archs, dtypes = _checked(archs, dtypes)
+    workloads = list(workloads)
+    jobs: dict[tuple[str, CompileJob], list[str]] = {}
+    for shape in shapes:
+        for dtype in dtypes:
+            for workload in workloads:
+                label = f"{shape.name} {workload.name} b{workload.batch}x{workload.seq} ctx{workload.context}"
+                _add_jobs(jobs, dtype, label, step_launches(shape, DTYPES[dtype], workload))
+    return _compile_jobs(jobs, archs, workers)
+
+
+CANDIDATE_WORKLOAD = Workload("decode", 1, 1, 1024)
+
+
+def candidate_label(model: str, key: str, tiles: SplitTiles) -> str:
+    """How the candidate audit names a candidate in `used_by`, and the tuner finds the ones it must skip."""
+    return (f"{model} candidate {key} {tiles.block_n}x{tiles.block_k} splits={tiles.splits} "
+            f"warps={tiles.num_warps} stages={tiles.num_stages}")
+
+
+def run_candidate_audit(
+    shapes: Iterable[ModelShape],
+    archs: Iterable[str] = tuple(ARCHS),
+    dtypes: Iterable[str] = ("float16", "bfloat16"),
+    workers: int | None = None,
+) -> list[CompileResult]:
+    """Compile every distinct configuration that a decode step launches with each tuning candidate
+    forced in turn (the tuner writes half-precision entries only). k_per_split and splits are run-time
+    arguments, so many candidates share a compiled configuration; each result's used_by names the
+    candidates (candidate_label) that launch it."""
+    _require_compiled_kernels()
+    archs, dtypes = _checked(archs, dtypes)
+    return _compile_jobs(candidate_jobs(shapes, dtypes), archs, workers)
+
+
+def candidate_jobs(shapes: Iterable[ModelShape], dtypes: Iterable[str]) -> dict[tuple[str, CompileJob], list[str]]:
+    """The configuration of the launch computing each decode product with each of its candidates
+    forced, the other products at their defaults, by dtype. The MLP compiles its two products into one
+    kernel: each candidate of one is compiled beside the other's default, not beside every candidate
+    of the other (144 pairs a model); the pair the tuner writes is compiled by the plain audit of the
+    tuned table, which bench/gpu.sh runs after tuning and CI runs on the committed table."""
+    from .decode_tuning import decode_products, product_launch
+
+    jobs: dict[tuple[str, CompileJob], list[str]] = {}
+    for shape in shapes:
+        for dtype in dtypes:
+            element_size = DTYPES[dtype].itemsize
+            for product in decode_products(shape):
+                key = product.key(element_size)
+                for tiles in split_candidates(product.n, product.k, element_size):
+                    with forcing_split_tiles({key: tiles}):
+                        records = step_launches(shape, DTYPES[dtype], CANDIDATE_WORKLOAD)
+                    label = candidate_label(shape.name, key, tiles)
+                    _add_jobs(jobs, dtype, label, [product_launch(records, product)])
+    return jobs
+
+
+def _add_jobs(jobs: dict[tuple[str, CompileJob], list[str]], dtype: str, label: str, records: list[LaunchRecord]) -> None:
+    for record in records:
+        used_by = jobs.setdefault((dtype, compile_job(record)), [])
+        if label not in used_by:
+            used_by.append(label)
+
+
+def _compile_jobs(jobs: dict[tuple[str, CompileJob], list[str]], archs: list[str], workers: int | None) -> list[CompileResult]:
+    tasks = [(job, arch, dtype, used_by) for (dtype, job), used_by in jobs.items() for arch in archs]
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        return list(pool.map(lambda task: compile_for(*task), tasks))
+
+
+def _checked(archs: Iterable[str], dtypes: Iterable[str]) -> tuple[list[str], list[str]]:
+    archs, dtypes = list(archs), list(dtypes)
     for arch in archs:
         if arch not in ARCHS:
             raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
     for dtype in dtypes:
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    jobs: dict[tuple[str, CompileJob], list[str]] = {}
-    for shape in shapes:
-        for dtype in dtypes:
-            for workload in workloads:
-                label = f"{shape.name} {workload.name} b{workload.batch}x{workload.seq} ctx{workload.context}"
-                for record in step_launches(shape, DTYPES[dtype], workload):
-                    used_by = jobs.setdefault((dtype, compile_job(record)), [])
-                    if label not in used_by:
-                        used_by.append(label)
-    tasks = [(job, arch, dtype, used_by) for (dtype, job), used_by in jobs.items() for arch in archs]
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        return list(pool.map(lambda task: compile_for(*task), tasks))
+    return archs, dtypes
 
 
 def _require_compiled_kernels() -> None:

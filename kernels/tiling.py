@@ -8,9 +8,12 @@ Ampere: a pipelined matmul tile stays under sm_80's 163 KiB of shared memory.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterator
 
 import triton
 
@@ -25,6 +28,10 @@ SPLIT_ROWS = 16
 # An H100 has 132 SMs: a weight-streaming launch of fewer programs leaves SMs reading nothing.
 MIN_STREAMING_PROGRAMS = 132
 TUNING_TABLE = Path(__file__).with_name("decode_tuning.json")
+TILE_FIELDS = ("block_n", "block_k", "splits", "num_warps", "num_stages")
+# The column tiles a split product may take, and the warps it may spread a tile over.
+SPLIT_BLOCK_NS = (32, 64, 128, 256)
+SPLIT_WARPS = (4, 8)
 
 
 @dataclass(frozen=True)
@@ -89,23 +96,100 @@ def matmul_tiles(m: int, n: int, k: int, element_size: int) -> MatmulTiles:
 
 
 def split_tiles(n: int, k: int, element_size: int) -> SplitTiles:
-    """Tiles for an [m <= SPLIT_ROWS, k] @ [k, n] product: the committed tuning table's entry for the
-    shape (written by bench/gpu.sh from timings on a GPU), else `default_split_tiles`."""
+    """Tiles for an [m <= SPLIT_ROWS, k] @ [k, n] product: tiles forced by `forcing_split_tiles` (the
+    tuner, the compile audit), else the committed tuning table's entry for the shape (written by
+    bench/gpu.sh from timings on a GPU), else `default_split_tiles`."""
     if min(n, k) < 1:
         raise ValueError(f"matmul shape n={n}, k={k} must be positive")
-    entry = tuning_table().get(tuning_key(n, k, element_size))
+    key = tuning_key(n, k, element_size)
+    forced = _forced_split_tiles.get().get(key)
+    if forced is not None:
+        return forced
+    entry = tuning_table().get(key)
     if entry is None:
         return default_split_tiles(n, k, element_size)
-    return split_tiles_of(n, k, entry["block_n"], entry["block_k"], entry["splits"], entry["num_warps"], entry["num_stages"])
+    return split_tiles_of(n, k, *(entry[name] for name in TILE_FIELDS))
+
+
+_forced_split_tiles: ContextVar[dict[str, SplitTiles]] = ContextVar("tritongpt2_forced_split_tiles", default={})
+
+
+@contextmanager
+def forcing_split_tiles(tiles: dict[str, SplitTiles]) -> Iterator[None]:
+    """Within the block, split_tiles returns tiles[tuning_key(n, k, element_size)] for those shapes:
+    how a candidate is launched before it is in the table. Never inside a CUDA-graph capture that
+    outlives the block."""
+    token = _forced_split_tiles.set({**_forced_split_tiles.get(), **tiles})
+    try:
+        yield
+    finally:
+        _forced_split_tiles.reset(token)
 
 
 def tuning_key(n: int, k: int, element_size: int) -> str:
     return f"{n}x{k}:{element_size}"
 
 
+def parse_tuning_key(key: str) -> tuple[int, int, int]:
+    """(n, k, element_size) of a key "NxK:element_size"."""
+    try:
+        shape, element_size = key.split(":")
+        n, k = shape.split("x")
+        return int(n), int(k), int(element_size)
+    except ValueError:
+        raise ValueError(f"tuning table key {key!r} is not NxK:element_size") from None
+
+
 @lru_cache(maxsize=1)
-def tuning_table() -> dict[str, dict[str, int]]:
-    return json.loads(TUNING_TABLE.read_text())["linear"]
+def tuning_table() -> dict[str, dict]:
+    return checked_tuning_table(json.loads(TUNING_TABLE.read_text()), str(TUNING_TABLE))
+
+
+def checked_tuning_table(document: dict, source: str) -> dict[str, dict]:
+    """The "linear" entries of a tuning table document, each checked to be tiles a split product can
+    launch: a hand-edited or stale table fails here, naming the entry, not in a compiler."""
+    entries = document.get("linear")
+    if not isinstance(entries, dict):
+        raise ValueError(f"{source}: no \"linear\" table of entries")
+    for key, entry in entries.items():
+        problem = _entry_problem(key, entry)
+        if problem:
+            raise ValueError(f"{source}: entry {key!r}: {problem}")
+    return entries
+
+
+def _entry_problem(key: str, entry: object) -> str | None:
+    n, k, element_size = parse_tuning_key(key)
+    if min(n, k) < 1 or element_size not in (2, 4):
+        return "N and K must be positive and the element size 2 or 4"
+    if not isinstance(entry, dict):
+        return f"must be an object of {', '.join(TILE_FIELDS)}, got {entry!r}"
+    missing = [name for name in TILE_FIELDS if not isinstance(entry.get(name), int) or isinstance(entry.get(name), bool)]
+    unknown = sorted(set(entry) - set(TILE_FIELDS) - {"measured"})
+    if missing or unknown:
+        return f"needs integer {', '.join(TILE_FIELDS)} and nothing but \"measured\" besides (bad or missing: {missing}, unknown: {unknown})"
+    for name in ("block_n", "block_k"):
+        if entry[name] < 16 or entry[name] & (entry[name] - 1):
+            return f"{name} {entry[name]} must be a power of two of at least 16 (tl.dot)"
+    if entry["block_n"] * entry["block_k"] > weight_tile_elements(element_size):
+        return (f"a {entry['block_k']} x {entry['block_n']} weight tile exceeds the register budget of "
+                f"{weight_tile_elements(element_size)} elements at {element_size} bytes an element")
+    if entry["splits"] < 1 or entry["num_stages"] < 1:
+        return "splits and num_stages must be at least 1"
+    if entry["num_warps"] not in (1, 2, 4, 8, 16):
+        return f"num_warps {entry['num_warps']} must be 1, 2, 4, 8 or 16"
+    return None
+
+
+def weight_tile_elements(element_size: int) -> int:
+    """The most weight elements one program's tile may hold (block_k x block_n) without spilling."""
+    return 2048 if element_size >= 4 else 8192
+
+
+def tile_entry(tiles: SplitTiles) -> dict[str, int]:
+    """The tuning table's fields for these tiles."""
+    return {"block_n": tiles.block_n, "block_k": tiles.block_k, "splits": tiles.splits, "num_warps": tiles.num_warps,
+            "num_stages": tiles.num_stages}
 
 
 def split_tiles_of(n: int, k: int, block_n: int, block_k: int, splits: int, num_warps: int, num_stages: int) -> SplitTiles:
@@ -121,18 +205,42 @@ def default_split_tiles(n: int, k: int, element_size: int) -> SplitTiles:
     when no cut of K gives them): each range adds a float32 partial of the output to write and read back, 4 x splits /
     k of the weight's bytes. Among those, the deepest block_k (fewer, larger weight loads in flight).
     A weight tile holds at most 8192 elements (2048 in float32), so nothing spills."""
-    elements = 2048 if element_size >= 4 else 8192
+    elements = weight_tile_elements(element_size)
     for block_n in (256, 128):
         if triton.cdiv(n, block_n) >= MIN_STREAMING_PROGRAMS and elements // block_n >= 16:
             return split_tiles_of(n, k, block_n, min(128, elements // block_n), 1, num_warps=8, num_stages=4)
-    block_n = 64
-    block_ks = [16 * 2**i for i in range(4) if 16 * 2**i * block_n <= elements]
-    choices = [split_tiles_of(n, k, block_n, block_k, splits, num_warps=8, num_stages=4)
+    return fewest_splits(n, k, 64, element_size, MIN_STREAMING_PROGRAMS, num_warps=8)
+
+
+def fewest_splits(n: int, k: int, block_n: int, element_size: int, programs: int, num_warps: int) -> SplitTiles:
+    """Column tiles of block_n and the fewest K ranges that give `programs` programs, the deepest
+    block_k among those; one range (the deepest block_k) when no cut of K gives them."""
+    block_ks = [16 * 2**i for i in range(4) if 16 * 2**i * block_n <= weight_tile_elements(element_size)]
+    choices = [split_tiles_of(n, k, block_n, block_k, splits, num_warps=num_warps, num_stages=4)
                for block_k in block_ks for splits in range(1, triton.cdiv(k, 16) + 1)]
-    enough = [c for c in choices if c.programs(n) >= MIN_STREAMING_PROGRAMS]
+    enough = [c for c in choices if c.programs(n) >= programs]
     if not enough:  # a product too small to fill the GPU however it is cut: no partials to add up
         return max((c for c in choices if c.splits == 1), key=lambda c: c.block_k)
     return min(enough, key=lambda c: (c.splits, -c.block_k))
+
+
+def split_candidates(n: int, k: int, element_size: int) -> list[SplitTiles]:
+    """The tiles the tuner times for a split product, the default first: per column tile of
+    SPLIT_BLOCK_NS that fits the register budget and is not wider than N needs, the fewest K ranges
+    for one wave of programs (MIN_STREAMING_PROGRAMS, an H100's SMs) with 4 and with 8 warps, and
+    for two waves with 8 (more loads in flight, at the cost of more partials), where a cut of K gives
+    them. At most 13."""
+    candidates = [default_split_tiles(n, k, element_size)]
+    widest = max(64, triton.next_power_of_2(n))
+    for block_n in SPLIT_BLOCK_NS:
+        if block_n > widest or block_n * 16 > weight_tile_elements(element_size):
+            continue
+        for programs, warps in ((MIN_STREAMING_PROGRAMS, SPLIT_WARPS), (2 * MIN_STREAMING_PROGRAMS, (8,))):
+            for num_warps in warps:
+                tiles = fewest_splits(n, k, block_n, element_size, programs, num_warps)
+                if tiles.programs(n) >= programs and tiles not in candidates:
+                    candidates.append(tiles)
+    return candidates
 
 
 def head_block(head_dim: int) -> int:

@@ -93,3 +93,25 @@ def test_readme_table_names_the_device_between_the_markers():
     assert updated.replace(table, "") == readme.replace(readme[readme.index(START):readme.index(END)], "")
     with pytest.raises(ValueError, match="markers"):
         replace_between_markers("# a README without them\n", "table")
+
+
+def test_gpu_script_tunes_first_and_keeps_what_it_measured(tmp_path):
+    # The tune step runs before the tests and the benchmark, so both run with the tuned table; it
+    # writes into the output folder (the only thing that comes back from the GPU machine).
+    script = (ROOT / "bench" / "gpu.sh").read_text()
+    steps = [line.split()[1] for line in script.splitlines() if line.startswith("step ")]
+    assert steps[:3] == ["tune", "tests", "bench"], steps
+    assert 'step tune "$python" -m tritongpt2.cli tune --output "$out/tune"' in script
+    assert "compile-audit-candidates" in steps and steps.index("compile-audit") < steps.index("compile-audit-candidates")
+    header = script[:script.index("set -uo pipefail")]
+    assert "2. tune (about 5 minutes on an H100" in header and "30 minutes" in header
+
+
+def test_tune_refuses_to_run_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("checks what tune does without a GPU")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "tritongpt2.cli", "tune", "--output", "unused"], capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert result.returncode == 2
+    assert "tune times kernels on a GPU, but torch.cuda.is_available() is False" in result.stderr

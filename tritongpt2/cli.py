@@ -41,11 +41,16 @@ def _model_names() -> Iterable[str]:
 
 
 def _audit_compile(args: argparse.Namespace) -> int:
-    from tritongpt2.bench.compile_audit import dump_cubins, markdown_table, run_compile_audit, toolchain
+    from tritongpt2.bench.compile_audit import (
+        dump_cubins, markdown_table, run_candidate_audit, run_compile_audit, toolchain,
+    )
     from tritongpt2.bench.model_shapes import model_shape
 
     shapes = [model_shape(name) for name in args.models]
-    results = run_compile_audit(shapes, archs=args.arch, dtypes=args.dtypes)
+    if args.candidates:
+        results = run_candidate_audit(shapes, archs=args.arch, dtypes=args.dtypes or ["float16", "bfloat16"])
+    else:
+        results = run_compile_audit(shapes, archs=args.arch, dtypes=args.dtypes or list(DTYPES))
     table = markdown_table(results)
     print(table)
     if args.json:
@@ -249,6 +254,48 @@ def _bench(args: argparse.Namespace) -> int:
     return 1 if failed or wrong else 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    import torch
+
+    from tritongpt2.bench.decode_step_report import step_markdown, step_report
+    from tritongpt2.bench.decode_tuning import (
+        failed_candidates, launch_timer, report_markdown, report_rows, tune_model, write_tuning,
+    )
+    from tritongpt2.bench.model_shapes import model_shape
+    from tritongpt2.bench.quiet import quiet_transformers
+    from tritongpt2.bench.report import committed_results_folder
+    from tritongpt2.bench.suite import device_name, versions
+    from tritongpt2.kernels import tiling
+
+    if not torch.cuda.is_available():
+        raise ValueError("tune times kernels on a GPU, but torch.cuda.is_available() is False")
+    device = torch.device("cuda")
+    output, table = Path(args.output), Path(args.table) if args.table else tiling.TUNING_TABLE
+    timer = launch_timer(rounds=args.rounds)
+    # Candidates with a problem in the committed candidate audits (every triton they were compiled with).
+    audits = sorted(committed_results_folder().glob("compile-audit-candidates*.json"))
+    excluded = failed_candidates([json.loads(path.read_text()) for path in audits])
+    print(f"{len(excluded)} candidates left out: they fail the compile audit in {', '.join(p.name for p in audits)}",
+          file=sys.stderr)
+    tunings = []
+    for name in args.models:
+        print(f"tuning {name}", file=sys.stderr)
+        tunings += tune_model(model_shape(name), timer, excluded=excluded)
+    name = device_name(device)
+    for path in write_tuning(tunings, name, versions(), table, output):
+        print(f"wrote {path}", file=sys.stderr)
+    print(report_markdown([r for r in report_rows(tunings) if r["chosen"] or r["default"]], name))
+    if table == tiling.TUNING_TABLE:
+        tiling.tuning_table.cache_clear()  # the step below runs with the winners
+    with quiet_transformers():
+        report = step_report(model_shape("gpt2"), torch.float16, 1024, device)
+    (output / "decode-step.json").write_text(json.dumps({"device": name, "versions": versions(), **report}, indent=1) + "\n")
+    markdown = step_markdown(report, name)
+    (output / "decode-step.md").write_text(markdown)
+    print(markdown)
+    return 0
+
+
 def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder (or hub id, with a network)")
     parser.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: the checkpoint's)")
@@ -340,12 +387,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write into the checkout's bench/results (bench/results/quick with --quick), replacing its files")
     bench.set_defaults(run=_bench)
 
+    tune = commands.add_parser("tune", help="on a GPU: time every decode tile candidate, write the fastest into the "
+                               "tuning table, and report each kernel's GB/s and ms/token against transformers")
+    tune.add_argument("--output", required=True, help="folder for the reports and a copy of the table")
+    tune.add_argument("--models", type=_csv_of(_model_names, "model"), default=["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"],
+                      help="GPT-2 sizes, comma-separated (default: %(default)s)")
+    tune.add_argument("--table", help="the tuning table to write (default: the checkout's kernels/decode_tuning.json)")
+    tune.add_argument("--rounds", type=int, default=5, help="timing rounds per candidate (default: %(default)s)")
+    tune.set_defaults(run=_tune)
+
     audit = commands.add_parser("audit", help="check the kernels for real GPUs without one")
     audits = audit.add_subparsers(dest="audit", required=True)
     compile_ = audits.add_parser("compile", help="compile every kernel configuration for sm_90 and sm_80")
     compile_.add_argument("--arch", type=_csv, default=["sm_90", "sm_80"], help="comma-separated, e.g. sm_90,sm_80")
     compile_.add_argument("--models", type=_csv, default=["gpt2", "gpt2-xl"], help="comma-separated GPT-2 sizes")
-    compile_.add_argument("--dtypes", type=_csv, default=["float16", "bfloat16", "float32"], help="comma-separated")
+    compile_.add_argument("--dtypes", type=_csv, help="comma-separated (default: float16,bfloat16,float32; "
+                          "float16,bfloat16 with --candidates)")
+    compile_.add_argument("--candidates", action="store_true",
+                          help="instead of the configurations a step launches, every decode tuning candidate's "
+                               "(kernels/tiling.py: split_candidates), at batch 1")
     compile_.add_argument("--json", help="write the results as JSON to this file")
     compile_.add_argument("--dump", help="write each cubin into this folder, with index.json naming their configurations")
     compile_.set_defaults(run=_audit_compile)
