@@ -1,11 +1,11 @@
 """Continuous batching over the engine's own cache: sequences join a running decode batch at any
 step and leave when they finish, each in a row of its own.
 
-Prompts join by one prefill of them all (right-padded to the longest) into a scratch cache, each
-prompt's row then copied into free rows of the engine's cache (several rows for several samples of
-one prompt); the running rows keep their state. A step
-decodes rows 0 .. top (the highest row in use) as one batch, so the weights are read once for every
-sequence; free rows inside that range compute a throwaway token and are reset after the step.
+Prompts that join together are prefilled as one batch, right-padded to the longest, into a scratch
+cache; each prompt's row is then copied into free rows of the engine's cache (several rows for
+several samples of one prompt), and the running rows keep their state. A step decodes rows 0 .. top
+(the highest row in use) as one batch, so the weights are read once for every sequence; free rows
+inside that range compute a throwaway token and are reset after the step.
 """
 
 from __future__ import annotations
