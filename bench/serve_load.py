@@ -161,7 +161,7 @@ def _embedding_level(clients: int, latencies: list[float]) -> dict:
 def serve_markdown(document: dict) -> str:
     s = document["settings"]
     lines = [
-        f"Device: {document['device']} ({document['cpus']} CPUs, torch on {document.get('threads', '?')} threads) · {document['date']} · " + ", ".join(f"{k} {v}" for k, v in document["versions"].items()),
+        f"Device: {document['device']} ({document['cpus']} CPUs, torch intra-op threads: {document.get('threads', '?')}) · {document['date']} · " + ", ".join(f"{k} {v}" for k, v in document["versions"].items()),
         "",
         f"`tritongpt2 serve` under load: {document['model']} with random weights, {document['dtype']}, the "
         f"{document['backend']} backend, --max-batch {s['max_batch']}, through the openai client on 127.0.0.1.",
