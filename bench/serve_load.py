@@ -134,7 +134,7 @@ def run_serve_load(shape: ModelShape, dtype: torch.dtype, device: torch.device, 
                 loads.append(round(os.getloadavg()[0], 2))
     generation = [_generation_level(n, rounds[n], rounds.get(1)) for n in streams]
     embedding = [_embedding_level(n, latencies[n]) for n in embed_clients]
-    return {"device": device_name(device), "cpus": os.cpu_count(), "date": datetime.date.today().isoformat(), "versions": versions(),
+    return {"device": device_name(device), "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat(), "versions": versions(),
             "model": shape.name, "dtype": str(dtype).removeprefix("torch."), "backend": backend,
             "settings": {**asdict(settings), "max_batch": max(streams)}, "generation": generation, "embedding": embedding,
             "load_average_1min_per_round": loads}
@@ -161,7 +161,7 @@ def _embedding_level(clients: int, latencies: list[float]) -> dict:
 def serve_markdown(document: dict) -> str:
     s = document["settings"]
     lines = [
-        f"Device: {document['device']} ({document['cpus']} CPUs) · {document['date']} · " + ", ".join(f"{k} {v}" for k, v in document["versions"].items()),
+        f"Device: {document['device']} ({document['cpus']} CPUs, torch intra-op threads: {document.get('threads', '?')}) · {document['date']} · " + ", ".join(f"{k} {v}" for k, v in document["versions"].items()),
         "",
         f"`tritongpt2 serve` under load: {document['model']} with random weights, {document['dtype']}, the "
         f"{document['backend']} backend, --max-batch {s['max_batch']}, through the openai client on 127.0.0.1.",

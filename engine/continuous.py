@@ -1,10 +1,11 @@
 """Continuous batching over the engine's own cache: sequences join a running decode batch at any
 step and leave when they finish, each in a row of its own.
 
-A prompt joins by a prefill into a scratch cache of one row, copied into free rows of the engine's
-cache (several rows for several samples of one prompt); the running rows keep their state. A step
-decodes rows 0 .. top (the highest row in use) as one batch, so the weights are read once for every
-sequence; free rows inside that range compute a throwaway token and are reset after the step.
+Prompts that join together are prefilled as one batch, right-padded to the longest, into a scratch
+cache; each prompt's row is then copied into free rows of the engine's cache (several rows for
+several samples of one prompt), and the running rows keep their state. A step decodes rows 0 .. top
+(the highest row in use) as one batch, so the weights are read once for every sequence; free rows
+inside that range compute a throwaway token and are reset after the step.
 """
 
 from __future__ import annotations
@@ -51,19 +52,44 @@ class ContinuousBatch:
     def join(self, prompt: Sequence[int] | torch.Tensor, copies: int = 1) -> tuple[list[int], torch.Tensor]:
         """Prefill `prompt` (token ids) into `copies` free rows, the lowest ones. Returns the rows and
         the logits [V] that follow the prompt (the first new token is drawn from them)."""
-        ids = torch.as_tensor(prompt, dtype=torch.int64).reshape(1, -1).to(self.engine.device)
-        if ids.shape[1] == 0 or ids.shape[1] > self.max_seq:
-            raise ValueError(f"a prompt of {ids.shape[1]} tokens does not fit rows of max_seq={self.max_seq} slots")
-        check_range("prompt", ids, self.engine.config.vocab_size)
+        return self.join_many([prompt], [copies])[0]
+
+    def join_many(
+        self, prompts: Sequence[Sequence[int] | torch.Tensor], copies: Sequence[int] | None = None
+    ) -> list[tuple[list[int], torch.Tensor]]:
+        """Prefill the prompts together, as one right-padded batch, each into copies[i] free rows (the
+        lowest ones, in the prompts' order). Returns each prompt's rows and the logits [V] that follow it."""
+        copies = [1] * len(prompts) if copies is None else list(copies)
+        if not prompts or len(copies) != len(prompts):
+            raise ValueError(f"join_many takes one or more prompts and a count of copies for each, got {len(prompts)} and {len(copies)}")
+        ids = [self._prompt_ids(prompt) for prompt in prompts]
         free = self.free_rows
-        if not 1 <= copies <= len(free):
-            raise ValueError(f"{copies} rows asked for, {len(free)} free")
-        rows = free[:copies]
-        logits = self.engine.prefill(ids, cache=self._scratch).logits[0]
-        for row in rows:
-            self.cache.copy_row(self._scratch, 0, row, ids.shape[1])
-            self.lengths[row] = ids.shape[1]
-        return rows, logits
+        if min(copies) < 1:
+            raise ValueError(f"each prompt needs at least one row, got copies {copies}")
+        if sum(copies) > len(free):
+            raise ValueError(f"{sum(copies)} rows asked for, {len(free)} free")
+        lengths = [len(prompt) for prompt in ids]
+        padded = torch.zeros(len(ids), max(lengths), dtype=torch.int64)
+        mask = torch.zeros(len(ids), max(lengths), dtype=torch.int32)
+        for i, prompt in enumerate(ids):
+            padded[i, :lengths[i]] = prompt
+            mask[i, :lengths[i]] = 1
+        device = self.engine.device
+        logits = self.engine.prefill(padded.to(device), mask.to(device), cache=self._scratch).logits
+        sources = [i for i, count in enumerate(copies) for _ in range(count)]
+        rows = free[:len(sources)]
+        self.cache.copy_rows(self._scratch, sources, rows, [lengths[i] for i in sources])
+        for row, source in zip(rows, sources):
+            self.lengths[row] = lengths[source]
+        rows_of = [[row for row, source in zip(rows, sources) if source == i] for i in range(len(ids))]
+        return [(prompt_rows, logits[i]) for i, prompt_rows in enumerate(rows_of)]
+
+    def _prompt_ids(self, prompt: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        ids = torch.as_tensor(prompt, dtype=torch.int64).reshape(-1)
+        if ids.shape[0] == 0 or ids.shape[0] > self.max_seq:
+            raise ValueError(f"a prompt of {ids.shape[0]} tokens does not fit rows of max_seq={self.max_seq} slots")
+        check_range("prompt", ids, self.engine.config.vocab_size)
+        return ids
 
     def step(self, tokens: dict[int, int]) -> dict[int, torch.Tensor]:
         """Append tokens[row] to every row in use (each must have room); returns each row's next

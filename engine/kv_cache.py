@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 # A cache that may grow adds slots in steps of this many (and at least doubles), so a generation
@@ -153,16 +155,35 @@ class StaticKVCache:
     def copy_row(self, source: StaticKVCache, source_row: int, row: int, length: int) -> None:
         """Make `row` hold what `source_row` of `source` holds in its first `length` slots (K, V,
         the key mask, its length and next position), replacing whatever the row held."""
-        if not 0 <= row < self.max_batch or not 0 <= source_row < source.max_batch:
-            raise ValueError(f"row {row} or source row {source_row} is outside the caches' {self.max_batch} and {source.max_batch} rows")
-        if not 0 < length <= min(self.slots, source.slots):
-            raise ValueError(f"cannot copy {length} slots between caches of {source.slots} and {self.slots} slots")
-        self.keys[:, row, :, :length] = source.keys[:, source_row, :, :length]
-        self.values[:, row, :, :length] = source.values[:, source_row, :, :length]
-        self.key_mask[row].zero_()
-        self.key_mask[row, :length] = source.key_mask[source_row, :length]
-        self.lengths[row] = source.lengths[source_row]
-        self.next_position[row] = source.next_position[source_row]
+        self.copy_rows(source, [source_row], [row], [length])
+
+    def copy_rows(self, source: StaticKVCache, source_rows: Sequence[int], rows: Sequence[int], lengths: Sequence[int]) -> None:
+        """copy_row for several rows at once: rows[i] holds the first lengths[i] slots of
+        source_rows[i], and its length becomes lengths[i]. A source row must hold no real token past
+        its length (a right-padded prefill's padding may follow: it is not copied as real)."""
+        if not len(source_rows) == len(rows) == len(lengths):
+            raise ValueError(f"{len(source_rows)} source rows, {len(rows)} rows and {len(lengths)} lengths must match")
+        if not rows:
+            return
+        if len(set(rows)) != len(rows):
+            raise ValueError(f"rows {list(rows)} name a row twice")
+        outside = [(s, r) for s, r in zip(source_rows, rows) if not (0 <= r < self.max_batch and 0 <= s < source.max_batch)]
+        if outside:
+            raise ValueError(f"row {outside[0][1]} or source row {outside[0][0]} is outside the caches' {self.max_batch} and {source.max_batch} rows")
+        if not all(0 < length <= min(self.slots, source.slots) for length in lengths):
+            raise ValueError(f"cannot copy {list(lengths)} slots between caches of {source.slots} and {self.slots} slots")
+        span = max(lengths)
+        source_index = torch.as_tensor(source_rows, dtype=torch.int64, device=self.device)
+        index = torch.as_tensor(rows, dtype=torch.int64, device=self.device)
+        # Slots from a row's length up to the longest are copied too, but masked out: as after a reset,
+        # their stale K and V are hidden, and the row's next token overwrites the first of them.
+        self.keys[:, index, :, :span] = source.keys[:, source_index, :, :span]
+        self.values[:, index, :, :span] = source.values[:, source_index, :, :span]
+        kept = torch.arange(span, device=self.device) < torch.as_tensor(lengths, device=self.device)[:, None]
+        self.key_mask.index_fill_(0, index, 0)
+        self.key_mask[index, :span] = source.key_mask[source_index, :span] * kept
+        self.lengths[index] = torch.as_tensor(lengths, dtype=torch.int64, device=self.device)
+        self.next_position[index] = source.next_position[source_index]
 
     def _reallocate(self, rows: int, slots: int) -> None:
         layers, _, heads, _, head_dim = self.keys.shape

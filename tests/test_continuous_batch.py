@@ -83,6 +83,43 @@ def test_under_graphs_steps_replay_the_decode_batch_buckets(folder, engine):
     assert decode_buckets == [1, 2]
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_prompts_of_different_lengths_joining_in_one_step_generate_what_each_does_alone(engine, graphs):
+    """One padded prefill for three prompts (one of them sampled twice) while another row decodes;
+    one joins a row freed by a longer sequence, whose stale slots must not be seen."""
+    joining = [PROMPTS[1], PROMPTS[2], PROMPTS[0]]
+    expected = [alone(engine, prompt, 10) for prompt in joining]
+    options = EngineOptions(backend="torch", max_batch=6, max_seq=40)
+    runner = Engine(engine.config, engine.weights, options, graph_capture=EagerGraphs() if graphs else None)
+    batch = ContinuousBatch(runner)
+    (first,), first_logits = batch.join(PROMPTS[3])
+    (stale,), stale_logits = batch.join(PROMPTS[3] + PROMPTS[1])
+    first_tokens = [int(first_logits.argmax())]
+    out = batch.step({first: first_tokens[-1], stale: int(stale_logits.argmax())})
+    first_tokens.append(int(out[first].argmax()))
+    batch.leave([stale])
+
+    prefills = []
+    prefill = runner.prefill
+    runner.prefill = lambda *args, **kwargs: prefills.append(args[0].shape) or prefill(*args, **kwargs)
+    joined = batch.join_many(joining, copies=[1, 2, 1])
+    runner.prefill = prefill
+    assert prefills == [(3, len(PROMPTS[1]))]
+    assert [rows for rows, _ in joined] == [[stale], [2, 3], [4]]
+    for (rows, _), prompt in zip(joined, joining):
+        assert runner.cache.lengths[rows].tolist() == [len(prompt)] * len(rows)
+        assert runner.cache.key_mask[rows].sum(-1).tolist() == [len(prompt)] * len(rows)
+    generated = {row: [int(logits.argmax())] for rows, logits in joined for row in rows}
+    for _ in range(9):
+        out = batch.step({first: first_tokens[-1], **{row: tokens[-1] for row, tokens in generated.items()}})
+        first_tokens.append(int(out[first].argmax()))
+        for row, tokens in generated.items():
+            tokens.append(int(out[row].argmax()))
+    assert [generated[rows[0]] for rows, _ in joined] == expected
+    assert generated[3] == generated[2]
+    assert first_tokens == alone(engine, PROMPTS[3], 11)
+
+
 def test_a_freed_row_is_reused_and_reset_rows_leaves_the_other_rows_alone(engine):
     batch = ContinuousBatch(engine)
     (first,), _ = batch.join(PROMPTS[0])

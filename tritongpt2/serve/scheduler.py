@@ -3,8 +3,8 @@ and embeds concurrent requests together. HTTP handlers submit jobs from any thre
 back through the job's `emit`; nothing here knows about HTTP.
 
 Each loop: take new jobs, free the rows of cancelled ones, run one embedding batch if any wait,
-let waiting completions join free rows (their prompts prefilled), then one decode step for every
-running row. A finished, stopped or cancelled row is freed before the next step.
+let waiting completions join free rows (their prompts prefilled together, as one batch), then one
+decode step for every running row. A finished, stopped or cancelled row is freed before the next step.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ from tritongpt2.engine.tokenizer import GPT2Tokenizer
 from .text import TextStream
 
 log = logging.getLogger("tritongpt2.serve")
+# Prompts that join at the same step are prefilled as one batch padded to the longest, of at most
+# this many tokens (a longer prompt still joins, alone).
+JOIN_TOKEN_BUDGET = 4096
 Emit = Callable[[tuple], None]
 
 
@@ -213,11 +216,13 @@ class Scheduler:
                 job.emit(("embeddings", job.vectors))
 
     def _admit(self) -> None:
-        """Waiting prompts join free rows, first come first served, n rows at a time."""
-        while self._waiting and len(self.batch.free_rows) >= self._waiting[0].n:
-            job = self._waiting[0]
-            prompt = job.joined
-            rows, logits = self.batch.join(job.prompts[prompt], copies=job.n)
+        """Waiting prompts join free rows, first come first served, n rows each: all that fit join
+        in one prefill, padded to the longest, up to JOIN_TOKEN_BUDGET padded tokens."""
+        chosen = self._joining()
+        if not chosen:
+            return
+        joined = self.batch.join_many([job.prompts[prompt] for job, prompt in chosen], [job.n for job, _ in chosen])
+        for (job, prompt), (rows, logits) in zip(chosen, joined):
             job.joined += 1
             if job.joined == len(job.prompts):
                 self._waiting.popleft()
@@ -230,6 +235,19 @@ class Scheduler:
             tokens = _draw(logits.expand(len(choices), -1), [(job, choice) for choice in choices])
             for choice, token in zip(choices, tokens):
                 self._take(job, choice, token)
+
+    def _joining(self) -> list[tuple[CompletionJob, int]]:
+        """The waiting (job, prompt index) pairs that join now, in arrival order: up to the first that
+        does not find its n free rows or would take the padded batch past the token budget."""
+        free, longest, chosen = len(self.batch.free_rows), 0, []
+        for job in self._waiting:
+            for prompt in range(job.joined, len(job.prompts)):
+                length = max(longest, len(job.prompts[prompt]))
+                if job.n > free or (chosen and (len(chosen) + 1) * length > JOIN_TOKEN_BUDGET):
+                    return chosen
+                chosen.append((job, prompt))
+                free, longest = free - job.n, length
+        return chosen
 
     def _decode(self) -> None:
         by_row = {c.row: (job, c) for job in self._running for c in job.choices if c.row is not None}
