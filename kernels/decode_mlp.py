@@ -20,7 +20,7 @@ from .launch import launch
 from .linear import linear_residual, ln_linear, normalized_input, check_rows, check_weight
 from .matmul_parts import split_tile
 from .operands import MOMENT_FIELDS, Residual
-from .split_linear import split_scratch
+from .split_linear import split_partials
 from .tiling import SPLIT_ROWS, split_tiles
 from .validation import check_residual, check_same_device, check_same_dtype
 
@@ -108,8 +108,8 @@ def mlp(
     counters = torch.zeros(counters_needed, dtype=torch.int32, device=rows.device) if semaphores is None else semaphores
     if counters.numel() < counters_needed:
         raise ValueError(f"{counters.numel()} semaphores are too few for the MLP's {counters_needed} counters")
-    fc_scratch = split_scratch(m, inner, fc_tiles, counters, rows.device)
-    proj_scratch = split_scratch(m, width, proj_tiles, counters, rows.device)
+    fc_partial = split_partials(m, inner, fc_tiles, rows.device)
+    proj_partial = split_partials(m, width, proj_tiles, rows.device)
     h = torch.empty(m, inner, dtype=rows.dtype, device=rows.device)
     out = torch.empty_like(rows)
     moments = torch.empty(m, triton.cdiv(width, proj_tiles.block_n), MOMENT_FIELDS, dtype=torch.float32, device=rows.device)
@@ -122,7 +122,8 @@ def mlp(
         stride_pn=proj_weight.stride(1), proj_b_ptr=proj_bias, out_ptr=out, out_moments_ptr=moments, M=m,
         width=width, inner=inner, fc_k_per_split=fc_tiles.k_per_split, fc_splits=fc_tiles.splits,
         proj_k_per_split=proj_tiles.k_per_split, proj_splits=proj_tiles.splits,
-        fc_partial_ptr=fc_scratch.get("partial_ptr", h), proj_partial_ptr=proj_scratch.get("partial_ptr", out),
+        # An unsplit product never touches its partials: any pointer stands in.
+        fc_partial_ptr=h if fc_partial is None else fc_partial, proj_partial_ptr=out if proj_partial is None else proj_partial,
         counters_ptr=counters, ACTIVATION=activation_formula(activation),
         # float32 must match a float32 reference; the GPU default for it would be tf32.
         DOT_PRECISION="ieee" if rows.dtype == torch.float32 else "tf32", BLOCK_M=SPLIT_ROWS,

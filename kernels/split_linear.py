@@ -43,16 +43,21 @@ def split_linear_kernel(
     )
 
 
+def split_partials(m: int, n: int, tiles: SplitTiles, device: torch.device) -> torch.Tensor | None:
+    """The float32 partials [splits, m, n] of a split product; None when K is not split."""
+    return None if tiles.splits == 1 else torch.empty(tiles.splits, m, n, dtype=torch.float32, device=device)
+
+
 def split_scratch(m: int, n: int, tiles: SplitTiles, semaphores: torch.Tensor | None, device: torch.device) -> dict:
     """The partials and counters a split product of [m, n] needs, as kernel arguments. Without the
     caller's semaphores, zeroed counters of its own (one more launch)."""
-    if tiles.splits == 1:
+    partial = split_partials(m, n, tiles, device)
+    if partial is None:
         return {}
     column_tiles = triton.cdiv(n, tiles.block_n)
     counters = torch.zeros(column_tiles, dtype=torch.int32, device=device) if semaphores is None else semaphores
     if counters.numel() < column_tiles:
         raise ValueError(f"{counters.numel()} semaphores are too few for {column_tiles} column tiles")
-    partial = torch.empty(tiles.splits, m, n, dtype=torch.float32, device=device)
     return dict(partial_ptr=partial, counters_ptr=counters)
 
 
