@@ -114,8 +114,8 @@ def gpt2_step(
             last = seq - 1 - attention_mask.flip(-1).long().argmax(-1)
             final = x.rows((torch.arange(batch, device=attention_mask.device), last))  # [B, C]
         out_logits = ops.ln_linear(
-            final, weights.ln_f_weight, weights.ln_f_bias, eps, weights.lm_head.T, semaphores=access.semaphores
+            final, weights.ln_f_weight, weights.ln_f_bias, eps, weights.head_weight, semaphores=access.semaphores
         )
     elif logits == "all":
-        out_logits = ops.ln_linear(x, weights.ln_f_weight, weights.ln_f_bias, eps, weights.lm_head.T, semaphores=access.semaphores)
+        out_logits = ops.ln_linear(x, weights.ln_f_weight, weights.ln_f_bias, eps, weights.head_weight, semaphores=access.semaphores)
     return StepOutput(hidden_states, out_logits, collected)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tritongpt2.kernels.quantized_weight import QuantizedWeight, is_quantized
+
 from .config import GPT2Config
 
 PREFIX = "transformer."
@@ -51,14 +53,27 @@ class GPT2Weights:
     ln_f_weight: torch.Tensor
     ln_f_bias: torch.Tensor
     lm_head: torch.Tensor  # [vocab, C]: wte itself when tied
+    # Quantized (engine/quantize.py), the matmul weights are QuantizedWeights and the LM head is one
+    # in the product's orientation [C, vocab]; a tied wte is that same object.
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.wte.dtype
+        """The activations' dtype (wpe is never quantized)."""
+        return self.wpe.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.wte.device
+        return self.wpe.device
+
+    @property
+    def quantization(self) -> str | None:
+        """The format of the quantized weights, None for float weights."""
+        return self.lm_head.format if is_quantized(self.lm_head) else None
+
+    @property
+    def head_weight(self) -> torch.Tensor | QuantizedWeight:
+        """The LM head as the product's weight [C, vocab]."""
+        return self.lm_head if is_quantized(self.lm_head) else self.lm_head.T
 
 
 def expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .activations import activation_formula
+from .quantized_weight import NF4_BLOCK, NF4_CODE, NESTED_BLOCK, QuantizedWeight, is_quantized
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -45,6 +46,43 @@ def apply_activation(x: torch.Tensor, name: str) -> torch.Tensor:
     return _FORMULAS[activation_formula(name)](x)
 
 
+def _unpack(data: torch.Tensor) -> torch.Tensor:
+    """Packed 4-bit values [K // 2, N] -> [K, N]: row 2j from the high nibble of byte j, 2j + 1 from the low."""
+    high, low = data >> 4, data & 15
+    return torch.stack([high, low], dim=1).reshape(2 * data.shape[0], data.shape[1])
+
+
+def nf4_absmax(w: QuantizedWeight) -> torch.Tensor:
+    """An nf4 weight's absmax [K // 64, N] float32, decoded from its 8-bit codes under double quantization."""
+    if not w.double_quant:
+        return w.scale
+    groups, n = w.scale.shape
+    block = (torch.arange(n, device=w.device)[None, :] * groups + torch.arange(groups, device=w.device)[:, None]) // NESTED_BLOCK
+    return w.code[w.scale.long()] * w.nested_absmax[block] + w.nested_offset
+
+
+def dequantize(w: QuantizedWeight) -> torch.Tensor:
+    """The float32 matrix W [K, N] a quantized weight stands for (its formulas: quantized_weight.py)."""
+    if w.format == "int8":
+        return w.data.float() * w.scale
+    q = _unpack(w.data).float()
+    if w.format == "int4":
+        return (q - w.zero.float().repeat_interleave(w.group_size, 0)) * w.scale.repeat_interleave(w.group_size, 0)
+    code = torch.tensor(NF4_CODE, dtype=torch.float32, device=w.device)
+    return code[q.long()] * nf4_absmax(w).repeat_interleave(NF4_BLOCK, 0)
+
+
+def matrix(weight: torch.Tensor | QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """A product's weight [K, N] as the activations of `dtype` meet it: a float weight as it is, a
+    quantized one dequantized and rounded to `dtype` (plain quantize-then-dequantize)."""
+    return dequantize(weight).to(dtype) if is_quantized(weight) else weight
+
+
+def embedding_table(wte: torch.Tensor | QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """wte [vocab, C]; a quantized one is stored as the LM head's weight [C, vocab]."""
+    return matrix(wte, dtype).T if is_quantized(wte) else wte
+
+
 def embedding(
     input_ids: torch.Tensor | None,
     position_ids: torch.Tensor,
@@ -53,7 +91,9 @@ def embedding(
     token_type_ids: torch.Tensor | None = None,
     inputs_embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(inputs_embeds or wte[ids]) + wpe[pos] (+ wte[token_type_ids]): [...] int -> [..., C]."""
+    """(inputs_embeds or wte[ids]) + wpe[pos] (+ wte[token_type_ids]): [...] int -> [..., C]. A
+    quantized wte's rows are dequantized and rounded to wpe's dtype."""
+    wte = embedding_table(wte, wpe.dtype)
     dtype = _compute_dtype(wte)
     tokens = inputs_embeds if inputs_embeds is not None else wte[input_ids]
     x = tokens.to(dtype) + wpe[position_ids].to(dtype)
@@ -118,13 +158,14 @@ def ln_linear(
     ln_weight: torch.Tensor,
     ln_bias: torch.Tensor,
     eps: float,
-    weight: torch.Tensor,
+    weight: torch.Tensor | QuantizedWeight,
     bias: torch.Tensor | None = None,
     activation: str = "linear",
 ) -> torch.Tensor:
     """act(LN(x) @ weight + bias): [..., K] -> [..., N]. weight is [K, N] (the LM head passes wte.T).
     The normalized row is rounded to the weight's dtype before the product, as the kernels feed it."""
     dtype = _compute_dtype(x)
+    weight = matrix(weight, x.dtype)
     h = _normalized(x, ln_weight, ln_bias, eps).to(weight.dtype).to(dtype)
     y = h @ weight.to(dtype)
     if bias is not None:
@@ -132,9 +173,10 @@ def ln_linear(
     return apply_activation(y, activation).to(x.dtype)
 
 
-def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+def linear_residual(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """residual + x @ weight + bias: [..., K] -> [..., N]."""
     dtype = _compute_dtype(x)
+    weight = matrix(weight, x.dtype)
     return (residual.to(dtype) + x.to(dtype) @ weight.to(dtype) + bias.to(dtype)).to(x.dtype)
 
 
@@ -143,10 +185,10 @@ def mlp(
     ln_weight: torch.Tensor,
     ln_bias: torch.Tensor,
     eps: float,
-    fc_weight: torch.Tensor,
+    fc_weight: torch.Tensor | QuantizedWeight,
     fc_bias: torch.Tensor,
     activation: str,
-    proj_weight: torch.Tensor,
+    proj_weight: torch.Tensor | QuantizedWeight,
     proj_bias: torch.Tensor,
 ) -> torch.Tensor:
     """x + act(LN(x) @ fc_weight + fc_bias) @ proj_weight + proj_bias, h rounded to x's dtype between."""
@@ -159,7 +201,7 @@ def ln_qkv_projection(
     ln_weight: torch.Tensor,
     ln_bias: torch.Tensor,
     eps: float,
-    weight: torch.Tensor,
+    weight: torch.Tensor | QuantizedWeight,
     bias: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
