@@ -117,3 +117,16 @@ def bytes_per_weight(format: str, group_size: int, double_quant: bool = False) -
     if double_quant:
         return 0.5 + 1.0 / group_size + 4.0 / (group_size * NESTED_BLOCK)
     return 0.5 + 4.0 / group_size
+
+
+def stored_bytes(format: str, k: int, n: int, group_size: int | None, double_quant: bool = False) -> int:
+    """The bytes QuantizedWeight.nbytes gives for a [k, n] weight, without building it."""
+    group = k if format == "int8" else group_size
+    groups = k // group * n
+    if format == "int8":
+        return k * n + 4 * n
+    if format == "int4":
+        return k * n // 2 + 5 * groups
+    if double_quant:
+        return k * n // 2 + groups + 4 * -(-groups // NESTED_BLOCK) + 4 + 4 * 256
+    return k * n // 2 + 4 * groups

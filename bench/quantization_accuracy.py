@@ -1,0 +1,182 @@
+"""What each weight-only format costs in accuracy and saves in memory, against float32 on the same weights.
+
+The model is a random-weight GPT-2 at a family shape with initializer_range 0.2 (at 0.02 greedy
+decoding just repeats the last prompt token and agreement would be blind). Float32 transformers
+greedily continues a prompt by NEW_TOKENS tokens; then, teacher-forced on that text, each format's
+logits at the continuation's positions are compared with float32's:
+
+    logits_rel_error   ||L_q - L_f|| / ||L_f||, tritongpt2's quantized engine (torch backend)
+    plain_rel_error    the same for transformers' float32 forward over the quantize-then-dequantize
+                       weights (plain PyTorch): the format's own error
+    kernel_ratio       logits_rel_error / plain_rel_error: the error the engine's quantized matmuls
+                       add beyond the format's (1.0 adds none)
+    top1_agreement     the positions (of NEW_TOKENS) whose argmax is float32's greedy token
+    greedy_prefix      tokens of the engine's own greedy continuation equal to float32's before the
+                       first difference (free-running: one early difference changes the rest)
+
+Memory: the weights' bytes at each format for the family's shapes, matmul weights quantized (c_attn,
+c_proj, c_fc, mlp c_proj, the tied LM head / wte), biases, LayerNorms and wpe in the model's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tritongpt2.engine.config import GPT2Config as EngineConfig
+from tritongpt2.engine.engine import Engine
+from tritongpt2.engine.options import EngineOptions
+from tritongpt2.engine.quantize import Quantization, quantize_weights
+from tritongpt2.engine.weights import GPT2Weights, shared_weights
+from tritongpt2.kernels.quantized_weight import is_quantized, stored_bytes
+from tritongpt2.kernels.reference import dequantize
+
+from .model_shapes import ModelShape
+from .suite import build_model
+
+NEW_TOKENS = 128
+PROMPT_TOKENS = 16
+MEASURED = (
+    Quantization("int8"), Quantization("int4", 32), Quantization("int4", 64), Quantization("int4", 128),
+    Quantization("nf4"), Quantization("nf4", double_quant=True),
+)
+
+
+@dataclass(frozen=True)
+class AccuracyRow:
+    format: str
+    logits_rel_error: float
+    plain_rel_error: float
+    kernel_ratio: float
+    top1_agreement: int
+    greedy_prefix: int
+    weights_mb: float
+    float32_weights_mb: float
+
+
+def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+def _dequantized(weights: GPT2Weights) -> dict[str, torch.Tensor]:
+    """Each quantized matrix of the engine's weights as the float32 transformers parameter it replaces."""
+    state = {}
+    for i, layer in enumerate(weights.layers):
+        for name, key in (("attn_weight", "attn.c_attn"), ("attn_proj_weight", "attn.c_proj"),
+                          ("fc_weight", "mlp.c_fc"), ("mlp_proj_weight", "mlp.c_proj")):
+            state[f"transformer.h.{i}.{key}.weight"] = dequantize(getattr(layer, name))
+    state["transformer.wte.weight"] = dequantize(weights.lm_head).T.contiguous()
+    return state
+
+
+def matmul_elements(shape: ModelShape) -> int:
+    c = shape.n_embd
+    return shape.n_layer * 12 * c * c + shape.vocab_size * c
+
+
+def weights_mb(shape: ModelShape, quantization: Quantization | None, element: int = 4) -> float:
+    """The weights' memory in MB (10**6 bytes) with the matmuls in `quantization` (None: all float)."""
+    c, total = shape.n_embd, shape.n_layer * (12 * c * c + 13 * c) + (shape.vocab_size + shape.n_positions) * c + 2 * c
+    if quantization is None:
+        return total * element / 1e6
+    floats = total - matmul_elements(shape)
+    matrices = [(c, 3 * c), (c, c), (c, shape.n_inner), (shape.n_inner, c)] * shape.n_layer + [(c, shape.vocab_size)]
+    quantized = sum(stored_bytes(quantization.format, k, n, quantization.group_size, quantization.double_quant)
+                    for k, n in matrices)
+    return (floats * element + quantized) / 1e6
+
+
+def measured_weights_mb(weights: GPT2Weights) -> float:
+    """The memory an engine's weights take, counted from its tensors (shared ones once)."""
+    seen, total = set(), 0
+    tensors = [weights.wte, weights.wpe, weights.ln_f_weight, weights.ln_f_bias, weights.lm_head]
+    for layer in weights.layers:
+        tensors += list(vars(layer).values())
+    for t in tensors:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.nbytes if is_quantized(t) else t.numel() * t.element_size()
+    return total / 1e6
+
+
+def measure(shape: ModelShape, quantizations: tuple[Quantization, ...] = MEASURED, seed: int = 0) -> list[AccuracyRow]:
+    """One row per format, on the CPU (tritongpt2's torch backend; transformers for the references)."""
+    model = build_model(shape, torch.float32, torch.device("cpu"), seed)
+    config = EngineConfig.from_dict(model.config.to_dict())
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, shape.vocab_size, (1, PROMPT_TOKENS), generator=generator)
+    with torch.no_grad():
+        text = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS,
+                              pad_token_id=0, attention_mask=torch.ones_like(prompt))
+        reference = model(text).logits[0, PROMPT_TOKENS - 1:-1]  # the logits that chose each new token
+    continuation = text[0, PROMPT_TOKENS:]
+    float_weights = shared_weights(model, config)
+    options = EngineOptions(backend="torch", max_batch=1, max_seq=PROMPT_TOKENS + NEW_TOKENS + 1)
+    rows = []
+    for quantization in quantizations:
+        weights = quantize_weights(float_weights, config, quantization)
+        engine = Engine(config, weights, options)
+        ours = engine.prefill(text, logits="all").logits[0, PROMPT_TOKENS - 1:-1]
+        own = _greedy(engine, prompt)
+        plain = replace_weights(model, _dequantized(weights))
+        with torch.no_grad():
+            plain_logits = plain(text).logits[0, PROMPT_TOKENS - 1:-1]
+        ours_error, plain_error = _rel_error(ours, reference), _rel_error(plain_logits, reference)
+        differs = (own != continuation).nonzero()
+        rows.append(AccuracyRow(
+            quantization.describe(), ours_error, plain_error, ours_error / plain_error,
+            int((ours.argmax(-1) == continuation).sum()), int(differs[0, 0]) if len(differs) else NEW_TOKENS,
+            measured_weights_mb(weights), weights_mb(shape, None),
+        ))
+    return rows
+
+
+def _greedy(engine: Engine, prompt: torch.Tensor) -> torch.Tensor:
+    from tritongpt2.engine.generation import generate
+
+    return generate(engine, prompt, max_new_tokens=NEW_TOKENS)[0, PROMPT_TOKENS:]
+
+
+def replace_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A copy of the transformers model with the given parameters replaced (wte stays tied to lm_head)."""
+    import copy
+
+    plain = copy.deepcopy(model)
+    with torch.no_grad():
+        for key, value in state.items():
+            plain.get_parameter(key).copy_(value)
+    return plain
+
+
+def memory_table(shapes: list[ModelShape]) -> list[dict]:
+    """The weights' MB per shape: float32, float16 and each measured format (float16 activations' model)."""
+    table = []
+    for shape in shapes:
+        row = {"model": shape.name, "float32": weights_mb(shape, None, 4), "float16": weights_mb(shape, None, 2)}
+        for quantization in MEASURED:
+            row[quantization.describe()] = weights_mb(shape, quantization, 2)
+        table.append(row)
+    return table
+
+
+def markdown(shape: ModelShape, rows: list[AccuracyRow], memory: list[dict]) -> str:
+    lines = [
+        f"## Weight-only quantization against float32 ({shape.name} shape, random weights at initializer_range 0.2, CPU)",
+        "",
+        f"Teacher-forced on float32's greedy continuation of a {PROMPT_TOKENS}-token prompt by {NEW_TOKENS} tokens.",
+        "",
+        "| format | logits rel. error | plain dequantized rel. error | ratio | top-1 agreement | greedy prefix | weights MB (float32 rest) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r.format} | {r.logits_rel_error:.4f} | {r.plain_rel_error:.4f} | {r.kernel_ratio:.3f} | "
+                     f"{r.top1_agreement}/{NEW_TOKENS} | {r.greedy_prefix}/{NEW_TOKENS} | {r.weights_mb:.1f} (float32: {r.float32_weights_mb:.1f}) |")
+    lines += ["", "Weights' memory, MB (matmuls quantized, the rest in float16):", ""]
+    keys = list(memory[0])
+    lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for row in memory:
+        lines.append("| " + " | ".join(row["model"] if k == "model" else f"{row[k]:.0f}" for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
