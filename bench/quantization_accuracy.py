@@ -26,6 +26,7 @@ import torch
 
 from tritongpt2.engine.config import GPT2Config as EngineConfig
 from tritongpt2.engine.engine import Engine
+from tritongpt2.engine.generation import generate
 from tritongpt2.engine.options import EngineOptions
 from tritongpt2.engine.quantize import Quantization, quantize_weights
 from tritongpt2.engine.weights import GPT2Weights, shared_weights
@@ -51,6 +52,7 @@ class AccuracyRow:
     kernel_ratio: float
     top1_agreement: int
     greedy_prefix: int
+    tokens: int  # the continuation's length
     weights_mb: float
     float32_weights_mb: float
 
@@ -68,6 +70,16 @@ def _dequantized(weights: GPT2Weights) -> dict[str, torch.Tensor]:
             state[f"transformer.h.{i}.{key}.weight"] = dequantize(getattr(layer, name))
     state["transformer.wte.weight"] = dequantize(weights.lm_head).T.contiguous()
     return state
+
+
+def _floats_in(weights: GPT2Weights, dtype: torch.dtype) -> GPT2Weights:
+    """The weights with every float tensor (biases, LayerNorms, wpe) in `dtype`; quantized ones as they are."""
+    def cast(value: object) -> object:
+        return value.to(dtype) if isinstance(value, torch.Tensor) else value
+
+    layers = [type(layer)(**{name: cast(value) for name, value in vars(layer).items()}) for layer in weights.layers]
+    return GPT2Weights(cast(weights.wte), cast(weights.wpe), layers, cast(weights.ln_f_weight), cast(weights.ln_f_bias),
+                       cast(weights.lm_head))
 
 
 def matmul_elements(shape: ModelShape) -> int:
@@ -101,25 +113,29 @@ def measured_weights_mb(weights: GPT2Weights) -> float:
     return total / 1e6
 
 
-def measure(shape: ModelShape, quantizations: tuple[Quantization, ...] = MEASURED, seed: int = 0) -> list[AccuracyRow]:
-    """One row per format, on the CPU (tritongpt2's torch backend; transformers for the references)."""
+def measure(
+    shape: ModelShape, quantizations: tuple[Quantization, ...] = MEASURED, *, seed: int = 0, new_tokens: int = NEW_TOKENS,
+    backend: str = "torch", dtype: torch.dtype = torch.float32,
+) -> list[AccuracyRow]:
+    """One row per format, on the CPU: tritongpt2's engine on `backend` with `dtype` activations,
+    transformers float32 for the references."""
     model = build_model(shape, torch.float32, torch.device("cpu"), seed)
     config = EngineConfig.from_dict(model.config.to_dict())
     generator = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, shape.vocab_size, (1, PROMPT_TOKENS), generator=generator)
     with torch.no_grad():
-        text = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS,
+        text = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens,
                               pad_token_id=0, attention_mask=torch.ones_like(prompt))
         reference = model(text).logits[0, PROMPT_TOKENS - 1:-1]  # the logits that chose each new token
     continuation = text[0, PROMPT_TOKENS:]
     float_weights = shared_weights(model, config)
-    options = EngineOptions(backend="torch", max_batch=1, max_seq=PROMPT_TOKENS + NEW_TOKENS + 1)
+    options = EngineOptions(backend=backend, max_batch=1, max_seq=PROMPT_TOKENS + new_tokens + 1)
     rows = []
     for quantization in quantizations:
         weights = quantize_weights(float_weights, config, quantization)
-        engine = Engine(config, weights, options)
+        engine = Engine(config, _floats_in(weights, dtype), options)
         ours = engine.prefill(text, logits="all").logits[0, PROMPT_TOKENS - 1:-1]
-        own = _greedy(engine, prompt)
+        own = generate(engine, prompt, max_new_tokens=new_tokens)[0, PROMPT_TOKENS:]
         plain = replace_weights(model, _dequantized(weights))
         with torch.no_grad():
             plain_logits = plain(text).logits[0, PROMPT_TOKENS - 1:-1]
@@ -127,16 +143,10 @@ def measure(shape: ModelShape, quantizations: tuple[Quantization, ...] = MEASURE
         differs = (own != continuation).nonzero()
         rows.append(AccuracyRow(
             quantization.describe(), ours_error, plain_error, ours_error / plain_error,
-            int((ours.argmax(-1) == continuation).sum()), int(differs[0, 0]) if len(differs) else NEW_TOKENS,
+            int((ours.argmax(-1) == continuation).sum()), int(differs[0, 0]) if len(differs) else new_tokens, new_tokens,
             measured_weights_mb(weights), weights_mb(shape, None),
         ))
     return rows
-
-
-def _greedy(engine: Engine, prompt: torch.Tensor) -> torch.Tensor:
-    from tritongpt2.engine.generation import generate
-
-    return generate(engine, prompt, max_new_tokens=NEW_TOKENS)[0, PROMPT_TOKENS:]
 
 
 def replace_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -161,18 +171,19 @@ def memory_table(shapes: list[ModelShape]) -> list[dict]:
     return table
 
 
-def markdown(shape: ModelShape, rows: list[AccuracyRow], memory: list[dict]) -> str:
+def markdown(shape: ModelShape, rows: list[AccuracyRow], memory: list[dict], activations: str = "float32") -> str:
     lines = [
         f"## Weight-only quantization against float32 ({shape.name} shape, random weights at initializer_range 0.2, CPU)",
         "",
-        f"Teacher-forced on float32's greedy continuation of a {PROMPT_TOKENS}-token prompt by {NEW_TOKENS} tokens.",
+        f"{activations} activations on the torch backend; teacher-forced on float32's greedy continuation of a "
+        f"{PROMPT_TOKENS}-token prompt by {rows[0].tokens} tokens.",
         "",
         "| format | logits rel. error | plain dequantized rel. error | ratio | top-1 agreement | greedy prefix | weights MB (float32 rest) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r.format} | {r.logits_rel_error:.4f} | {r.plain_rel_error:.4f} | {r.kernel_ratio:.3f} | "
-                     f"{r.top1_agreement}/{NEW_TOKENS} | {r.greedy_prefix}/{NEW_TOKENS} | {r.weights_mb:.1f} (float32: {r.float32_weights_mb:.1f}) |")
+                     f"{r.top1_agreement}/{r.tokens} | {r.greedy_prefix}/{r.tokens} | {r.weights_mb:.1f} (float32: {r.float32_weights_mb:.1f}) |")
     lines += ["", "Weights' memory, MB (matmuls quantized, the rest in float16):", ""]
     keys = list(memory[0])
     lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
