@@ -89,7 +89,8 @@ def matmul_elements(shape: ModelShape) -> int:
 
 def weights_mb(shape: ModelShape, quantization: Quantization | None, element: int = 4) -> float:
     """The weights' memory in MB (10**6 bytes) with the matmuls in `quantization` (None: all float)."""
-    c, total = shape.n_embd, shape.n_layer * (12 * c * c + 13 * c) + (shape.vocab_size + shape.n_positions) * c + 2 * c
+    c = shape.n_embd
+    total = shape.n_layer * (12 * c * c + 13 * c) + (shape.vocab_size + shape.n_positions) * c + 2 * c
     if quantization is None:
         return total * element / 1e6
     floats = total - matmul_elements(shape)
