@@ -9,6 +9,8 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
+from tritongpt2.kernels.backend import Backend
+
 from .checkpoint import Checkpoint, load_checkpoint
 from .config import GPT2Config
 from .forward import LOGITS_MODES, StepOutput, gpt2_step
@@ -16,6 +18,7 @@ from .graphs import CudaGraphs, GraphCapture, GraphRunner, bucket
 from .inputs import as_batch, attention_mask_of, check_range, check_same_shape
 from .kv_cache import StaticKVCache
 from .options import EngineOptions
+from .quantize import Quantization, load_quantized, quantization_of, quantize_weights, saved_quantization
 from .weights import GPT2Weights, split_state_dict, weights_from_state_dict
 
 SMALLEST_PREFILL_BUCKET = 16
@@ -43,7 +46,11 @@ class Engine:
     would not fit the cache once padded, run eagerly.
 
     Calls from several threads are serialized on the engine's lock (one KV cache, one set of graph
-    buffers): each caller gets its own answer."""
+    buffers): each caller gets its own answer.
+
+    With options.quantization, float weights are quantized once, when the engine is built (before its
+    cache and graphs); weights that are quantized already (a quantized checkpoint) are run as they
+    are. `quantization` is the Quantization the engine runs, None for float weights."""
 
     def __init__(
         self,
@@ -58,6 +65,9 @@ class Engine:
         self.options = options
         self.backend = options.backend_for(weights.device)
         self.backend.check_dtype(weights.dtype)
+        self.quantization = _quantization_to_run(options.quantization, quantization_of(weights), config, self.backend)
+        if self.quantization is not None and quantization_of(weights) is None:
+            weights = quantize_weights(weights, config, self.quantization)
         self.ops = self.backend.ops
         self.device = weights.device
         self.weights = weights
@@ -83,17 +93,29 @@ class Engine:
         """The engine over a loaded checkpoint's base model (its head tensors are the heads' business)."""
         options = options or EngineOptions()
         device = options.device if options.device is not None else options.backend_for().device
+        config, folder = checkpoint.config, checkpoint.folder
+        saved = saved_quantization(config, folder)
+        if saved is not None and options.quantization not in (None, saved):
+            raise ValueError(
+                f"quantization={options.quantization.describe()} asked for, but {folder} is saved quantized as "
+                f"{saved.describe()}; load it without quantization= (its weights are used as saved), or quantize "
+                "its float checkpoint instead"
+            )
         base, rest = split_state_dict(checkpoint.state)
+        quantized, head = load_quantized(config, base, rest, saved, folder) if saved is not None else ({}, None)
         weights = weights_from_state_dict(
-            checkpoint.config, base, rest.get("lm_head.weight"), dtype=options.dtype, device=device, source=checkpoint.folder
+            config, base, head if head is not None else rest.get("lm_head.weight"), dtype=options.dtype, device=device,
+            source=folder, quantized=quantized,
         )
-        return cls(checkpoint.config, weights, options)
+        return cls(config, weights, options)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, options: EngineOptions | None = None, **option_values: Any) -> Engine:
         """Load a Hugging Face GPT-2 checkpoint (any head; the head's tensors are not used) from a
         folder or a hub id. Options as EngineOptions fields (dtype=, device=, backend=, max_batch=,
-        max_seq=, cuda_graphs=) or an EngineOptions."""
+        max_seq=, cuda_graphs=, quantization=, group_size=, double_quant=) or an EngineOptions. A
+        checkpoint saved quantized (save_pretrained of a quantized model) loads as saved, never
+        quantized again."""
         options = EngineOptions.of(options, **option_values)  # bad options are refused before anything is read
         return cls.from_checkpoint(load_checkpoint(name_or_path), options)
 
@@ -344,6 +366,20 @@ class Engine:
         if out_logits is not None:
             out_logits = (out_logits[:batch, :seq] if logits == "all" else out_logits[:batch]).clone()
         return StepOutput(hidden_states, out_logits)
+
+
+def _quantization_to_run(
+    wanted: Quantization | None, present: Quantization | None, config: GPT2Config, backend: Backend
+) -> Quantization | None:
+    """The quantization an engine runs: the weights' own, or the one asked for (checked against the
+    model's shapes and the backend); ValueError when the weights are already in another."""
+    if wanted is not None and present is not None and wanted != present:
+        raise ValueError(f"quantization={wanted.describe()} asked for, but the weights are already {present.describe()}")
+    quantization = wanted or present
+    if quantization is not None:
+        backend.check_quantization(quantization.format)
+        quantization.check_model(config)
+    return quantization
 
 
 def _check_logits_mode(logits: str | None) -> None:

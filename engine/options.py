@@ -9,6 +9,8 @@ import torch
 
 from tritongpt2.kernels.backend import BACKENDS, Backend, resolve_backend
 
+from .quantize import Quantization
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -17,7 +19,10 @@ class EngineOptions:
     """dtype: the weights' dtype (default: the checkpoint's); device: where they live (default: the
     backend's); backend: triton, interpret or torch (default: $TRITONGPT2_BACKEND, else by device);
     max_batch, max_seq: the static KV cache's rows and slots (max_seq defaults to n_positions);
-    cuda_graphs: capture steps (default: on where the backend can)."""
+    cuda_graphs: capture steps (default: on where the backend can); quantization: None (float
+    weights), a format name (int8, int4, nf4) or a Quantization, with group_size and double_quant
+    (engine/quantize.py): the engine quantizes its matmul weights once, after loading. `quantization`
+    is always a Quantization or None once validated; group_size and double_quant stay as given."""
 
     dtype: torch.dtype | None = None
     device: torch.device | None = None
@@ -25,6 +30,9 @@ class EngineOptions:
     max_batch: int = 8
     max_seq: int | None = None
     cuda_graphs: bool | None = None
+    quantization: str | Quantization | None = None
+    group_size: int | None = None
+    double_quant: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.dtype, str) and self.dtype.removeprefix("torch.") in DTYPES:
@@ -46,6 +54,7 @@ class EngineOptions:
             _check_count("max_seq", self.max_seq)
         if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs={self.cuda_graphs!r} must be True, False or None")
+        object.__setattr__(self, "quantization", Quantization.of(self.quantization, self.group_size, self.double_quant))
 
     @classmethod
     def of(cls, options: EngineOptions | None = None, **overrides: Any) -> EngineOptions:

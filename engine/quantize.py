@@ -21,6 +21,7 @@ from tritongpt2.kernels.quantized_weight import (
     NF4_CODE,
     QuantizedWeight,
     dynamic_code,
+    is_quantized,
 )
 
 from .config import GPT2Config
@@ -70,7 +71,8 @@ class Quantization:
             return None
         if isinstance(quantization, Quantization):
             return quantization if group_size is None and not double_quant else replace(
-                quantization, group_size=group_size or quantization.group_size, double_quant=double_quant)
+                quantization, group_size=group_size or quantization.group_size,
+                double_quant=double_quant or quantization.double_quant)
         return cls(quantization, group_size, double_quant)
 
     def check_model(self, config: GPT2Config) -> None:
@@ -156,3 +158,126 @@ def quantize_weights(weights: GPT2Weights, config: GPT2Config, quantization: Qua
     tied = weights.lm_head is weights.wte
     return replace(weights, layers=layers, lm_head=head, wte=head if tied else weights.wte)
 
+
+
+# A quantized checkpoint (GPT2PreTrainedModel.save_pretrained): config.json's quantization_config
+# names the format, and each quantized weight `key` is stored as its tensors `key.q<field>`
+# (QuantizedWeight.tensors(), N-major), e.g. h.0.attn.c_attn.weight.qdata and .qscale; a tied LM
+# head is stored once, under wte.weight (wte-shaped: [vocab, ...]).
+QUANT_METHOD = "tritongpt2"
+QUANTIZATION_CONFIG_VERSION = 1
+QUANTIZED_KEY = ".q"
+_FIELDS = ("data", "scale", "zero", "nested_absmax", "nested_offset", "code")
+
+
+def quantization_config(quantization: Quantization) -> dict[str, object]:
+    """config.json's quantization_config for weights saved in `quantization`."""
+    return {"quant_method": QUANT_METHOD, "format": quantization.format, "group_size": quantization.group_size,
+            "double_quant": quantization.double_quant, "version": QUANTIZATION_CONFIG_VERSION}
+
+
+def saved_quantization(config: GPT2Config, source: object = "checkpoint") -> Quantization | None:
+    """The Quantization a checkpoint's config says its weights are saved in, None for float weights;
+    ValueError for another library's quantized checkpoint or a config this version cannot read."""
+    saved = config.extra.get("quantization_config")
+    if saved is None:
+        return None
+    method = saved.get("quant_method") if isinstance(saved, dict) else None
+    if method != QUANT_METHOD:
+        raise ValueError(
+            f"{source} holds weights quantized by {method or 'another library'!s} (quantization_config={saved!r}); "
+            "tritongpt2 reads float checkpoints and its own quantized ones: load the float checkpoint and pass "
+            "quantization='int8', 'int4' or 'nf4'"
+        )
+    if saved.get("version") != QUANTIZATION_CONFIG_VERSION:
+        raise ValueError(f"{source}: quantization_config version {saved.get('version')!r} is not one this tritongpt2 reads "
+                         f"({QUANTIZATION_CONFIG_VERSION})")
+    try:
+        return Quantization(saved.get("format"), saved.get("group_size") if saved.get("format") != "int8" else None,
+                            saved.get("double_quant", False))
+    except ValueError as error:
+        raise ValueError(f"{source}: quantization_config {saved!r}: {error}") from None
+
+
+def quantization_of(weights: GPT2Weights) -> Quantization | None:
+    """The Quantization a model's weights are in, read from its LM head; None for float weights."""
+    head = weights.lm_head
+    if not is_quantized(head):
+        return None
+    return Quantization(head.format, None if head.format == "int8" else head.group_size, head.double_quant)
+
+
+def quantized_tensors(key: str, weight: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """A quantized weight's tensors under the checkpoint's keys `key.q<field>`."""
+    return {f"{key}{QUANTIZED_KEY}{name}": tensor for name, tensor in weight.tensors().items()}
+
+
+def _stored_layout(quantization: Quantization, k: int, n: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Each tensor a [k, n] weight stores, as (N-major shape, dtype)."""
+    fmt = quantization.format
+    groups = 1 if fmt == "int8" else k // quantization.group_size
+    layout = {"data": ((n, k), torch.int8) if fmt == "int8" else ((n, k // 2), torch.uint8),
+              "scale": ((n, groups), torch.uint8 if quantization.double_quant else torch.float32)}
+    if fmt == "int4":
+        layout["zero"] = ((n, groups), torch.uint8)
+    if quantization.double_quant:
+        layout.update(nested_absmax=((-(-groups * n // NESTED_BLOCK),), torch.float32),
+                      nested_offset=((1,), torch.float32), code=((256,), torch.float32))
+    return layout
+
+
+def take_quantized(
+    state: dict[str, torch.Tensor], key: str, quantization: Quantization, shape: tuple[int, int], source: object = "checkpoint"
+) -> QuantizedWeight | None:
+    """Pop the tensors of the weight `key`, W [K, N] = shape, from a quantized checkpoint's `state`
+    and rebuild it; None when the checkpoint stores none under `key`. ValueError naming the key
+    at fault (a missing, unexpected, misshapen or mistyped tensor)."""
+    prefix = key + QUANTIZED_KEY
+    found = {name[len(prefix):]: name for name in state if name.startswith(prefix) and name[len(prefix):] in _FIELDS}
+    if not found:
+        return None
+    k, n = shape
+    layout = _stored_layout(quantization, k, n)
+    problems = [f"{prefix}{name} is missing" for name in layout if name not in found]
+    problems += [f"{found[name]} does not belong to {quantization.describe()}" for name in found if name not in layout]
+    for name, (expected_shape, dtype) in layout.items():
+        tensor = state.get(prefix + name)
+        if tensor is not None and (tuple(tensor.shape) != expected_shape or tensor.dtype != dtype):
+            problems.append(f"{prefix}{name} is {tuple(tensor.shape)} {tensor.dtype}, expected {expected_shape} {dtype}")
+    if problems:
+        raise ValueError(f"{source} does not hold {key} as {quantization.describe()} of a [{k}, {n}] weight: " + "; ".join(problems))
+    tensors = {name: state.pop(found[name]) for name in layout}
+    oriented = {name: (t.T if t.dim() == 2 else t) for name, t in tensors.items()}
+    group = k if quantization.format == "int8" else quantization.group_size
+    return QuantizedWeight(quantization.format, oriented.pop("data"), oriented.pop("scale"), group, **oriented)
+
+
+def weight_bytes(weights: GPT2Weights) -> dict[str, int]:
+    """The bytes of a model's matmul weights (the five products quantize_weights quantizes), as
+    `quantized` (QuantizedWeight.nbytes, a tied head counted once) and `float` (those still float)."""
+    products = [getattr(layer, name) for layer in weights.layers for name in QUANTIZED_LAYER_WEIGHTS] + [weights.lm_head]
+    quantized = sum(w.nbytes for w in products if is_quantized(w))
+    floating = sum(w.numel() * w.element_size() for w in products if not is_quantized(w))
+    return {"quantized": quantized, "float": floating}
+
+
+def load_quantized(
+    config: GPT2Config, base: dict[str, torch.Tensor], rest: dict[str, torch.Tensor], quantization: Quantization,
+    source: object = "checkpoint",
+) -> tuple[dict[str, QuantizedWeight], QuantizedWeight | None]:
+    """A quantized checkpoint's weights, popped from its base and head tensors (split_state_dict):
+    (every quantized base weight by key, the untied LM head or None when it is tied to wte).
+    ValueError naming a product the checkpoint does not hold quantized."""
+    c, inner, vocab = config.n_embd, config.inner_size, config.vocab_size
+    shapes = {"attn.c_attn.weight": (c, 3 * c), "attn.c_proj.weight": (c, c), "mlp.c_fc.weight": (c, inner),
+              "mlp.c_proj.weight": (inner, c)}
+    wanted = {f"h.{i}.{key}": shape for i in range(config.n_layer) for key, shape in shapes.items()}
+    head = take_quantized(rest, "lm_head.weight", quantization, (c, vocab), source)
+    if head is None or config.tie_word_embeddings:
+        wanted["wte.weight"] = (c, vocab)
+    found = {key: take_quantized(base, key, quantization, shape, source) for key, shape in wanted.items()}
+    missing = [key for key, weight in found.items() if weight is None]
+    if missing:
+        raise ValueError(f"{source} is saved as {quantization.describe()}, but holds no quantized "
+                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    return found, None if config.tie_word_embeddings else head

@@ -109,19 +109,25 @@ def split_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
 def weights_from_state_dict(
     config: GPT2Config,
     base: dict[str, torch.Tensor],
-    lm_head: torch.Tensor | None = None,
+    lm_head: torch.Tensor | QuantizedWeight | None = None,
     *,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     source: object = "checkpoint",
+    quantized: dict[str, QuantizedWeight] | None = None,
 ) -> GPT2Weights:
     """Check the base tensors against the config (ValueError naming `source` and every missing,
     unexpected or misshapen key) and gather them, cast to `dtype` and moved to `device`. Tensors
-    already in that dtype, on that device and contiguous are used as they are, not copied."""
+    already in that dtype, on that device and contiguous are used as they are, not copied.
+    `quantized`: base weights loaded quantized, by key (wte.weight's in the LM head's orientation
+    [C, vocab]), used in place of float ones; `lm_head` may be one too."""
     expected = expected_shapes(config)
-    missing = sorted(set(expected) - set(base))
-    unexpected = sorted(set(base) - set(expected))
-    wrong = [f"{k} {tuple(base[k].shape)} != {expected[k]}" for k in expected if k in base and tuple(base[k].shape) != expected[k]]
+    quantized = quantized or {}
+    shapes = {k: tuple(t.shape) for k, t in base.items()}
+    shapes.update({k: _checkpoint_shape(k, q) for k, q in quantized.items()})
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = [f"{k} {shapes[k]} != {expected[k]}" for k in expected if k in shapes and shapes[k] != expected[k]]
     problems = []
     if missing:
         problems.append(f"missing keys: {', '.join(missing)}")
@@ -129,19 +135,21 @@ def weights_from_state_dict(
         problems.append(f"unexpected keys: {', '.join(unexpected)}")
     if wrong:
         problems.append(f"shapes that do not match the config: {'; '.join(wrong)}")
-    if lm_head is not None and tuple(lm_head.shape) != expected["wte.weight"]:
-        problems.append(f"lm_head.weight has shape {tuple(lm_head.shape)}, expected {expected['wte.weight']}")
+    if lm_head is not None and _checkpoint_shape("lm_head.weight", lm_head) != expected["wte.weight"]:
+        problems.append(f"lm_head.weight has shape {_checkpoint_shape('lm_head.weight', lm_head)}, expected {expected['wte.weight']}")
     if problems:
         raise ValueError(f"{source} does not fit its config: " + " | ".join(problems))
-    floating = sorted(k for k in expected if not base[k].is_floating_point())
+    floating = sorted(k for k in base if not base[k].is_floating_point())
     if floating:
         raise ValueError(f"{source} holds non-float tensors: {', '.join(floating[:5])}")
 
-    dtype = dtype or base["wte.weight"].dtype
+    dtype = dtype or base["wte.weight" if "wte.weight" in base else "wpe.weight"].dtype
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype {dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16")
 
-    def take(key: str) -> torch.Tensor:
+    def take(key: str) -> torch.Tensor | QuantizedWeight:
+        if key in quantized:
+            return quantized[key].to(device) if device is not None else quantized[key]
         return base[key].to(device=device, dtype=dtype).contiguous()
 
     layers = [
@@ -149,8 +157,21 @@ def weights_from_state_dict(
     ]
     wte = take("wte.weight")
     tied = lm_head is None or config.tie_word_embeddings
-    head = wte if tied else lm_head.to(device=device, dtype=dtype).contiguous()
+    if tied:
+        head = wte
+    elif is_quantized(lm_head):
+        head = lm_head.to(device) if device is not None else lm_head
+    else:
+        head = lm_head.to(device=device, dtype=dtype).contiguous()
     return GPT2Weights(wte, take("wpe.weight"), layers, take("ln_f.weight"), take("ln_f.bias"), head)
+
+
+def _checkpoint_shape(key: str, weight: torch.Tensor | QuantizedWeight) -> tuple[int, ...]:
+    """A weight's shape as the checkpoint's float key has it: a quantized embedding or LM head is
+    stored as the product's W [C, vocab], the key is [vocab, C]."""
+    if not is_quantized(weight):
+        return tuple(weight.shape)
+    return weight.shape[::-1] if key in ("wte.weight", "lm_head.weight") else weight.shape
 
 
 def shared_weights(model: torch.nn.Module, config: GPT2Config) -> GPT2Weights:

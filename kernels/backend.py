@@ -5,7 +5,11 @@
   bfloat16 ``tl.dot`` is wrong, so it refuses bfloat16.
 - ``torch``: PyTorch ops arranged for the CPU (torch_ops.py).
 
-The engine asks a Backend for its device, ops, dtypes and whether it can capture graphs; it never
+Each runs float weights and every quantized format (kernels/quantized_weight.py) today; a backend
+lists the formats it runs in `quantizations`, and the engine asks `check_quantization` before it
+quantizes.
+
+The engine asks a Backend for its device, ops, dtypes, quantized formats and whether it can capture graphs; it never
 tests a backend's name. Adding a backend is one entry in `BACKENDS` and its ops module.
 
 Triton decides between compiling and interpreting when a ``@triton.jit`` function is defined (when a
@@ -25,6 +29,8 @@ from types import ModuleType
 
 import torch
 
+from .quantized_weight import FORMATS
+
 BACKEND_ENV = "TRITONGPT2_BACKEND"
 _LAUNCHERS = "tritongpt2.kernels.launchers"
 _TRUE = ("1", "true", "on", "yes")
@@ -41,6 +47,7 @@ class Backend:
     needs_cuda: bool = False
     interprets: bool = False
     dtype_note: str = ""  # why a dtype is missing from `dtypes`
+    quantizations: tuple[str, ...] = FORMATS  # the quantized weight formats its ops take
 
     def __str__(self) -> str:
         return self.name
@@ -63,6 +70,12 @@ class Backend:
         if dtype not in self.dtypes:
             names = ", ".join(str(d) for d in self.dtypes)
             raise ValueError(f"the {self.name} backend does not run {dtype} (it runs {names}){self.dtype_note}")
+
+    def check_quantization(self, format: str) -> None:
+        """ValueError naming the backend and the format when its ops cannot take weights in `format`."""
+        if format not in self.quantizations:
+            runs = ", ".join(self.quantizations) or "none"
+            raise ValueError(f"the {self.name} backend does not run {format}-quantized weights (the formats it runs: {runs})")
 
 
 BACKENDS: dict[str, Backend] = {
