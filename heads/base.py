@@ -13,7 +13,10 @@ from tritongpt2.engine.checkpoint import load_checkpoint
 from tritongpt2.engine.config import GPT2Config
 from tritongpt2.engine.engine import Engine
 from tritongpt2.engine.options import EngineOptions
+from tritongpt2.engine.save import save_checkpoint
 from tritongpt2.engine.weights import split_state_dict
+from tritongpt2.kernels.quantized_weight import QuantizedWeight, is_quantized
+from tritongpt2.kernels.reference import matrix
 
 from .cache import KVCache, new_cache, static_length
 from .outputs import BaseModelOutputWithPastAndCrossAttentions
@@ -52,20 +55,37 @@ class GPT2PreTrainedModel(nn.Module):
         cls, name_or_path: str | Path, options: EngineOptions | None = None, **option_values: Any
     ) -> GPT2PreTrainedModel:
         """Load any GPT-2 checkpoint (folder or hub id) into this class. Options as EngineOptions
-        fields (dtype=, device=, backend=, max_batch=, max_seq=, cuda_graphs=) or an EngineOptions.
-        A forward's past_key_values is a cache of its own (several can be alive at once)."""
+        fields (dtype=, device=, backend=, max_batch=, max_seq=, cuda_graphs=, quantization=,
+        group_size=, double_quant=) or an EngineOptions. A forward's past_key_values is a cache of its
+        own (several can be alive at once). A checkpoint that save_pretrained wrote quantized loads
+        as it was saved, without quantizing again."""
         options = EngineOptions.of(options, **option_values)  # bad options are refused before anything is read
         checkpoint = load_checkpoint(name_or_path)
         engine = Engine.from_checkpoint(checkpoint, options)
         model = cls(engine.config, engine)
         _, head_state = split_state_dict(checkpoint.state)
-        head_state.pop("lm_head.weight", None)  # the engine's: tied to wte or loaded with it
+        # The engine's: tied to wte or loaded with it (quantized, as its tensors lm_head.weight.q<field>).
+        head_state = {k: v for k, v in head_state.items() if k != "lm_head.weight" and not k.startswith("lm_head.weight.")}
         model._load_heads({k: v.to(device=engine.device, dtype=engine.weights.dtype) for k, v in head_state.items()})
         return model.eval()
 
+    def save_pretrained(self, save_directory: str | Path) -> None:
+        """Write the model as a checkpoint folder: config.json and model.safetensors under
+        transformers' keys, which transformers loads too; a quantized model's matmul weights are
+        written quantized (engine/quantize.py: `key.q<field>`, and config.json's
+        quantization_config), which from_pretrained loads back as they are."""
+        heads = {k: v for k, v in self.state_dict().items() if not k.startswith("lm_head.")}  # lm_head: the engine's
+        save_checkpoint(save_directory, self.config, self.engine.weights, heads, type(self).__name__)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        """The LM head module (None for classes without one): an nn.Linear over the engine's weight,
+        or for a quantized model a QuantizedLMHead that dequantizes it on demand."""
+        return getattr(self, "lm_head", None)
+
     def _load_heads(self, state: dict[str, torch.Tensor]) -> None:
         params = dict(self.named_parameters())
-        shared = {name for name, p in params.items() if p.data_ptr() == self.engine.weights.lm_head.data_ptr()}
+        head = self.engine.weights.lm_head
+        shared = set() if is_quantized(head) else {name for name, p in params.items() if p.data_ptr() == head.data_ptr()}
         missing = []
         for name, param in params.items():
             if name in shared:
@@ -86,7 +106,10 @@ class GPT2PreTrainedModel(nn.Module):
     def _new_linear(self, in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
         return nn.Linear(in_features, out_features, bias=bias, device=self.device, dtype=self.dtype).requires_grad_(False)
 
-    def _tied_lm_head(self) -> nn.Linear:
+    def _tied_lm_head(self) -> nn.Module:
+        """The LM head module over the engine's own head weight (the logits come from the engine)."""
+        if is_quantized(self.engine.weights.lm_head):
+            return QuantizedLMHead(self.engine.weights.lm_head, self.dtype)
         head = nn.Linear(self.config.n_embd, self.config.vocab_size, bias=False, device="meta")
         head.weight = nn.Parameter(self.engine.weights.lm_head, requires_grad=False)
         return head
@@ -181,6 +204,31 @@ class GPT2PreTrainedModel(nn.Module):
             f"past_key_values is a {type(past_key_values).__name__}; the tritongpt2 forward continues only from "
             "the past_key_values it returned"
         )
+
+
+class QuantizedLMHead(nn.Module):
+    """The LM head of a quantized model. Its weight is the engine's QuantizedWeight (W [C, vocab],
+    `quantized`), which the engine's kernels read for the logits; the module holds no parameter, so
+    its state_dict is empty (save_pretrained writes the weight with the engine's, quantized).
+    `weight` dequantizes on demand, as nn.Linear's [vocab, C] in the model's dtype: a new tensor each
+    time, vocab x C floats, which in-place changes do not reach. forward(h) = h @ W, dequantized
+    the same way (the engine's logits are the fast path; this is for code that calls the head)."""
+
+    def __init__(self, weight: QuantizedWeight, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.quantized, self.dtype = weight, dtype
+        self.in_features, self.out_features = weight.shape
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return matrix(self.quantized, self.dtype).T
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ matrix(self.quantized, hidden.dtype)
+
+    def extra_repr(self) -> str:
+        q = self.quantized
+        return f"in_features={self.in_features}, out_features={self.out_features}, {q.format}, group_size={q.group_size}"
 
 
 def input_shape(input_ids: Any, inputs_embeds: Any) -> tuple[int, ...]:
