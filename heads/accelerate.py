@@ -9,6 +9,15 @@ cache, with a warning (once per reason) that names why. Nothing transformers can
 Never stale: before each call the engine is checked against the module's current parameters
 (objects, storage, dtype, device) and config, and rebuilt over them when anything changed; in-place
 updates (load_state_dict) are seen at once, since the engine reads the model's own memory.
+
+Quantized (accelerate(model, quantization="nf4")), the engine holds its own quantized copies of the
+matmul weights beside the model's float parameters, which stay as they are for transformers' fallback
+path: a one-time warning gives both sizes, and `model.tritongpt2.weight_memory()` reports them. Then
+in-place updates count as changes too (each parameter's version counter is watched), and a rebuild
+quantizes the current parameters again. (An update through `param.data` bypasses the counter: call
+`model.tritongpt2.refresh(force=True)` after one.) A model that transformers loaded quantized
+(bitsandbytes' load_in_4bit or load_in_8bit, or any quantization_config) is refused: accelerate the
+float model with quantization= instead.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from torch import nn
 from tritongpt2.engine.config import GPT2Config
 from tritongpt2.engine.engine import Engine
 from tritongpt2.engine.options import EngineOptions
+from tritongpt2.engine.quantize import weight_bytes
 from tritongpt2.engine.weights import shared_weights
 
 from .cache import KVCache, new_cache
@@ -70,15 +80,17 @@ class Accelerated:
         self._slots: list[tuple[dict, str, Any]] = []
         self._warned: set[str] = set()
         self.fast_keywords: set[str] = set()
+        self._memory: dict[str, float] = {}
         self.refresh()
 
     @property
     def engine(self) -> Engine | None:
         return self.fast.engine if self.fast is not None else None
 
-    def refresh(self) -> None:
-        """Rebuild the engine over the model's current tensors and config if any of them changed."""
-        if self._built_for is not None and not self._changed():
+    def refresh(self, force: bool = False) -> None:
+        """Rebuild the engine over the model's current tensors and config if any of them changed
+        (or when `force`), quantizing them again when the engine runs quantized weights."""
+        if self._built_for is not None and not self._changed() and not force:
             return
         self._slots = [
             (store, name, value)
@@ -91,19 +103,43 @@ class Accelerated:
         self.fast, self.unavailable = None, None
         try:
             config = GPT2Config.from_dict(self.model.config.to_dict())
-            engine = Engine(config, shared_weights(self.model, config), self.options)
+            weights = shared_weights(self.model, config)
+            engine = Engine(config, weights, self.options)
         except ValueError as error:
             self.unavailable = str(error)
             return
+        if engine.quantization is not None:
+            self._report_memory(weight_bytes(weights)["float"], weight_bytes(engine.weights)["quantized"], engine)
         heads = {head: getattr(self.model, head) for head in HEAD_MODULES[self.name]}
         self.fast = MODEL_CLASSES[self.name](self.model.config, engine, heads)
         self.fast_keywords = set(inspect.signature(self.fast.forward).parameters) | self.fast.extra_keywords | IGNORED_KEYWORDS
 
+    def _report_memory(self, float_bytes: int, quantized_bytes: int, engine: Engine) -> None:
+        self._memory = {"float_mb": float_bytes / 2**20, "quantized_mb": quantized_bytes / 2**20}
+        if "memory" not in self._warned:
+            self._warned.add("memory")
+            warnings.warn(
+                f"tritongpt2.accelerate: the engine runs its own {engine.quantization.describe()} copies of the matmul "
+                f"weights, {self._memory['quantized_mb']:.1f} MB, beside the model's float ones, "
+                f"{self._memory['float_mb']:.1f} MB, which transformers' fallback path keeps using "
+                "(model.tritongpt2.weight_memory() reports both)",
+                stacklevel=5,
+            )
+
+    def weight_memory(self) -> dict[str, float]:
+        """The matmul weights' memory in MB: `float_mb`, the model's own parameters, and
+        `quantized_mb`, the engine's quantized copies of them ({} when the engine runs the model's
+        float parameters themselves, or cannot run it)."""
+        return dict(self._memory) if self.engine is not None and self.engine.quantization is not None else {}
+
     def _state(self) -> tuple[Any, ...]:
         config = self.model.config
+        # Quantized copies do not follow in-place updates of the parameters: their versions are watched too.
+        versions = tuple(p._version for p in self._parameters) if self.options.quantization is not None else ()
         return (
             tuple(getattr(config, field, None) for field in STRUCTURE),
             tuple((p.data_ptr(), p.dtype) for p in self._parameters),
+            versions,
         )
 
     def _changed(self) -> bool:
@@ -223,6 +259,37 @@ class Accelerated:
         )
 
 
+# The modules bitsandbytes puts in place of a model's linear layers.
+BITSANDBYTES_MODULES = ("Linear4bit", "Linear8bitLt", "LinearNF4", "LinearFP4")
+
+
+def _refuse_quantized(model: nn.Module) -> None:
+    """ValueError for a model transformers loaded quantized (bitsandbytes or another quantizer)."""
+    config = getattr(model, "config", None)
+    setting = getattr(config, "quantization_config", None)
+    method = setting.get("quant_method") if isinstance(setting, dict) else getattr(setting, "quant_method", None)
+    how = next(
+        (
+            reason
+            for reason, found in (
+                ("load_in_4bit", getattr(model, "is_loaded_in_4bit", False)),
+                ("load_in_8bit", getattr(model, "is_loaded_in_8bit", False)),
+                (f"quantization_config quant_method={getattr(method, 'value', method)!r}", setting is not None),
+                ("an hf_quantizer", getattr(model, "hf_quantizer", None) is not None),
+                ("bitsandbytes layers", any(type(m).__name__ in BITSANDBYTES_MODULES for m in model.modules())),
+            )
+            if found
+        ),
+        None,
+    )
+    if how is not None:
+        raise ValueError(
+            f"accelerate takes a float model, but this {type(model).__name__} was loaded quantized ({how}); load the "
+            "float model and pass quantization='nf4' (bitsandbytes' 4-bit NormalFloat, the same bytes), 'int4' or "
+            "'int8' to accelerate instead: tritongpt2 quantizes it for its own kernels"
+        )
+
+
 def _empty_cache(cache: Any) -> bool:
     return hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0
 
@@ -256,13 +323,16 @@ def _with_signature(method: Callable[..., Any], original: Callable[..., Any]) ->
 def accelerate(model: nn.Module, options: EngineOptions | None = None, **option_values: Any) -> nn.Module:
     """Make a transformers GPT-2 model (any of the six classes, any dtype, on CUDA or the CPU) run its
     forward and generate on tritongpt2, in place, sharing its weights; returns the same model.
-    Options as EngineOptions fields (backend=, max_batch=, max_seq=, cuda_graphs=; dtype= and device=
-    first convert the model in place, as model.to() does). What the kernels cannot compute exactly
+    Options as EngineOptions fields (backend=, max_batch=, max_seq=, cuda_graphs=, quantization=,
+    group_size=, double_quant=; dtype= and device= first convert the model in place, as model.to()
+    does). With quantization=, the engine runs quantized copies of the matmul weights (see the
+    module's docstring); a model transformers loaded quantized is refused. What the kernels cannot compute exactly
     (output_attentions, autograd, training-mode dropout, cross-attention, 4-D masks, caches filled by
     transformers) runs transformers' own forward, with a one-time warning naming the reason."""
     name = next((c.__name__ for c in type(model).__mro__ if c.__name__ in HEAD_MODULES), None)
     if name is None:
         raise ValueError(f"accelerate takes one of transformers' GPT-2 classes ({', '.join(HEAD_MODULES)}), got {type(model).__name__}")
+    _refuse_quantized(model)
     options = EngineOptions.of(options, **option_values)
     if options.dtype is not None or options.device is not None:
         model.to(device=options.device, dtype=options.dtype)
