@@ -17,11 +17,22 @@ import triton.language as tl
 
 from .activations import activation_formula
 from .launch import launch
-from .linear import linear_residual, ln_linear, normalized_input, check_rows, check_weight
+from .linear import (
+    check_rows,
+    check_weight,
+    device_operand,
+    dtype_operand,
+    linear_residual,
+    ln_linear,
+    normalized_input,
+    split_tiles_for,
+    weight_arguments,
+)
 from .matmul_parts import split_tile
 from .operands import MOMENT_FIELDS, Residual
+from .quantized_weight import QuantizedWeight
 from .split_linear import split_partials
-from .tiling import SPLIT_ROWS, split_tiles
+from .tiling import SPLIT_ROWS
 from .validation import check_residual, check_same_device, check_same_dtype
 
 FIXED_COUNTERS = 3
@@ -34,8 +45,13 @@ def decode_mlp_kernel(
     x_ptr, moments_ptr, moment_blocks, ln_weight_ptr, ln_bias_ptr, eps, fc_w_ptr, stride_fk, stride_fn, fc_b_ptr,
     h_ptr, proj_w_ptr, stride_pk, stride_pn, proj_b_ptr, out_ptr, out_moments_ptr, M, width, inner,
     fc_k_per_split, fc_splits, proj_k_per_split, proj_splits, fc_partial_ptr, proj_partial_ptr, counters_ptr,
-    ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, FC_BLOCK_N: tl.constexpr,
-    FC_BLOCK_K: tl.constexpr, PROJ_BLOCK_N: tl.constexpr, PROJ_BLOCK_K: tl.constexpr, BLOCK_MOMENTS: tl.constexpr,
+    fc_scale_ptr=None, fc_stride_sk=0, fc_stride_sn=0, fc_zero_ptr=None, fc_nested_ptr=None, fc_offset_ptr=None,
+    fc_code_ptr=None, fc_groups=1, proj_scale_ptr=None, proj_stride_sk=0, proj_stride_sn=0, proj_zero_ptr=None,
+    proj_nested_ptr=None, proj_offset_ptr=None, proj_code_ptr=None, proj_groups=1,
+    ACTIVATION: tl.constexpr = "identity", DOT_PRECISION: tl.constexpr = "tf32", BLOCK_M: tl.constexpr = 16,
+    FC_BLOCK_N: tl.constexpr = 64, FC_BLOCK_K: tl.constexpr = 64, PROJ_BLOCK_N: tl.constexpr = 64,
+    PROJ_BLOCK_K: tl.constexpr = 64, BLOCK_MOMENTS: tl.constexpr = 1, FC_FORMAT: tl.constexpr = "float",
+    PROJ_FORMAT: tl.constexpr = "float",
 ):
     fc_tiles = tl.cdiv(inner, FC_BLOCK_N)
     fc_programs = fc_tiles * fc_splits
@@ -48,7 +64,9 @@ def decode_mlp_kernel(
             ticket, x_ptr, width, fc_w_ptr, stride_fk, stride_fn, h_ptr, inner, M, inner, width, fc_k_per_split,
             fc_splits, fc_partial_ptr, counters_ptr + 3, fc_b_ptr, ln_weight_ptr, ln_bias_ptr, eps, moments_ptr,
             moment_blocks, x_ptr, 0, out_moments_ptr, h_ptr, h_ptr, counters_ptr, 0, 0, 0, 0, 1, 1,
+            fc_scale_ptr, fc_stride_sk, fc_stride_sn, fc_zero_ptr, fc_nested_ptr, fc_offset_ptr, fc_code_ptr, fc_groups,
             True, True, ACTIVATION, False, False, DOT_PRECISION, BLOCK_M, FC_BLOCK_N, FC_BLOCK_K, BLOCK_MOMENTS, "",
+            FC_FORMAT,
         )
         if stored != 0:
             # Every thread's part of the h tile is stored before the counter says so.
@@ -65,10 +83,18 @@ def decode_mlp_kernel(
             ticket - fc_programs, h_ptr, inner, proj_w_ptr, stride_pk, stride_pn, out_ptr, width, M, width, inner,
             proj_k_per_split, proj_splits, proj_partial_ptr, counters_ptr + 3 + fc_tiles, proj_b_ptr, ln_weight_ptr,
             ln_bias_ptr, eps, moments_ptr, moment_blocks, x_ptr, width, out_moments_ptr, h_ptr, h_ptr, counters_ptr,
-            0, 0, 0, 0, 1, 1,
+            0, 0, 0, 0, 1, 1, proj_scale_ptr, proj_stride_sk, proj_stride_sn, proj_zero_ptr, proj_nested_ptr,
+            proj_offset_ptr, proj_code_ptr, proj_groups,
             False, True, "identity", True, False, DOT_PRECISION, BLOCK_M, PROJ_BLOCK_N, PROJ_BLOCK_K, BLOCK_MOMENTS,
-            ".cg",
+            ".cg", PROJ_FORMAT,
         )
+
+
+def _named_weight(weight: torch.Tensor | QuantizedWeight, product: str, letter: str) -> dict:
+    """weight_arguments under the kernel's names for one of its two products (fc_w_ptr, stride_fk, ...)."""
+    names = {"w_ptr": f"{product}_w_ptr", "stride_wk": f"stride_{letter}k", "stride_wn": f"stride_{letter}n",
+             "WEIGHT_FORMAT": f"{product.upper()}_FORMAT"}
+    return {names.get(key, f"{product}_{key}"): value for key, value in weight_arguments(weight).items()}
 
 
 def mlp(
@@ -76,10 +102,10 @@ def mlp(
     ln_weight: torch.Tensor,
     ln_bias: torch.Tensor,
     eps: float,
-    fc_weight: torch.Tensor,
+    fc_weight: torch.Tensor | QuantizedWeight,
     fc_bias: torch.Tensor,
     activation: str,
-    proj_weight: torch.Tensor,
+    proj_weight: torch.Tensor | QuantizedWeight,
     proj_bias: torch.Tensor,
     *,
     semaphores: torch.Tensor | None = None,
@@ -93,17 +119,19 @@ def mlp(
         return linear_residual(h, proj_weight, proj_bias, x)
     options = normalized_input(x, ln_weight, ln_bias, eps)
     m, width = rows.shape
-    inner = check_weight(fc_weight, fc_bias, width)
-    if check_weight(proj_weight, proj_bias, inner) != width:
+    inner = check_weight(fc_weight, fc_bias, width, "fc_weight")
+    if check_weight(proj_weight, proj_bias, inner, "proj_weight") != width:
         raise ValueError(f"proj_weight has shape {tuple(proj_weight.shape)}; the MLP needs [{inner}, {width}]")
     check_residual("x", x)
-    check_same_dtype(x=x.values, ln_weight=ln_weight, ln_bias=ln_bias, fc_weight=fc_weight, fc_bias=fc_bias,
-                     proj_weight=proj_weight, proj_bias=proj_bias)
-    check_same_device(x=x.values, moments=x.moments, ln_weight=ln_weight, ln_bias=ln_bias, fc_weight=fc_weight,
-                      fc_bias=fc_bias, proj_weight=proj_weight, proj_bias=proj_bias)
+    check_same_dtype(x=x.values, ln_weight=ln_weight, ln_bias=ln_bias, fc_weight=dtype_operand(fc_weight), fc_bias=fc_bias,
+                     proj_weight=dtype_operand(proj_weight), proj_bias=proj_bias)
+    check_same_device(x=x.values, moments=x.moments, ln_weight=ln_weight, ln_bias=ln_bias,
+                      fc_weight=device_operand(fc_weight), fc_bias=fc_bias, proj_weight=device_operand(proj_weight),
+                      proj_bias=proj_bias)
     if not rows.is_contiguous():
         raise ValueError(f"x must be contiguous rows, got strides {tuple(x.values.stride())}")
-    fc_tiles, proj_tiles = (split_tiles(inner, width, rows.element_size()), split_tiles(width, inner, rows.element_size()))
+    fc_tiles = split_tiles_for(inner, width, rows.element_size(), fc_weight)
+    proj_tiles = split_tiles_for(width, inner, rows.element_size(), proj_weight)
     counters_needed = FIXED_COUNTERS + triton.cdiv(inner, fc_tiles.block_n) + triton.cdiv(width, proj_tiles.block_n)
     counters = torch.zeros(counters_needed, dtype=torch.int32, device=rows.device) if semaphores is None else semaphores
     if counters.numel() < counters_needed:
@@ -117,9 +145,7 @@ def mlp(
         decode_mlp_kernel,
         (fc_tiles.programs(inner) + proj_tiles.programs(width),),
         x_ptr=rows, moments_ptr=options["moments_ptr"], moment_blocks=options["moment_blocks"], ln_weight_ptr=ln_weight,
-        ln_bias_ptr=ln_bias, eps=eps, fc_w_ptr=fc_weight, stride_fk=fc_weight.stride(0), stride_fn=fc_weight.stride(1),
-        fc_b_ptr=fc_bias, h_ptr=h, proj_w_ptr=proj_weight, stride_pk=proj_weight.stride(0),
-        stride_pn=proj_weight.stride(1), proj_b_ptr=proj_bias, out_ptr=out, out_moments_ptr=moments, M=m,
+        ln_bias_ptr=ln_bias, eps=eps, fc_b_ptr=fc_bias, h_ptr=h, proj_b_ptr=proj_bias, out_ptr=out, out_moments_ptr=moments, M=m,
         width=width, inner=inner, fc_k_per_split=fc_tiles.k_per_split, fc_splits=fc_tiles.splits,
         proj_k_per_split=proj_tiles.k_per_split, proj_splits=proj_tiles.splits,
         # An unsplit product never touches its partials: any pointer stands in.
@@ -130,6 +156,7 @@ def mlp(
         FC_BLOCK_N=fc_tiles.block_n, FC_BLOCK_K=fc_tiles.block_k, PROJ_BLOCK_N=proj_tiles.block_n,
         PROJ_BLOCK_K=proj_tiles.block_k, BLOCK_MOMENTS=options["BLOCK_MOMENTS"],
         num_warps=fc_tiles.num_warps, num_stages=fc_tiles.num_stages,
+        **_named_weight(fc_weight, "fc", "f"), **_named_weight(proj_weight, "proj", "p"),
     )
     lead = x.values.shape[:-1]
     return Residual(out.view(*lead, width), moments.view(*lead, moments.shape[1], MOMENT_FIELDS))

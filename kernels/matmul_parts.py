@@ -2,7 +2,8 @@
 @triton.jit helpers live here):
 
     accumulate        the K loop over a range of K: the LayerNorm prologue (from the row's mean and
-                      1/std), rounded to W's dtype, then tl.dot into a float32 accumulator
+                      1/std), rounded to x's dtype, then tl.dot into a float32 accumulator with W's
+                      tile, a quantized one dequantized in registers (channel_scaled: int8's scale)
     linear_epilogue   bias, activation, residual (with the output's row moments for the next
                       LayerNorm), then a row-major store or, for c_attn, q to its buffer and k, v into
                       the KV cache
@@ -91,26 +92,111 @@ def store_qkv(
 
 
 @triton.jit
+def nf4_value(q):
+    """NF4_CODE[q] (quantized_weight.py) for 4-bit indices q, by a tree of selects over q's bits: the
+    code is decoded in registers, never gathered from a table in memory."""
+    b0 = (q & 1) != 0
+    b1 = (q & 2) != 0
+    b2 = (q & 4) != 0
+    v0 = tl.where(b1, tl.where(b0, -0.39491748809814453, -0.5250730514526367), tl.where(b0, -0.6961928009986877, -1.0))
+    v1 = tl.where(b1, tl.where(b0, 0.0, -0.09105003625154495), tl.where(b0, -0.18477343022823334, -0.28444138169288635))
+    v2 = tl.where(b1, tl.where(b0, 0.33791524171829224, 0.24611230194568634), tl.where(b0, 0.16093020141124725, 0.07958029955625534))
+    v3 = tl.where(b1, tl.where(b0, 1.0, 0.7229568362236023), tl.where(b0, 0.5626170039176941, 0.44070982933044434))
+    return tl.where((q & 8) != 0, tl.where(b2, v3, v2), tl.where(b2, v1, v0))
+
+
+@triton.jit
+def _prologue(x_rows, row_in, ks, k_in, ln_weight_ptr, ln_bias_ptr, mean, rstd, NORMALIZE: tl.constexpr, X_CACHE: tl.constexpr):
+    """x[:, ks], LayerNorm-ed when NORMALIZE, rounded to x's dtype (what the weight meets in tl.dot)."""
+    a = tl.load(x_rows + ks[None, :], mask=row_in[:, None] & k_in[None, :], other=0.0, cache_modifier=X_CACHE)
+    if NORMALIZE:
+        gamma = tl.load(ln_weight_ptr + ks, mask=k_in, other=0.0).to(tl.float32)
+        beta = tl.load(ln_bias_ptr + ks, mask=k_in, other=0.0).to(tl.float32)
+        a = (a.to(tl.float32) - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
+    return a.to(x_rows.dtype.element_ty)
+
+
+@triton.jit
+def group_scale(group, cols, col_in, scale_ptr, stride_sk, stride_sn, nested_ptr, offset_ptr, code_ptr, groups,
+                WEIGHT_FORMAT: tl.constexpr):
+    """The float32 scale (int4) or absmax (nf4) of K group(s) `group` for column(s) `cols`; under double
+    quantization decoded from its 8-bit code: code[q] * nested_absmax[(n * G + g) // 256] + offset.
+    A tile reads one per column; the embedding, one column (a token's row) per group."""
+    scale = tl.load(scale_ptr + group * stride_sk + cols.to(tl.int64) * stride_sn, mask=col_in, other=0)
+    if WEIGHT_FORMAT == "nf4dq":
+        block = (cols.to(tl.int64) * groups + group) // 256
+        nested = tl.load(nested_ptr + block, mask=col_in, other=0.0)
+        scale = tl.load(code_ptr + scale.to(tl.int32), mask=col_in, other=0.0) * nested + tl.load(offset_ptr)
+    return scale.to(tl.float32)
+
+
+@triton.jit
+def dequantized(q, scale, zero, WEIGHT_FORMAT: tl.constexpr):
+    """4-bit values q (int32) as float32 weights, reference.dequantize's arithmetic; scale and zero
+    (float32, int4's zero point) broadcast against q."""
+    if WEIGHT_FORMAT == "int4":
+        w = (q.to(tl.float32) - zero) * scale
+    else:
+        w = nf4_value(q) * scale
+    return w
+
+
+@triton.jit
 def accumulate(
     acc, x_rows, row_in, k_first, k_end, w_ptr, stride_wk, stride_wn, cols, col_in, ln_weight_ptr, ln_bias_ptr,
-    mean, rstd, NORMALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, X_CACHE: tl.constexpr,
+    mean, rstd, scale_ptr, stride_sk, stride_sn, zero_ptr, nested_ptr, offset_ptr, code_ptr, groups,
+    NORMALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, X_CACHE: tl.constexpr,
+    WEIGHT_FORMAT: tl.constexpr,
 ):
     """acc + prologue(x[:, k_first:k_end]) @ W[k_first:k_end, cols]; x_rows points at each row's start.
-    X_CACHE is x's load cache modifier: ".cg" (from L2) where other programs of the launch wrote x."""
+    X_CACHE is x's load cache modifier: ".cg" (from L2) where other programs of the launch wrote x.
+
+    WEIGHT_FORMAT: "float" (W in x's dtype), "int8" (q converted to x's dtype, exact: |q| <= 127; the
+    per-channel scale is applied later, by channel_scaled), or a 4-bit format ("int4", "nf4", "nf4dq":
+    nf4 with double quantization), dequantized in registers. A 4-bit tile is one K group (BLOCK_K ==
+    group size, k_first a multiple of it): its packed bytes [BLOCK_K // 2, BLOCK_N] are loaded once, the
+    high nibbles (even k) and low nibbles (odd k) each dequantized, rounded to x's dtype and multiplied
+    with x's even and odd columns."""
     for k0 in range(k_first, k_end, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_in = ks < k_end
-        a = tl.load(x_rows + ks[None, :], mask=row_in[:, None] & k_in[None, :], other=0.0, cache_modifier=X_CACHE)
-        if NORMALIZE:
-            gamma = tl.load(ln_weight_ptr + ks, mask=k_in, other=0.0).to(tl.float32)
-            beta = tl.load(ln_bias_ptr + ks, mask=k_in, other=0.0).to(tl.float32)
-            a = (a.to(tl.float32) - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
-        w = tl.load(
-            w_ptr + ks.to(tl.int64)[:, None] * stride_wk + cols.to(tl.int64)[None, :] * stride_wn,
-            mask=k_in[:, None] & col_in[None, :],
-            other=0.0,
-        )
-        acc = tl.dot(a.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
+        if WEIGHT_FORMAT == "float" or WEIGHT_FORMAT == "int8":
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_in = ks < k_end
+            a = _prologue(x_rows, row_in, ks, k_in, ln_weight_ptr, ln_bias_ptr, mean, rstd, NORMALIZE, X_CACHE)
+            w = tl.load(
+                w_ptr + ks.to(tl.int64)[:, None] * stride_wk + cols.to(tl.int64)[None, :] * stride_wn,
+                mask=k_in[:, None] & col_in[None, :],
+                other=0,
+            )
+            acc = tl.dot(a, w.to(a.dtype), acc, input_precision=DOT_PRECISION)
+        else:
+            pairs = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            even = 2 * pairs
+            pair_in = even < k_end
+            packed = tl.load(
+                w_ptr + pairs.to(tl.int64)[:, None] * stride_wk + cols.to(tl.int64)[None, :] * stride_wn,
+                mask=pair_in[:, None] & col_in[None, :],
+                other=0,
+            ).to(tl.int32)
+            group = k0 // BLOCK_K
+            scale = group_scale(group, cols, col_in, scale_ptr, stride_sk, stride_sn, nested_ptr, offset_ptr, code_ptr,
+                                groups, WEIGHT_FORMAT)
+            zero = scale  # unused but for int4 (a name both branches of the format define)
+            if WEIGHT_FORMAT == "int4":
+                zero = tl.load(zero_ptr + group * stride_sk + cols.to(tl.int64) * stride_sn, mask=col_in, other=0).to(tl.float32)
+            a = _prologue(x_rows, row_in, even, pair_in, ln_weight_ptr, ln_bias_ptr, mean, rstd, NORMALIZE, X_CACHE)
+            w = dequantized(packed >> 4, scale[None, :], zero[None, :], WEIGHT_FORMAT)
+            acc = tl.dot(a, w.to(a.dtype), acc, input_precision=DOT_PRECISION)
+            a = _prologue(x_rows, row_in, even + 1, pair_in, ln_weight_ptr, ln_bias_ptr, mean, rstd, NORMALIZE, X_CACHE)
+            w = dequantized(packed & 15, scale[None, :], zero[None, :], WEIGHT_FORMAT)
+            acc = tl.dot(a, w.to(a.dtype), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def channel_scaled(acc, cols, col_in, scale_ptr, stride_sn, WEIGHT_FORMAT: tl.constexpr):
+    """The finished float32 product times int8's per-channel scale [1, N]; other formats as they are."""
+    if WEIGHT_FORMAT == "int8":
+        acc = acc * tl.load(scale_ptr + cols.to(tl.int64) * stride_sn, mask=col_in, other=0.0)[None, :]
     return acc
 
 
@@ -148,10 +234,10 @@ def split_tile(
     tile, x_ptr, stride_xm, w_ptr, stride_wk, stride_wn, out_ptr, stride_om, M, N, K, k_per_split, n_splits,
     partial_ptr, counters_ptr, bias_ptr, ln_weight_ptr, ln_bias_ptr, eps, moments_ptr, moment_blocks,
     residual_ptr, stride_rm, out_moments_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, stride_cb, stride_ch, stride_cs,
-    n_slots, seq_len, head_dim,
+    n_slots, seq_len, head_dim, scale_ptr, stride_sk, stride_sn, zero_ptr, nested_ptr, offset_ptr, code_ptr, groups,
     NORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     QKV: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_MOMENTS: tl.constexpr, X_CACHE: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_MOMENTS: tl.constexpr, X_CACHE: tl.constexpr, WEIGHT_FORMAT: tl.constexpr,
 ):
     """Program `tile` of a split-K product of M <= BLOCK_M rows: column tile tile // n_splits, K range
     tile % n_splits. Each program stores its float32 partial [n_splits, M, N]; the last of a column
@@ -173,7 +259,8 @@ def split_tile(
     acc = accumulate(
         tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_ptr + rows.to(tl.int64)[:, None] * stride_xm, row_in,
         k_first, tl.minimum(k_first + k_per_split, K), w_ptr, stride_wk, stride_wn, cols, col_in, ln_weight_ptr,
-        ln_bias_ptr, mean, rstd, NORMALIZE, DOT_PRECISION, BLOCK_K, X_CACHE,
+        ln_bias_ptr, mean, rstd, scale_ptr, stride_sk, stride_sn, zero_ptr, nested_ptr, offset_ptr, code_ptr, groups,
+        NORMALIZE, DOT_PRECISION, BLOCK_K, X_CACHE, WEIGHT_FORMAT,
     )
     finished = 1
     if n_splits > 1:
@@ -190,6 +277,7 @@ def split_tile(
                 # .cg reads L2, where the other programs' partials are, not a stale L1 line.
                 acc += tl.load(partial_at + part * M * N, mask=inside, other=0.0, cache_modifier=".cg")
     if finished != 0:
+        acc = channel_scaled(acc, cols, col_in, scale_ptr, stride_sn, WEIGHT_FORMAT)
         linear_epilogue(
             acc, rows, cols, row_in, col_in, out_ptr, stride_om, bias_ptr, residual_ptr, stride_rm, out_moments_ptr,
             col_tile, tl.cdiv(N, BLOCK_N), k_cache_ptr, v_cache_ptr, slots_ptr, stride_cb, stride_ch, stride_cs,

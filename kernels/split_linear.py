@@ -29,17 +29,19 @@ def split_linear_kernel(
     residual_ptr=None, stride_rm=0, out_moments_ptr=None,
     k_cache_ptr=None, v_cache_ptr=None, slots_ptr=None, stride_cb=0, stride_ch=0, stride_cs=0, n_slots=0, seq_len=1,
     head_dim=1,
+    scale_ptr=None, stride_sk=0, stride_sn=0, zero_ptr=None, nested_ptr=None, offset_ptr=None, code_ptr=None, groups=1,
     NORMALIZE: tl.constexpr = False, HAS_BIAS: tl.constexpr = False, ACTIVATION: tl.constexpr = "identity",
     HAS_RESIDUAL: tl.constexpr = False, QKV: tl.constexpr = False, DOT_PRECISION: tl.constexpr = "tf32",
     BLOCK_M: tl.constexpr = 16, BLOCK_N: tl.constexpr = 64, BLOCK_K: tl.constexpr = 64,
-    BLOCK_MOMENTS: tl.constexpr = 1,
+    BLOCK_MOMENTS: tl.constexpr = 1, WEIGHT_FORMAT: tl.constexpr = "float",
 ):
     split_tile(
         tl.program_id(0), x_ptr, stride_xm, w_ptr, stride_wk, stride_wn, out_ptr, stride_om, M, N, K, k_per_split,
         n_splits, partial_ptr, counters_ptr, bias_ptr, ln_weight_ptr, ln_bias_ptr, eps, moments_ptr, moment_blocks,
         residual_ptr, stride_rm, out_moments_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, stride_cb, stride_ch, stride_cs,
-        n_slots, seq_len, head_dim, NORMALIZE, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, QKV, DOT_PRECISION, BLOCK_M,
-        BLOCK_N, BLOCK_K, BLOCK_MOMENTS, "",
+        n_slots, seq_len, head_dim, scale_ptr, stride_sk, stride_sn, zero_ptr, nested_ptr, offset_ptr, code_ptr, groups,
+        NORMALIZE, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, QKV, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_MOMENTS, "",
+        WEIGHT_FORMAT,
     )
 
 
@@ -62,20 +64,18 @@ def split_scratch(m: int, n: int, tiles: SplitTiles, semaphores: torch.Tensor | 
 
 
 def run_split_linear(
-    rows: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, tiles: SplitTiles, semaphores: torch.Tensor | None,
-    **options,
+    rows: torch.Tensor, n: int, out: torch.Tensor, tiles: SplitTiles, semaphores: torch.Tensor | None, **options,
 ) -> None:
-    """out = epilogue(prologue(rows) @ weight) for rows [m <= SPLIT_ROWS, k]; `options` are the
-    prologue's and epilogue's kernel arguments."""
+    """out = epilogue(prologue(rows) @ W) for rows [m <= SPLIT_ROWS, k] and W [k, n]; `options` are the
+    weight's (w_ptr, its strides, a quantized weight's scales and WEIGHT_FORMAT), the prologue's and the
+    epilogue's kernel arguments."""
     m, k = rows.shape
-    n = weight.shape[1]
     if m > SPLIT_ROWS:
         raise ValueError(f"a split product takes at most {SPLIT_ROWS} rows, got {m}")
     launch(
         split_linear_kernel,
         (tiles.programs(n),),
-        x_ptr=rows, stride_xm=rows.stride(0), w_ptr=weight, stride_wk=weight.stride(0), stride_wn=weight.stride(1),
-        out_ptr=out, stride_om=out.stride(0), M=m, N=n, K=k, k_per_split=tiles.k_per_split, n_splits=tiles.splits,
+        x_ptr=rows, stride_xm=rows.stride(0), out_ptr=out, stride_om=out.stride(0), M=m, N=n, K=k, k_per_split=tiles.k_per_split, n_splits=tiles.splits,
         BLOCK_M=SPLIT_ROWS, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         **split_scratch(m, n, tiles, semaphores, rows.device), **options,

@@ -198,24 +198,55 @@ def split_tiles_of(n: int, k: int, block_n: int, block_k: int, splits: int, num_
     return SplitTiles(block_n, block_k, k_per_split, triton.cdiv(k, k_per_split), num_warps, num_stages)
 
 
-def default_split_tiles(n: int, k: int, element_size: int) -> SplitTiles:
+def default_split_tiles(n: int, k: int, element_size: int, block_k: int | None = None) -> SplitTiles:
     """Wide enough to fill the GPU without splitting (the LM head): the widest column tile that still
     gives MIN_STREAMING_PROGRAMS programs, since every program reads its rows' LayerNorm inputs once.
     Otherwise 64 columns and the fewest K ranges that give MIN_STREAMING_PROGRAMS programs (one range
     when no cut of K gives them): each range adds a float32 partial of the output to write and read back, 4 x splits /
     k of the weight's bytes. Among those, the deepest block_k (fewer, larger weight loads in flight).
-    A weight tile holds at most 8192 elements (2048 in float32), so nothing spills."""
+    A weight tile holds at most 8192 elements (2048 in float32), so nothing spills. A given block_k
+    (a 4-bit weight's K group) is kept, the column tile narrowed to the budget where it must."""
     elements = weight_tile_elements(element_size)
     for block_n in (256, 128):
-        if triton.cdiv(n, block_n) >= MIN_STREAMING_PROGRAMS and elements // block_n >= 16:
-            return split_tiles_of(n, k, block_n, min(128, elements // block_n), 1, num_warps=8, num_stages=4)
-    return fewest_splits(n, k, 64, element_size, MIN_STREAMING_PROGRAMS, num_warps=8)
+        deepest = min(128, elements // block_n)
+        if triton.cdiv(n, block_n) >= MIN_STREAMING_PROGRAMS and deepest >= (block_k or 16):
+            return split_tiles_of(n, k, block_n, block_k or deepest, 1, num_warps=8, num_stages=4)
+    block_n = 64 if block_k is None else max(16, min(64, elements // block_k))
+    return fewest_splits(n, k, block_n, element_size, MIN_STREAMING_PROGRAMS, num_warps=8, block_k=block_k)
 
 
-def fewest_splits(n: int, k: int, block_n: int, element_size: int, programs: int, num_warps: int) -> SplitTiles:
+def quantized_split_tiles(n: int, k: int, element_size: int, block_k: int | None, label: str) -> SplitTiles:
+    """Tiles for a split product of a quantized weight (`label`: its format, e.g. int4g64): those
+    forced by `forcing_split_tiles` under quantized_tuning_key, else default_split_tiles' rule, never
+    the tuning table (timed with float weights). block_k: a 4-bit weight's K group, which every tile
+    reads one scale row of; None for int8 (one scale per channel, applied after the K loop)."""
+    forced = _forced_split_tiles.get().get(quantized_tuning_key(n, k, element_size, label))
+    if forced is None:
+        return default_split_tiles(n, k, element_size, block_k)
+    if block_k is not None and forced.block_k != block_k:
+        raise ValueError(f"forced tiles {forced} for a {label} weight need block_k={block_k}, its K group")
+    return forced
+
+
+def quantized_tuning_key(n: int, k: int, element_size: int, label: str) -> str:
+    return f"{tuning_key(n, k, element_size)}:{label}"
+
+
+def quantized_matmul_tiles(m: int, n: int, k: int, element_size: int, block_k: int | None) -> MatmulTiles:
+    """matmul_tiles with block_k the K group of a 4-bit weight (None: int8, matmul_tiles as they are),
+    the column tile narrowed so the dequantized weight tile stays within the register budget."""
+    tiles = matmul_tiles(m, n, k, element_size)
+    if block_k is None:
+        return tiles
+    block_n = min(tiles.block_n, max(16, weight_tile_elements(element_size) // block_k))
+    return MatmulTiles(tiles.block_m, block_n, block_k, tiles.num_warps, tiles.num_stages)
+
+
+def fewest_splits(n: int, k: int, block_n: int, element_size: int, programs: int, num_warps: int,
+                  block_k: int | None = None) -> SplitTiles:
     """Column tiles of block_n and the fewest K ranges that give `programs` programs, the deepest
-    block_k among those; one range (the deepest block_k) when no cut of K gives them."""
-    block_ks = [16 * 2**i for i in range(4) if 16 * 2**i * block_n <= weight_tile_elements(element_size)]
+    block_k among those (or the given one); one range (the deepest block_k) when no cut of K gives them."""
+    block_ks = [block_k] if block_k else [16 * 2**i for i in range(4) if 16 * 2**i * block_n <= weight_tile_elements(element_size)]
     choices = [split_tiles_of(n, k, block_n, block_k, splits, num_warps=num_warps, num_stages=4)
                for block_k in block_ks for splits in range(1, triton.cdiv(k, 16) + 1)]
     enough = [c for c in choices if c.programs(n) >= programs]

@@ -7,6 +7,7 @@ import math
 import torch
 
 from .operands import MOMENT_FIELDS, CacheAccess, Residual
+from .quantized_weight import FORMATS, INT4_GROUP_SIZES, NESTED_BLOCK, NF4_BLOCK, QuantizedWeight
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -120,3 +121,38 @@ def check_attention_inputs(
     if access.queries != queries:
         raise ValueError(f"access is for {access.queries} queries per row, q has {queries}")
     return batch, n_head, slots, head_dim
+
+
+def check_quantized_weight(name: str, w: QuantizedWeight) -> None:
+    """A QuantizedWeight whose tensors have the shapes, dtypes and device its format stores
+    (quantized_weight.py); any strides, as the kernels take them."""
+    if w.format not in FORMATS:
+        raise ValueError(f"{name} has format {w.format!r}; expected one of {', '.join(FORMATS)}")
+    data_dtype = torch.int8 if w.format == "int8" else torch.uint8
+    check_tensor(f"{name}.data", w.data, dtypes=(data_dtype,), ndim=2, contiguous=False)
+    k, n = w.shape
+    allowed = {"int8": (k,), "int4": INT4_GROUP_SIZES, "nf4": (NF4_BLOCK,)}[w.format]
+    if w.group_size not in allowed or k % w.group_size:
+        raise ValueError(f"{name} is {w.format} of shape {(k, n)} with group_size={w.group_size}; expected one of {allowed}")
+    groups = k // w.group_size
+    scale_dtype = torch.uint8 if w.double_quant else torch.float32
+    check_tensor(f"{name}.scale", w.scale, dtypes=(scale_dtype,), ndim=2, contiguous=False)
+    check_shape(f"{name}.scale", w.scale, (groups, n))
+    expected = {"zero": w.format == "int4", "nested_absmax": w.double_quant, "nested_offset": w.double_quant,
+                "code": w.double_quant}
+    if w.double_quant and w.format != "nf4":
+        raise ValueError(f"{name} is {w.format} with double quantization, which only nf4 has")
+    for field, needed in expected.items():
+        if (getattr(w, field) is None) == needed:
+            raise ValueError(f"{name} is {w.format}{' with double quantization' if w.double_quant else ''}: "
+                             f"its {field} must be {'given' if needed else 'None'}")
+    if w.zero is not None:
+        check_tensor(f"{name}.zero", w.zero, dtypes=(torch.uint8,), ndim=2, contiguous=False)
+        check_shape(f"{name}.zero", w.zero, (groups, n))
+        if w.zero.stride() != w.scale.stride():
+            raise ValueError(f"{name}.zero has strides {w.zero.stride()}; the kernels index it as scale, {w.scale.stride()}")
+    if w.double_quant:
+        for field, size in (("nested_absmax", -(-groups * n // NESTED_BLOCK)), ("nested_offset", 1), ("code", 256)):
+            check_tensor(f"{name}.{field}", getattr(w, field), dtypes=(torch.float32,), ndim=1)
+            check_shape(f"{name}.{field}", getattr(w, field), (size,))
+    check_same_device(**{f"{name}.{field}": t for field, t in w.tensors().items()})
