@@ -67,6 +67,12 @@ def _audit_compile(args: argparse.Namespace) -> int:
 
 
 DTYPES = ("float32", "float16", "bfloat16")
+QUANTIZATIONS = ("int8", "int4", "nf4")  # kernels/quantized_weight.py's FORMATS, without importing torch to parse
+
+
+def _quantization(args: argparse.Namespace) -> dict[str, object]:
+    """The engine options --quantization, --group-size and --double-quant give (checked by EngineOptions)."""
+    return {"quantization": args.quantization, "group_size": args.group_size, "double_quant": args.double_quant}
 
 
 def _dtype(name: str | None):
@@ -89,7 +95,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError("empty prompt: give it as an argument or on standard input")
     folder = resolve_model_dir(args.model)
     tokenizer = GPT2Tokenizer.from_pretrained(folder)
-    engine = Engine.from_pretrained(folder, dtype=_dtype(args.dtype), backend=args.backend, max_batch=1)
+    engine = Engine.from_pretrained(folder, dtype=_dtype(args.dtype), backend=args.backend, max_batch=1, **_quantization(args))
     ids = torch.tensor([tokenizer.encode(prompt)], device=engine.device)
     eos = tokenizer.eos_token_id
     steps = stream_tokens(engine, ids, max_new_tokens=args.max_new_tokens, params=params,
@@ -133,7 +139,7 @@ def _embed(args: argparse.Namespace) -> int:
     if not texts:
         raise ValueError("no text to embed: give texts as arguments, or on standard input one per line")
     embedder = Embedder.from_pretrained(args.model, pooling=args.pooling, normalize=args.normalize,
-                                        dtype=_dtype(args.dtype), backend=args.backend)
+                                        dtype=_dtype(args.dtype), backend=args.backend, **_quantization(args))
     vectors = embedder(texts)
     if args.output:
         # np.save adds .npy to a name without it.
@@ -158,7 +164,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     api_key = args.api_key or os.environ.get("TRITONGPT2_API_KEY") or None
     warn_if_exposed(args.host, api_key)
-    options = EngineOptions(dtype=_dtype(args.dtype), backend=args.backend, max_batch=args.max_batch, max_seq=args.max_seq)
+    options = EngineOptions(dtype=_dtype(args.dtype), backend=args.backend, max_batch=args.max_batch, max_seq=args.max_seq,
+                            **_quantization(args))
     scheduling = SchedulerOptions(pooling=args.pooling, normalize=args.normalize, max_queue=args.max_queue,
                                   embed_token_budget=args.embed_token_budget)
     name = args.served_model_name or Path(str(args.model).rstrip("/")).name
@@ -300,6 +307,13 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder (or hub id, with a network)")
     parser.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: the checkpoint's)")
     parser.add_argument("--backend", choices=["triton", "interpret", "torch"], help="default: triton with CUDA, else torch")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, help="quantize the matmul weights when loading (weight-only: "
+                        "int8 per channel, int4 in groups, nf4 as bitsandbytes; default: none, unless the checkpoint was "
+                        "saved quantized)")
+    parser.add_argument("--group-size", type=int, help="int4's group along the inputs: 32, 64 or 128 (default: 64); nf4's "
+                        "block is 64")
+    parser.add_argument("--double-quant", action="store_true", help="nf4: quantize the blocks' absmax too, as "
+                        "bitsandbytes' double quantization")
 
 
 def _audit_traffic(args: argparse.Namespace) -> int:
