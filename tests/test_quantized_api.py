@@ -68,6 +68,8 @@ def test_options_are_validated_into_a_quantization():
     assert tritongpt2.EngineOptions(quantization=given).quantization is given
     assert tritongpt2.EngineOptions.of(tritongpt2.EngineOptions(quantization="nf4"), double_quant=True).quantization.double_quant
     assert tritongpt2.EngineOptions(quantization="int8").quantization.describe() == "int8 (per-channel scales)"
+    double = tritongpt2.Quantization("nf4", double_quant=True)
+    assert tritongpt2.EngineOptions(quantization=double, group_size=64).quantization == double
 
 
 BAD_OPTIONS = [
@@ -447,6 +449,19 @@ def test_accelerate_refuses_a_model_transformers_loaded_quantized(tmp_path, how)
     with pytest.raises(ValueError, match=r"was loaded quantized \(.+\); load the float model and pass quantization='nf4'"):
         tritongpt2.accelerate(model, backend="torch")
     assert not hasattr(model, "tritongpt2") and "forward" not in vars(model)
+
+
+def test_accelerate_refuses_a_model_transformers_loaded_in_4_bits_with_bitsandbytes(wide):
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("accelerate")  # transformers' bitsandbytes loading needs it
+    from transformers import BitsAndBytesConfig, GPT2LMHeadModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bitsandbytes' notes about its CPU kernels
+        model = GPT2LMHeadModel.from_pretrained(wide[0], quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    with pytest.raises(ValueError, match=re.escape("was loaded quantized (load_in_4bit); load the float model and pass quantization='nf4'")):
+        tritongpt2.accelerate(model, backend="torch")
+    assert not hasattr(model, "tritongpt2")
 
 
 # --- the command line -----------------------------------------------------------------------------

@@ -59,7 +59,8 @@ class Embedder:
         **option_values: Any,
     ) -> Embedder:
         """A checkpoint folder (or hub id) with its tokenizer. Engine options as EngineOptions fields
-        (dtype=, device=, backend=, max_batch=, max_seq=, cuda_graphs=) or an EngineOptions."""
+        (dtype=, device=, backend=, max_batch=, max_seq=, cuda_graphs=, quantization=, group_size=,
+        double_quant=) or an EngineOptions."""
         _check_pooling(pooling)
         options = EngineOptions.of(options, **option_values)  # bad options are refused before anything is read
         checkpoint = load_checkpoint(name_or_path)
