@@ -268,20 +268,14 @@ def _refuse_quantized(model: nn.Module) -> None:
     config = getattr(model, "config", None)
     setting = getattr(config, "quantization_config", None)
     method = setting.get("quant_method") if isinstance(setting, dict) else getattr(setting, "quant_method", None)
-    how = next(
-        (
-            reason
-            for reason, found in (
-                ("load_in_4bit", getattr(model, "is_loaded_in_4bit", False)),
-                ("load_in_8bit", getattr(model, "is_loaded_in_8bit", False)),
-                (f"quantization_config quant_method={getattr(method, 'value', method)!r}", setting is not None),
-                ("an hf_quantizer", getattr(model, "hf_quantizer", None) is not None),
-                ("bitsandbytes layers", any(type(m).__name__ in BITSANDBYTES_MODULES for m in model.modules())),
-            )
-            if found
-        ),
-        None,
-    )
+    signs = {
+        "load_in_4bit": getattr(model, "is_loaded_in_4bit", False),
+        "load_in_8bit": getattr(model, "is_loaded_in_8bit", False),
+        f"quantization_config quant_method={getattr(method, 'value', method)!r}": setting is not None,
+        "an hf_quantizer": getattr(model, "hf_quantizer", None) is not None,
+        "bitsandbytes layers": any(type(m).__name__ in BITSANDBYTES_MODULES for m in model.modules()),
+    }
+    how = next((sign for sign, found in signs.items() if found), None)
     if how is not None:
         raise ValueError(
             f"accelerate takes a float model, but this {type(model).__name__} was loaded quantized ({how}); load the "
