@@ -557,6 +557,14 @@ def test_a_saved_quantized_model_gives_the_same_outputs(wide, tmp_path, asked):
     assert torch.equal(back.generate(ids, max_new_tokens=5), model.generate(ids, max_new_tokens=5))
 
 
+def test_the_kernels_backend_runs_a_quantized_checkpoint_as_the_torch_backend_does(tmp_path):
+    folder, _ = save_model(tmp_path / "model", n_embd=64, n_head=2, n_inner=128, n_layer=1)
+    tritongpt2.GPT2LMHeadModel.from_pretrained(folder, backend="torch", quantization="nf4", double_quant=True).save_pretrained(tmp_path / "nf4")
+    ids = torch.randint(0, 300, (1, 4), generator=torch.Generator().manual_seed(6))
+    kernels, torch_ops = (tritongpt2.GPT2LMHeadModel.from_pretrained(tmp_path / "nf4", backend=b) for b in ("interpret", "torch"))
+    assert torch.equal(kernels.generate(ids, max_new_tokens=3), torch_ops.generate(ids, max_new_tokens=3))
+
+
 @pytest.mark.parametrize("asked", [QUANTIZATIONS_ASKED["int8"], QUANTIZATIONS_ASKED["nf4-double"]], ids=["int8", "nf4-double"])
 def test_accelerated_quantized_logits_are_the_dequantized_models(wide, asked):
     _, reference = wide
