@@ -320,7 +320,8 @@ def accelerate(model: nn.Module, options: EngineOptions | None = None, **option_
     Options as EngineOptions fields (backend=, max_batch=, max_seq=, cuda_graphs=, quantization=,
     group_size=, double_quant=; dtype= and device= first convert the model in place, as model.to()
     does). With quantization=, the engine runs quantized copies of the matmul weights (see the
-    module's docstring); a model transformers loaded quantized is refused. What the kernels cannot compute exactly
+    module's docstring): a format the backend does not run, or a group that does not divide the
+    model's widths, is refused, and so is a model transformers loaded quantized. What the kernels cannot compute exactly
     (output_attentions, autograd, training-mode dropout, cross-attention, 4-D masks, caches filled by
     transformers) runs transformers' own forward, with a one-time warning naming the reason."""
     name = next((c.__name__ for c in type(model).__mro__ if c.__name__ in HEAD_MODULES), None)
@@ -330,7 +331,10 @@ def accelerate(model: nn.Module, options: EngineOptions | None = None, **option_
     options = EngineOptions.of(options, **option_values)
     if options.dtype is not None or options.device is not None:
         model.to(device=options.device, dtype=options.dtype)
-    options.backend_for(next(model.parameters()).device)  # a backend that cannot run here is refused now
+    backend = options.backend_for(next(model.parameters()).device)  # a backend that cannot run here is refused now
+    if options.quantization is not None:  # and so is a quantization that the backend or the model's shapes cannot take
+        backend.check_quantization(options.quantization.format)
+        options.quantization.check_model(GPT2Config.from_dict(model.config.to_dict()))
     accelerated = Accelerated(model, name, options)
     model.forward = _with_signature(accelerated.forward, type(model).forward)
     if accelerated.transformers_generate is not None:

@@ -117,9 +117,9 @@ def test_a_group_that_does_not_divide_the_model_names_both(tmp_path, config, ask
         tritongpt2.Engine.from_pretrained(folder, backend="torch", **asked)
     with pytest.raises(ValueError, match=re.escape(message)):
         tritongpt2.GPT2LMHeadModel.from_pretrained(folder, backend="torch", **asked)
-    # accelerate builds no engine for it (nor a fast path): the model runs on transformers' forward.
-    tritongpt2.accelerate(model, backend="torch", **asked)
-    assert model.tritongpt2.engine is None and message in model.tritongpt2.unavailable
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tritongpt2.accelerate(model, backend="torch", **asked)
+    assert not hasattr(model, "tritongpt2") and "forward" not in vars(model)
 
 
 def test_int8_runs_on_any_width(tmp_path):
@@ -145,6 +145,9 @@ def test_a_backend_that_lacks_a_format_is_refused_naming_both(wide):
     with pytest.raises(ValueError, match="the limited backend does not run int4-quantized weights"):
         tritongpt2.GPT2LMHeadModel.from_pretrained(folder, backend=limited, quantization="int4")
     assert tritongpt2.Engine.from_pretrained(folder, backend=limited, quantization="int8").quantization == Quantization("int8")
+    with pytest.raises(ValueError, match="the limited backend does not run nf4-quantized weights"):
+        tritongpt2.accelerate(wide[1], backend=limited, quantization="nf4")
+    assert not hasattr(wide[1], "tritongpt2")
     bare = Backend("bare", "cpu", "tritongpt2.kernels.torch_ops", cuda_graphs=False, dtypes=(torch.float32,), quantizations=())
     with pytest.raises(ValueError, match=re.escape("the bare backend does not run int8-quantized weights (the formats it runs: none)")):
         tritongpt2.Engine.from_pretrained(folder, backend=bare, quantization="int8")
