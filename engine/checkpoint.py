@@ -11,6 +11,9 @@ import torch
 from .config import GPT2Config
 
 SAFETENSORS = "model.safetensors"
+# A quantized save's weights: not model.safetensors, so that transformers, which cannot read them,
+# refuses the folder (no weights file) instead of loading it with freshly initialised weights.
+QUANTIZED_SAFETENSORS = "model.tritongpt2-quantized.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PYTORCH_BIN = "pytorch_model.bin"
 PYTORCH_BIN_INDEX = "pytorch_model.bin.index.json"
@@ -120,10 +123,11 @@ def _load_sharded(folder: Path, index_name: str) -> dict[str, torch.Tensor]:
 
 
 def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of the checkpoint, from the first of: model.safetensors, its sharded index,
-    pytorch_model.bin (weights only), its sharded index."""
-    if (folder / SAFETENSORS).is_file():
-        return _load_file(folder / SAFETENSORS)
+    """All tensors of the checkpoint, from the first of: model.safetensors, tritongpt2's quantized
+    save, the sharded index, pytorch_model.bin (weights only), its sharded index."""
+    for name in (SAFETENSORS, QUANTIZED_SAFETENSORS):
+        if (folder / name).is_file():
+            return _load_file(folder / name)
     if (folder / SAFETENSORS_INDEX).is_file():
         return _load_sharded(folder, SAFETENSORS_INDEX)
     if (folder / PYTORCH_BIN).is_file():
@@ -131,5 +135,6 @@ def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     if (folder / PYTORCH_BIN_INDEX).is_file():
         return _load_sharded(folder, PYTORCH_BIN_INDEX)
     raise ValueError(
-        f"no weights in {folder}: expected {SAFETENSORS}, {SAFETENSORS_INDEX}, {PYTORCH_BIN} or {PYTORCH_BIN_INDEX}"
+        f"no weights in {folder}: expected {SAFETENSORS}, {QUANTIZED_SAFETENSORS}, {SAFETENSORS_INDEX}, {PYTORCH_BIN} "
+        f"or {PYTORCH_BIN_INDEX}"
     )

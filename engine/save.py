@@ -2,7 +2,9 @@
 
 Float weights are written under transformers' keys, so transformers loads the folder. Quantized
 ones are written as their tensors (engine/quantize.py: `key.q<field>`, N-major) with a
-quantization_config in config.json, so that tritongpt2 loads them back as they are.
+quantization_config in config.json, so that tritongpt2 loads them back as they are, into
+model.tritongpt2-quantized.safetensors: transformers finds no weights file there and refuses the
+folder, where a model.safetensors would load with its matmul weights freshly initialised.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 
 from tritongpt2.kernels.quantized_weight import is_quantized
 
-from .checkpoint import SAFETENSORS
+from .checkpoint import QUANTIZED_SAFETENSORS, SAFETENSORS
 from .config import GPT2Config
 from .quantize import quantization_config, quantization_of, quantized_tensors
 from .weights import LAYER_KEYS, GPT2Weights
@@ -41,7 +43,7 @@ def save_checkpoint(
     folder: str | Path, config: GPT2Config, weights: GPT2Weights, heads: dict[str, torch.Tensor], architecture: str
 ) -> Path:
     """Write config.json (with the quantization_config of quantized weights) and model.safetensors
-    (the base model under transformer. unless `architecture` is GPT2Model, then the heads' tensors)
+    (model.tritongpt2-quantized.safetensors when quantized; the base model under transformer. unless `architecture` is GPT2Model, then the heads' tensors)
     into `folder`, created if need be; returns the folder."""
     from safetensors.torch import save_file
 
@@ -57,7 +59,10 @@ def save_checkpoint(
     values.update(architectures=[architecture], dtype=str(weights.dtype).removeprefix("torch."))
     prefix = "" if architecture == "GPT2Model" else "transformer."
     state = {**weights_state_dict(weights, prefix), **heads}
-    save_file({key: tensor.detach().contiguous() for key, tensor in state.items()}, str(folder / SAFETENSORS),
+    name = SAFETENSORS if quantization is None else QUANTIZED_SAFETENSORS
+    for stale in {SAFETENSORS, QUANTIZED_SAFETENSORS} - {name}:
+        (folder / stale).unlink(missing_ok=True)
+    save_file({key: tensor.detach().contiguous() for key, tensor in state.items()}, str(folder / name),
               metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
     return folder

@@ -18,6 +18,7 @@ from checkpoints import save_model
 from tokenizer_files import save_model_with_tokenizer
 from tritongpt2.cli import QUANTIZATIONS, main
 from tritongpt2.engine import quantize as quantize_module
+from tritongpt2.engine.checkpoint import QUANTIZED_SAFETENSORS
 from tritongpt2.engine.quantize import Quantization, quantize_matrix
 from tritongpt2.heads.base import QuantizedLMHead
 from tritongpt2.kernels.backend import BACKENDS, Backend
@@ -239,7 +240,8 @@ def test_a_quantized_model_saves_its_quantized_tensors_and_loads_them_back_as_sa
         "quant_method": "tritongpt2", "format": q.format, "group_size": q.group_size, "double_quant": q.double_quant, "version": 1,
     }
     assert config["architectures"] == ["GPT2LMHeadModel"]
-    saved = load_file(tmp_path / "saved" / "model.safetensors")
+    saved = load_file(tmp_path / "saved" / QUANTIZED_SAFETENSORS)
+    assert not (tmp_path / "saved" / "model.safetensors").exists()
     fc = model.engine.weights.layers[0].fc_weight
     for field, tensor in fc.tensors().items():
         assert torch.equal(saved[f"transformer.h.0.mlp.c_fc.weight.q{field}"], tensor)
@@ -286,7 +288,7 @@ def test_the_base_model_saves_without_the_transformer_prefix(wide, tmp_path):
 
     model = tritongpt2.GPT2Model.from_pretrained(wide[0], backend="torch", quantization="nf4")
     model.save_pretrained(tmp_path)
-    assert "h.0.attn.c_attn.weight.qdata" in load_file(tmp_path / "model.safetensors")
+    assert "h.0.attn.c_attn.weight.qdata" in load_file(tmp_path / QUANTIZED_SAFETENSORS)
     back = tritongpt2.GPT2Model.from_pretrained(tmp_path, backend="torch")
     assert_same_quantized(back.engine.weights.layers[0].attn_weight, model.engine.weights.layers[0].attn_weight)
 
@@ -301,6 +303,18 @@ def test_a_float_model_saves_what_transformers_loads(wide, tmp_path):
     expected = reference.state_dict()
     for key, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, expected[key]), key
+
+
+def test_transformers_refuses_a_quantized_folder_rather_than_initialising_its_weights(wide, tmp_path):
+    import transformers
+
+    tritongpt2.GPT2LMHeadModel.from_pretrained(wide[0], backend="torch", quantization="int8").save_pretrained(tmp_path)
+    with pytest.raises(OSError, match="model.safetensors"):
+        transformers.GPT2LMHeadModel.from_pretrained(tmp_path)
+    # Saved float over the same folder: the quantized file goes, and transformers reads the new one.
+    tritongpt2.GPT2LMHeadModel.from_pretrained(wide[0], backend="torch").save_pretrained(tmp_path)
+    assert not (tmp_path / QUANTIZED_SAFETENSORS).exists()
+    transformers.GPT2LMHeadModel.from_pretrained(tmp_path)
 
 
 def test_a_conflicting_quantization_for_a_quantized_folder_names_both(wide, tmp_path):
@@ -324,9 +338,9 @@ def test_an_engine_over_quantized_weights_refuses_another_quantization(wide):
 def _edit_saved(folder, change):
     from safetensors.torch import load_file, save_file
 
-    state = load_file(folder / "model.safetensors")
+    state = load_file(folder / QUANTIZED_SAFETENSORS)
     change(state)
-    save_file(state, str(folder / "model.safetensors"))
+    save_file(state, str(folder / QUANTIZED_SAFETENSORS))
 
 
 @pytest.mark.parametrize(
