@@ -4,15 +4,17 @@ Same functions and signatures as the Triton launchers (launchers.py), the same m
 against which the tests hold it. On a CPU each op costs microseconds of dispatch, so the step does as
 few as it can: `cache_access` works out once per step which slots are written, how many are in use
 (attention looks at those only: the host reads that count, which costs nothing here) and which each
-query sees; matmuls with few rows split the weight's columns across threads (cpu_matmul.py); float32
-attention is torch's fused SDPA, where rounding P to V's dtype is a no-op. Unlike the kernels it
-reads the masked slots below the last query (P is 0 there), as transformers does: the engine fills
-them with the request's own padding tokens. Row moments are a kernel device: None here.
+query sees; matmuls with few rows split the weight's columns across threads (cpu_matmul.py), and a
+quantized weight's take the route cpu_quantized.py measured fastest for its format and dtype;
+attention is torch's fused SDPA (its CPU kernel keeps float32 scores and softmax, and in half
+precision multiplies V by P rounded to V's dtype, as the reference does; the tests hold it there).
+Unlike the kernels it reads the masked slots below the last query (P is 0 there), as transformers
+does: the engine fills them with the request's own padding tokens. Row moments are a kernel device: None here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -20,7 +22,9 @@ import torch.nn.functional as F
 
 from .activations import activation_formula
 from .cpu_matmul import addmm_rows
+from .cpu_quantized import gather_rows, quantized_matmul
 from .operands import CacheAccess, Residual
+from .quantized_weight import QuantizedWeight, is_quantized
 
 
 _ACTIVATIONS = {
@@ -63,6 +67,15 @@ class _Prepared:
     write_rows: torch.Tensor  # the (row, slot) of every token written, in token order ...
     write_slots: torch.Tensor
     written: torch.Tensor | None  # ... and which tokens those are, [B * T] flat; None when all of them
+    half_biases: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)  # bias in a half-precision q's dtype
+
+    def bias_for(self, dtype: torch.dtype) -> torch.Tensor:
+        """The 0 / -inf bias in q's dtype (SDPA wants a float mask in the query's dtype), cast once a step."""
+        if dtype == self.bias.dtype:
+            return self.bias
+        if dtype not in self.half_biases:
+            self.half_biases[dtype] = self.bias.to(dtype)
+        return self.half_biases[dtype]
 
 
 def cache_access(
@@ -90,25 +103,34 @@ def cache_access(
     return CacheAccess(slots, query_start, key_mask, prepared, semaphores)
 
 
+def _token_rows(ids: torch.Tensor, wte: torch.Tensor | QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """wte[ids], wide; a quantized wte (the LM head's weight [C, vocab]) has its columns `ids`
+    dequantized and rounded to the activations' dtype, as the reference does."""
+    if is_quantized(wte):
+        return _wide(gather_rows(wte, ids).to(dtype))
+    return _wide(F.embedding(ids, wte))
+
+
 def embedding(
     input_ids: torch.Tensor | None,
     position_ids: torch.Tensor,
-    wte: torch.Tensor,
+    wte: torch.Tensor | QuantizedWeight,
     wpe: torch.Tensor,
     token_type_ids: torch.Tensor | None = None,
     inputs_embeds: torch.Tensor | None = None,
 ) -> Residual:
-    tokens = inputs_embeds if inputs_embeds is not None else F.embedding(input_ids, wte)
-    x = _wide(tokens) + _wide(F.embedding(position_ids, wpe))
+    dtype = wpe.dtype if is_quantized(wte) else wte.dtype
+    tokens = _wide(inputs_embeds) if inputs_embeds is not None else _token_rows(input_ids, wte, dtype)
+    x = tokens + _wide(F.embedding(position_ids, wpe))
     if token_type_ids is not None:
-        x = x + _wide(F.embedding(token_type_ids, wte))
-    return Residual(x.to(wte.dtype))
+        x = x + _token_rows(token_type_ids, wte, dtype)
+    return Residual(x.to(dtype))
 
 
 def decode_embedding(
     input_ids: torch.Tensor | None,
     position_ids: torch.Tensor | None,
-    wte: torch.Tensor,
+    wte: torch.Tensor | QuantizedWeight,
     wpe: torch.Tensor,
     token_type_ids: torch.Tensor | None = None,
     inputs_embeds: torch.Tensor | None = None,
@@ -135,12 +157,21 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     return F.layer_norm(_wide(x), (x.shape[-1],), _wide(weight), _wide(bias), eps).to(x.dtype)
 
 
+def _product(rows: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """rows [M, K] @ weight (+ bias): float32 (float64 as given), or bfloat16 where a quantized
+    weight's route runs a native bfloat16 kernel (cpu_quantized.py), which takes the activations in
+    their own dtype."""
+    if is_quantized(weight):
+        return quantized_matmul(rows, weight, bias)
+    return addmm_rows(_wide(rows), _wide(weight), None if bias is None else _wide(bias))
+
+
 def ln_linear(
     x: Residual,
     ln_weight: torch.Tensor,
     ln_bias: torch.Tensor,
     eps: float,
-    weight: torch.Tensor,
+    weight: torch.Tensor | QuantizedWeight,
     bias: torch.Tensor | None = None,
     activation: str = "linear",
     *,
@@ -148,18 +179,25 @@ def ln_linear(
 ) -> torch.Tensor:
     """The kernels' counters (`semaphores`) serve nothing here, as in linear_residual and mlp."""
     values = x.values
-    # The normalized row is rounded to the weight's dtype before the product, as the kernels feed it.
-    h = _wide(F.layer_norm(_wide(values), (values.shape[-1],), _wide(ln_weight), _wide(ln_bias), eps).to(weight.dtype))
-    y = addmm_rows(h.reshape(-1, h.shape[-1]), _wide(weight), None if bias is None else _wide(bias))
+    # The normalized row is rounded to the weight's dtype (a quantized weight's: the activations')
+    # before the product, as the kernels feed it.
+    dtype = values.dtype if is_quantized(weight) else weight.dtype
+    if values.dtype == ln_weight.dtype == ln_bias.dtype == dtype:
+        # torch's CPU LayerNorm keeps float32 statistics for half-precision rows and rounds once: no casts needed.
+        h = F.layer_norm(values, (values.shape[-1],), ln_weight, ln_bias, eps)
+    else:
+        h = F.layer_norm(_wide(values), (values.shape[-1],), _wide(ln_weight), _wide(ln_bias), eps).to(dtype)
+    y = _product(h.reshape(-1, h.shape[-1]), weight, bias)
     y = activation_function(activation)(y)
     return y.to(values.dtype).view(*values.shape[:-1], weight.shape[1])
 
 
 def linear_residual(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: Residual, *, semaphores: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor, residual: Residual, *,
+    semaphores: torch.Tensor | None = None,
 ) -> Residual:
-    y = addmm_rows(_wide(x).reshape(-1, x.shape[-1]), _wide(weight), _wide(bias))
-    y = y.view(*x.shape[:-1], weight.shape[1]).add_(_wide(residual.values))
+    y = _product(x.reshape(-1, x.shape[-1]), weight, bias)
+    y = y.view(*x.shape[:-1], weight.shape[1]).add_(residual.values)  # in place: the residual's dtype needs no cast
     return Residual(y.to(x.dtype))
 
 
@@ -168,10 +206,10 @@ def mlp(
     ln_weight: torch.Tensor,
     ln_bias: torch.Tensor,
     eps: float,
-    fc_weight: torch.Tensor,
+    fc_weight: torch.Tensor | QuantizedWeight,
     fc_bias: torch.Tensor,
     activation: str,
-    proj_weight: torch.Tensor,
+    proj_weight: torch.Tensor | QuantizedWeight,
     proj_bias: torch.Tensor,
     *,
     semaphores: torch.Tensor | None = None,
@@ -185,7 +223,7 @@ def ln_qkv_projection(
     ln_weight: torch.Tensor,
     ln_bias: torch.Tensor,
     eps: float,
-    weight: torch.Tensor,
+    weight: torch.Tensor | QuantizedWeight,
     bias: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -211,14 +249,10 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ac
     plan: _Prepared = access.prepared
     qh = q.view(batch, seq, n_head, head_dim).transpose(1, 2)  # [B, H, T, D]
     k, v = k_cache[:batch, :, :plan.window], v_cache[:batch, :, :plan.window]
-    if q.dtype == torch.float32:
-        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=plan.bias, scale=scale)
-    elif q.dtype == torch.float64:
+    if q.dtype == torch.float64:
         out = F.scaled_dot_product_attention(qh, k, v, attn_mask=plan.visible, scale=scale)
     else:
-        scores = (_wide(qh) * scale) @ _wide(k).transpose(-1, -2)  # [B, H, T, S]
-        probs = torch.softmax(scores.masked_fill(~plan.visible, float("-inf")), dim=-1)
-        out = probs.to(v.dtype).float() @ v.float()
+        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=plan.bias_for(q.dtype), scale=scale)
     if plan.blind:
         out = out.masked_fill(~plan.visible.any(-1, keepdim=True), 0.0)
     return out.transpose(1, 2).reshape(batch, seq, width).to(q.dtype)

@@ -1,0 +1,223 @@
+"""The torch backend's ops on quantized weights (kernels/cpu_quantized.py) against the reference's
+quantize-then-dequantize, every format in float32, float16 and bfloat16 at 1, 5 and 40 rows, and
+the routes each (format, dtype) takes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from numerics import as_float64, assert_close, poisoned_allocations
+from test_attention import DECODE, PREFILL, cache_case, check, index
+from test_embedding import cache_state
+from tritongpt2.engine.quantize import Quantization, quantize_matrix
+from tritongpt2.kernels import cpu_quantized, reference
+from tritongpt2.kernels import torch_ops as ops
+from tritongpt2.kernels.cpu_quantized import quantized_matmul
+from tritongpt2.kernels.operands import CacheAccess, Residual
+
+FORMATS = [Quantization("int8"), Quantization("int4", 32), Quantization("int4", 64), Quantization("int4", 128),
+           Quantization("nf4"), Quantization("nf4", double_quant=True)]
+FORMAT_IDS = ["int8", "int4-g32", "int4-g64", "int4-g128", "nf4", "nf4-dq"]
+# bfloat16 too: the torch backend runs it on the CPU (only the interpreter's bfloat16 dot is wrong).
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ROWS = [1, 5, 40]
+# (K, N): K a multiple of every group; N neither a multiple of 16 (the int4 kernel pads it) nor of a block.
+SHAPES = [(128, 40), (256, 72), (128, 300)]
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """Blocks of columns a few times smaller than the weights, so that every route runs several
+    blocks, a partial last one included, and the int4 pack several chunks."""
+    monkeypatch.setattr(cpu_quantized, "CHUNK_ELEMENTS", 128 * 24)
+    monkeypatch.setattr(cpu_quantized, "PACK_ROWS", 64)
+
+
+def weight(k: int, n: int, quantization: Quantization, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return quantize_matrix(torch.randn(k, n, generator=g) * k**-0.5, quantization)
+
+
+def randn(*shape: int, dtype: torch.dtype, scale: float = 1.0, seed: int = 1) -> torch.Tensor:
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
+
+
+def layer_norm_params(width: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return randn(width, dtype=dtype, scale=0.5, seed=2) + 1.0, randn(width, dtype=dtype, scale=0.5, seed=3)
+
+
+def residual_stream(rows: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    x = randn(rows, width, dtype=torch.float32, seed=4) * 2.0 + 30.0
+    x[:, ::17] *= 8.0
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("quantization", FORMATS, ids=FORMAT_IDS)
+def test_ln_linear_matches_the_dequantized_reference(quantization, k, n, rows, dtype):
+    w = weight(k, n, quantization)
+    x = residual_stream(rows, k, dtype)
+    ln_w, ln_b = layer_norm_params(k, dtype)
+    b = randn(n, dtype=dtype, seed=5)
+    with poisoned_allocations():
+        out = ops.ln_linear(Residual(x), ln_w, ln_b, 1e-5, w, b, "gelu_new")
+    oracle = reference.ln_linear(*as_float64(x, ln_w, ln_b), 1e-5, w, b.double(), "gelu_new")
+    assert out.dtype == dtype
+    assert_close(out, oracle, reference.ln_linear(x, ln_w, ln_b, 1e-5, w, b, "gelu_new"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("quantization", FORMATS, ids=FORMAT_IDS)
+def test_linear_residual_matches_the_dequantized_reference(quantization, k, n, rows, dtype):
+    w = weight(k, n, quantization)
+    x, residual = randn(rows, k, dtype=dtype, seed=6), randn(rows, n, dtype=dtype, seed=7)
+    b = randn(n, dtype=dtype, seed=8)
+    with poisoned_allocations():
+        out = ops.linear_residual(x, w, b, Residual(residual))
+    oracle = reference.linear_residual(x.double(), w, b.double(), residual.double())
+    assert_close(out.values, oracle, reference.linear_residual(x, w, b, residual))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("quantization", FORMATS, ids=FORMAT_IDS)
+def test_mlp_matches_the_dequantized_reference(quantization, rows, dtype):
+    width, inner = 128, 256
+    fc, proj = weight(width, inner, quantization, seed=10), weight(inner, width, quantization, seed=11)
+    x = residual_stream(rows, width, dtype)
+    ln_w, ln_b = layer_norm_params(width, dtype)
+    fc_b, proj_b = randn(inner, dtype=dtype, seed=12), randn(width, dtype=dtype, seed=13)
+    with poisoned_allocations():
+        out = ops.mlp(Residual(x), ln_w, ln_b, 1e-5, fc, fc_b, "gelu_new", proj, proj_b)
+    oracle = reference.mlp(*as_float64(x, ln_w, ln_b), 1e-5, fc, fc_b.double(), "gelu_new", proj, proj_b.double())
+    assert_close(out.values, oracle, reference.mlp(x, ln_w, ln_b, 1e-5, fc, fc_b, "gelu_new", proj, proj_b))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,seq", [(1, 1), (1, 5), (2, 20)])
+@pytest.mark.parametrize("quantization", FORMATS, ids=FORMAT_IDS)
+def test_ln_qkv_projection_writes_q_and_the_cache(quantization, batch, seq, dtype):
+    heads, head_dim, slots = 2, 64, 24
+    width = heads * head_dim
+    w = weight(width, 3 * width, quantization)
+    x = residual_stream(batch * seq, width, dtype).view(batch, seq, width)
+    ln_w, ln_b = layer_norm_params(width, dtype)
+    b = randn(3 * width, dtype=dtype, seed=14)
+    cache_slots = torch.arange(batch)[:, None] * 2 + torch.arange(seq)
+    key_mask = torch.ones(batch, slots, dtype=torch.int32)
+    access: CacheAccess = ops.cache_access(cache_slots, cache_slots[:, 0].contiguous(), key_mask)
+    shape = (batch, heads, slots, head_dim)
+    k_cache, v_cache = torch.full(shape, float("nan"), dtype=dtype), torch.full(shape, float("nan"), dtype=dtype)
+    with poisoned_allocations():
+        q = ops.ln_qkv_projection(Residual(x), ln_w, ln_b, 1e-5, w, b, k_cache, v_cache, access)
+    k_oracle, v_oracle = (torch.full(shape, float("nan"), dtype=torch.float64) for _ in "kv")
+    q_oracle = reference.ln_qkv_projection(*as_float64(x, ln_w, ln_b), 1e-5, w, b.double(), k_oracle, v_oracle, cache_slots)
+    k_same, v_same = torch.full(shape, float("nan"), dtype=dtype), torch.full(shape, float("nan"), dtype=dtype)
+    q_same = reference.ln_qkv_projection(x, ln_w, ln_b, 1e-5, w, b, k_same, v_same, cache_slots)
+    assert_close(q, q_oracle, q_same)
+    written = ~torch.isnan(k_oracle)
+    assert torch.equal(~torch.isnan(k_cache), written)
+    assert_close(k_cache[written], k_oracle[written], k_same[written])
+    assert_close(v_cache[written], v_oracle[written], v_same[written])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (1, 5), (2, 20)])
+@pytest.mark.parametrize("quantization", FORMATS, ids=FORMAT_IDS)
+def test_embedding_gathers_and_dequantizes_the_tied_heads_columns(quantization, shape, dtype):
+    vocab, width, positions = 301, 128, 40
+    wte = weight(width, vocab, quantization)  # the LM head's weight [C, vocab]
+    wpe = randn(positions, width, dtype=dtype, seed=15)
+    g = torch.Generator().manual_seed(16)
+    input_ids, token_types = torch.randint(0, vocab, shape, generator=g), torch.randint(0, vocab, shape, generator=g)
+    position_ids = torch.randint(0, positions, shape, generator=g)
+    with poisoned_allocations():
+        out = ops.embedding(input_ids, position_ids, wte, wpe, token_types)
+    oracle = reference.embedding(input_ids, position_ids, wte, wpe.double(), token_types)
+    assert out.values.dtype == dtype
+    assert_close(out.values, oracle, reference.embedding(input_ids, position_ids, wte, wpe, token_types))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("quantization", FORMATS, ids=FORMAT_IDS)
+def test_decode_embedding_dequantizes_and_keeps_the_cache_books(quantization, dtype):
+    vocab, width, n_slots, batch = 97, 128, 24, 3
+    wte = weight(width, vocab, quantization)
+    wpe = randn(n_slots + 3, width, dtype=dtype, seed=17)
+    input_ids = torch.randint(0, vocab, (batch, 1), generator=torch.Generator().manual_seed(18))
+    state = cache_state(5, n_slots, batch, seed=19)
+    expected, in_dtype = ({name: t.clone() for name, t in state.items()} for _ in range(2))
+    with poisoned_allocations():
+        out, slots = ops.decode_embedding(input_ids, None, wte, wpe, **state)
+    oracle, oracle_slots = reference.decode_embedding(input_ids, None, wte, wpe.double(), **expected)
+    same_dtype, _ = reference.decode_embedding(input_ids, None, wte, wpe, **in_dtype)
+    assert_close(out.values, oracle, same_dtype)
+    assert torch.equal(slots, oracle_slots)
+    for name in ("lengths", "next_position", "key_mask"):
+        assert torch.equal(state[name], expected[name]), name
+
+
+@pytest.mark.parametrize("batch,seq,heads,head_dim,cache_rows,slots,starts", PREFILL)
+def test_bfloat16_flash_attention_matches_reference(batch, seq, heads, head_dim, cache_rows, slots, starts):
+    # The quantized models' bfloat16 activations meet torch's SDPA, which test_attention runs in
+    # float32 and float16 only on the CPU.
+    k_cache, v_cache, key_mask = cache_case(batch, heads, head_dim, cache_rows, slots, torch.bfloat16)
+    key_mask[0, :1] = 0
+    q = randn(batch, seq, heads * head_dim, dtype=torch.bfloat16, seed=21)
+    check(ops, "flash_attention", q, k_cache, v_cache, index(starts), key_mask, head_dim**-0.5)
+
+
+@pytest.mark.parametrize("batch,heads,head_dim,cache_rows,slots,query_slots", DECODE)
+def test_bfloat16_decode_attention_matches_reference(batch, heads, head_dim, cache_rows, slots, query_slots):
+    k_cache, v_cache, key_mask = cache_case(batch, heads, head_dim, cache_rows, slots, torch.bfloat16)
+    key_mask[0, : query_slots[0] // 2] = 0
+    q = randn(batch, heads * head_dim, dtype=torch.bfloat16, seed=22)
+    check(ops, "decode_attention", q, k_cache, v_cache, index(query_slots), key_mask, head_dim**-0.5)
+
+
+def test_full_size_blocks_match_too(monkeypatch):
+    # The module's own block sizes: one block and one pack chunk for these weights.
+    monkeypatch.undo()
+    for quantization in FORMATS:
+        w = weight(256, 300, quantization)
+        for dtype in DTYPES:
+            x = randn(5, 256, dtype=dtype, seed=20)
+            oracle = x.double() @ reference.dequantize(w).double()
+            assert_close(quantized_matmul(x, w).to(dtype), oracle, (x.float() @ reference.matrix(w, dtype).float()).to(dtype))
+
+
+class Calls:
+    def __init__(self, monkeypatch, *names: str) -> None:
+        self.calls: list[str] = []
+        for name in names:
+            original = getattr(torch, name)
+            monkeypatch.setattr(torch, name, self._spy(name, original))
+
+    def _spy(self, name, original):
+        def spy(*args, **kwargs):
+            self.calls.append(name)
+            return original(*args, **kwargs)
+        return spy
+
+
+@pytest.mark.parametrize("quantization,dtype,route", [
+    (Quantization("int8"), torch.bfloat16, "_weight_int8pack_mm"),
+    (Quantization("int4", 64), torch.bfloat16, "_weight_int4pack_mm_for_cpu"),
+    (Quantization("int8"), torch.float32, "mm"),
+    (Quantization("int8"), torch.float16, "mm"),
+    (Quantization("int4", 64), torch.float32, "mm"),
+    (Quantization("nf4"), torch.bfloat16, "mm"),
+], ids=["int8-bf16", "int4-bf16", "int8-f32", "int8-f16", "int4-f32", "nf4-bf16"])
+def test_each_format_and_dtype_takes_its_route(monkeypatch, quantization, dtype, route):
+    calls = Calls(monkeypatch, "_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu", "mm")
+    w = weight(128, 300, quantization)
+    quantized_matmul(randn(1, 128, dtype=dtype), w)
+    assert set(calls.calls) == {route}
+    # Nothing the size of the dequantized weight is kept: the int4 pack is 0.5 byte a weight.
+    kept = sum(t.numel() * t.element_size() for t in cpu_quantized._PREPARED.get(w, {}).values())
+    assert kept <= 128 * 304 // 2 + 2 * 2 * 304 * 2
