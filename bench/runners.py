@@ -2,15 +2,18 @@
 ctranslate2_runner.py).
 
 transformers eager and sdpa (dynamic cache), transformers sdpa over a static cache with its decode
-step compiled, and tritongpt2 with CUDA graphs off and on. All read one random-weight transformers
-model's tensors in place. Each runner sizes what it allocates (KV caches, engines) to the workload at
-hand and frees it in release(), so that runners and workloads never hold caches at the same time.
+step compiled, tritongpt2 with CUDA graphs off and on, and tritongpt2 with weight-only quantized
+weights (int8, int4, nf4) quantized in-process from the same model. All but the quantized ones read
+one random-weight transformers model's tensors in place. Each runner sizes what it allocates (KV
+caches, engines) to the workload at hand and frees it in release(), so that runners and workloads
+never hold caches at the same time.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+from dataclasses import fields, replace
 from typing import Callable
 
 import torch
@@ -19,7 +22,9 @@ from tritongpt2.engine.config import GPT2Config
 from tritongpt2.engine.engine import Engine
 from tritongpt2.engine.generation import generate
 from tritongpt2.engine.options import EngineOptions
-from tritongpt2.engine.weights import shared_weights
+from tritongpt2.engine.quantize import Quantization, quantize_weights
+from tritongpt2.engine.weights import GPT2Weights, shared_weights
+from tritongpt2.kernels.quantized_weight import is_quantized
 
 from .timing import median_ms
 
@@ -34,7 +39,12 @@ class Runner:
     name: str
     kinds: tuple[str, ...] = KINDS  # the workloads it runs; the others get no row
     weight_bytes: int | None = None  # bytes of weights a step reads, when not the model's own (a converted copy)
+    activation_dtype: torch.dtype | None = None  # the activations' and KV cache's dtype, when not the model's
     embed_note: str | None = None  # what its embed figure measures beyond the hidden states, if anything
+
+    def runs(self, work) -> bool:
+        """Whether it times a workload (suite.Workload)."""
+        return work.kind in self.kinds
 
     def embed(self, ids: torch.Tensor) -> object:
         raise NotImplementedError
@@ -166,6 +176,8 @@ class HFCompiledStaticRunner(HFRunner):
 
 
 class TritonGPT2Runner(Runner):
+    checks_parity = True  # its logits are held to transformers' in the suite's parity check
+
     def __init__(self, model: torch.nn.Module, *, backend: str, cuda_graphs: bool) -> None:
         self.name = "tritongpt2" if cuda_graphs or backend != "triton" else "tritongpt2-nograph"
         self.backend = backend
@@ -200,3 +212,46 @@ class TritonGPT2Runner(Runner):
 
     def release(self) -> None:
         self.engine = None
+
+
+def _cast_floats(weights: GPT2Weights, dtype: torch.dtype) -> GPT2Weights:
+    """The weights with every float tensor (biases, LayerNorms, wpe) in `dtype`; quantized ones as they are."""
+    def cast(value):
+        return value if is_quantized(value) else value.to(dtype)
+
+    layers = [replace(layer, **{f.name: cast(getattr(layer, f.name)) for f in fields(layer)}) for layer in weights.layers]
+    tied = weights.wte is weights.lm_head
+    lm_head = cast(weights.lm_head)
+    return replace(weights, wte=lm_head if tied else cast(weights.wte), wpe=cast(weights.wpe), layers=layers,
+                   ln_f_weight=cast(weights.ln_f_weight), ln_f_bias=cast(weights.ln_f_bias), lm_head=lm_head)
+
+
+def _weights_nbytes(weights: GPT2Weights) -> int:
+    seen: dict[int, int] = {}
+    for value in (weights.wte, weights.wpe, weights.ln_f_weight, weights.ln_f_bias, weights.lm_head,
+                  *(getattr(layer, f.name) for layer in weights.layers for f in fields(layer))):
+        seen[id(value)] = value.nbytes
+    return sum(seen.values())
+
+
+class QuantizedTritonGPT2Runner(TritonGPT2Runner):
+    """tritongpt2 on the model's weights quantized in-process (`quantize_weights`, from the float
+    weights), with the activations, biases, LayerNorms, wpe and the KV cache in `activation_dtype`:
+    named tritongpt2-<format>-<dtype>, e.g. tritongpt2-int8-bfloat16. `only`: the labels of the
+    workloads it times (suite.Workload.label), None for every one. Its logits are not the float
+    model's: the parity check leaves it out (bench/quantization_accuracy.py measures what it costs)."""
+
+    checks_parity = False
+
+    def __init__(self, model: torch.nn.Module, quantization: Quantization, activation_dtype: torch.dtype, *,
+                 backend: str = "torch", only: tuple[str, ...] | None = None) -> None:
+        super().__init__(model, backend=backend, cuda_graphs=False)
+        self.quantization = quantization
+        self.activation_dtype = activation_dtype
+        self.only = only
+        self.name = f"tritongpt2-{quantization.format}-{str(activation_dtype).removeprefix('torch.')}"
+        self.weights = _cast_floats(quantize_weights(self.weights, self.config, quantization), activation_dtype)
+        self.weight_bytes = _weights_nbytes(self.weights)
+
+    def runs(self, work) -> bool:
+        return super().runs(work) and (self.only is None or work.label in self.only)

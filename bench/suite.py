@@ -29,7 +29,9 @@ from .ideal import ideal_bytes, ideal_flops
 from .model_shapes import ModelShape
 from .peaks import Peaks, measure_peaks
 from .progress import Progress
-from .runners import HFCompiledStaticRunner, HFRunner, Runner, TritonGPT2Runner
+from tritongpt2.engine.quantize import Quantization
+
+from .runners import HFCompiledStaticRunner, HFRunner, QuantizedTritonGPT2Runner, Runner, TritonGPT2Runner
 from .timing import median_ms
 
 WARMUP, REPEATS = 3, 10
@@ -69,7 +71,14 @@ CPU_WORKLOADS = (Workload("embed", 1, 16), Workload("embed", 1, 128), Workload("
 QUICK_WORKLOADS = (Workload("embed", 2, 16), Workload("prefill", 1, 32), Workload("decode", 2, 32), Workload("generate", 1, 8, 8))
 QUICK_SHAPE = ModelShape("tiny", 64, 4, 2, vocab_size=512, n_positions=128)
 GPU_IMPLS = ("hf-eager", "hf-sdpa", "hf-compile-static", "tritongpt2-nograph", "tritongpt2")
-CPU_IMPLS = ("hf-eager", "hf-sdpa", "tritongpt2", *(f"ctranslate2-{c}" for c in COMPUTE_TYPES))
+# tritongpt2 on weight-only quantized weights, side by side with CTranslate2 int8 on the CPU: (format,
+# activation dtype). int8 runs a native kernel with bfloat16 activations and the float32 route with
+# float32 ones (kernels/cpu_quantized.py); int4 natively in bfloat16; nf4 has no native kernel.
+CPU_QUANTIZED = (("int8", torch.bfloat16), ("int8", torch.float32), ("int4", torch.bfloat16), ("nf4", torch.bfloat16))
+CPU_QUANTIZED_WORKLOADS = ("embed 1x16", "decode 1x128")  # the labels of the workloads they time
+CPU_IMPLS = ("hf-eager", "hf-sdpa", "tritongpt2",
+             *(f"tritongpt2-{f}-{str(d).removeprefix('torch.')}" for f, d in CPU_QUANTIZED),
+             *(f"ctranslate2-{c}" for c in COMPUTE_TYPES))
 
 RunnerFactories = list[tuple[str, Callable[[], Runner]]]
 
@@ -178,6 +187,10 @@ def runners_for(model: torch.nn.Module, device: torch.device) -> RunnerFactories
         ]
     else:
         made.append(("tritongpt2", lambda: TritonGPT2Runner(model, backend="torch", cuda_graphs=False)))
+        if model.dtype == torch.float32:  # quantized from the float32 weights
+            made += [(f"tritongpt2-{f}-{str(d).removeprefix('torch.')}",
+                      lambda f=f, d=d: QuantizedTritonGPT2Runner(model, Quantization(f), d, only=CPU_QUANTIZED_WORKLOADS))
+                     for f, d in CPU_QUANTIZED]
         if ctranslate2_installed() and model.dtype == torch.float32:
             made += [(f"ctranslate2-{c}", lambda c=c: CTranslate2Runner(model, c)) for c in COMPUTE_TYPES]
     return made
@@ -302,7 +315,7 @@ def _time_model(
     for work in workloads:
         ids = prompt_ids(shape, work, device, warmup, repeats)
         errors = {name: r for name, r in made.items() if isinstance(r, str)}
-        timed = {name: r for name, r in made.items() if not isinstance(r, str) and work.kind in r.kinds}
+        timed = {name: r for name, r in made.items() if not isinstance(r, str) and r.runs(work)}
         rounds_ms: dict[str, list[float]] = {name: [] for name in timed}
         for round_index in range(rounds):
             for name, runner in timed.items():
@@ -326,8 +339,10 @@ def _time_model(
             if name in errors:
                 records.append(record | {"error": errors[name]})
             elif name in timed:
-                scale = runner.weight_bytes / model_bytes if runner.weight_bytes else 1.0
-                records.append(record | _timing(shape, work, dtype.itemsize, rounds_ms[name], peaks, scale))
+                # Activations and cache at `element` bytes; the weights' bytes over theirs at `element`.
+                element = (runner.activation_dtype or dtype).itemsize
+                scale = runner.weight_bytes / (model_bytes / dtype.itemsize * element) if runner.weight_bytes else 1.0
+                records.append(record | _timing(shape, work, element, rounds_ms[name], peaks, scale))
                 if work.kind == "embed" and runner.embed_note:
                     records[-1]["note"] = runner.embed_note
     return records
@@ -347,7 +362,7 @@ def _timing(shape: ModelShape, work: Workload, element: int, rounds_ms: list[flo
 def _check_parity(
     shape: ModelShape, dtype: torch.dtype, model: torch.nn.Module, made: dict[str, Runner | str], device: torch.device, quick: bool,
 ) -> list[dict]:
-    checked = [r for r in made.values() if isinstance(r, TritonGPT2Runner)]
+    checked = [r for r in made.values() if isinstance(r, TritonGPT2Runner) and r.checks_parity]
     if quick:
         # The kernels themselves, under the interpreter: checked, not timed (its speed means
         # nothing), and after the timings, whose CPU it would disturb.
