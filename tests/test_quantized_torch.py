@@ -4,6 +4,8 @@ the routes each (format, dtype) takes."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -29,9 +31,11 @@ SHAPES = [(128, 40), (256, 72), (128, 300)]
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
     """Blocks of columns a few times smaller than the weights, so that every route runs several
-    blocks, a partial last one included, and the int4 pack several chunks."""
+    blocks, a partial last one included, and the int4 pack several chunks. The block buffers are
+    the test's own, made inside poisoned_allocations: NaN wherever a block is not written."""
     monkeypatch.setattr(cpu_quantized, "CHUNK_ELEMENTS", 128 * 24)
     monkeypatch.setattr(cpu_quantized, "PACK_ROWS", 64)
+    monkeypatch.setattr(cpu_quantized, "_SCRATCH", threading.local())
 
 
 def weight(k: int, n: int, quantization: Quantization, seed: int = 0):
