@@ -6,6 +6,8 @@ traffic that L2 would partly absorb), plus the small torch ops of the step. Tran
 each aten op of its forward reads and writes, through a TorchDispatchMode; ops that only make views
 move nothing, and a gather (the embedding) reads the rows it gathers, not the table. The step runs at
 the real per-layer shapes with 1 and 2 layers; the difference is one layer, scaled to full depth.
+With a quantization, ours runs the engine's quantized weights against the ideal of that format
+(transformers, which has no such format of its own here, is not run).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tritongpt2.engine.quantize import Quantization
 from tritongpt2.kernels.launch import VIEW_OPS, LaunchRecord, observing_launches
 
 from .ideal import ideal_bytes
@@ -128,14 +131,18 @@ def _ids(shape: ModelShape, batch: int, seq: int) -> torch.Tensor:
     return torch.randint(0, shape.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seq))
 
 
-def ours_step(model: torch.nn.Module, shape: ModelShape, workload: str, batch: int, context: int) -> StepTraffic:
+def ours_step(
+    model: torch.nn.Module, shape: ModelShape, workload: str, batch: int, context: int,
+    quantization: Quantization | None = None,
+) -> StepTraffic:
     from tritongpt2.engine.config import GPT2Config
     from tritongpt2.engine.engine import Engine
     from tritongpt2.engine.options import EngineOptions
     from tritongpt2.engine.weights import shared_weights
 
     config = GPT2Config.from_dict(model.config.to_dict())
-    engine = Engine(config, shared_weights(model, config), EngineOptions(backend="interpret", max_batch=batch))
+    options = EngineOptions(backend="interpret", max_batch=batch, quantization=quantization)
+    engine = Engine(config, shared_weights(model, config), options)
     traffic = StepTraffic()
     aten = AtenTraffic(traffic)
     if workload == "decode":
@@ -177,7 +184,9 @@ def scaled(one: StepTraffic, two: StepTraffic, layers: int) -> tuple[int, int]:
     return (one.bytes + (layers - 1) * (two.bytes - one.bytes), one.launches + (layers - 1) * (two.launches - one.launches))
 
 
-def run_traffic_audit(shape: ModelShape, workload: str, batch: int, context: int, dtype: torch.dtype) -> list[dict]:
+def run_traffic_audit(
+    shape: ModelShape, workload: str, batch: int, context: int, dtype: torch.dtype, quantization: Quantization | None = None
+) -> list[dict]:
     if workload not in WORKLOADS:
         raise ValueError(f"workload {workload!r} must be one of {', '.join(WORKLOADS)}")
     if not 1 <= context <= shape.n_positions:
@@ -187,13 +196,17 @@ def run_traffic_audit(shape: ModelShape, workload: str, batch: int, context: int
     models = {n: build_model(replace(shape, n_layer=n), dtype, torch.device("cpu")) for n in (1, 2)}
     for model in models.values():
         model.config._attn_implementation = "eager"
-    ideal = ideal_bytes(shape, workload, batch, context, element)
-    for impl, step in (("tritongpt2", ours_step), ("hf-eager", hf_step)):
+    ideal = ideal_bytes(shape, workload, batch, context, element, quantization=quantization)
+    steps = [("tritongpt2", lambda *args: ours_step(*args, quantization))]
+    if quantization is None:
+        steps.append(("hf-eager", hf_step))
+    for impl, step in steps:
         one, two = (step(models[n], shape, workload, batch, context) for n in (1, 2))
         total, launches = scaled(one, two, shape.n_layer)
         rows.append({
             "model": shape.name, "workload": workload, "batch": batch, "context": context, "n_layer": shape.n_layer,
             "dtype": str(dtype).removeprefix("torch."), "impl": impl, "bytes": total, "ideal_bytes": ideal,
+            "quantization": None if quantization is None else quantization.describe(),
             "ratio_to_ideal": round(total / ideal, 3), "launches": launches,
             "launches_per_layer": two.launches - one.launches,
             "fewest_programs": min((p for k, p in two.fewest_programs.items() if k not in ROW_KERNELS), default=None),
