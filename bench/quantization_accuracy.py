@@ -20,7 +20,9 @@ c_proj, c_fc, mlp c_proj, the tied LM head / wte), biases, LayerNorms and wpe in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -192,3 +194,15 @@ def markdown(shape: ModelShape, rows: list[AccuracyRow], memory: list[dict], act
         lines.append("| " + " | ".join(row["model"] if k == "model" else f"{row[k]:.0f}" for k in keys) + " |")
     return "\n".join(lines) + "\n"
 
+
+
+def write_results(folder: Path, shape: ModelShape, rows: list[AccuracyRow], memory: list[dict], activations: str,
+                  versions: dict) -> Path:
+    """quantization-<model>-<activations>.json and .md in `folder`; returns the markdown's path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / f"quantization-{shape.name}-{activations}"
+    document = {"model": shape.name, "activations": activations, "prompt_tokens": PROMPT_TOKENS, "versions": versions,
+                "rows": [asdict(row) for row in rows], "memory_mb": memory}
+    stem.with_suffix(".json").write_text(json.dumps(document, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(shape, rows, memory, activations))
+    return stem.with_suffix(".md")

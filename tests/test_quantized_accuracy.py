@@ -61,3 +61,25 @@ def test_memory_table_orders_the_formats() -> None:
         assert row["float16"] > row["int8 (per-channel scales)"] > row["int4 (groups of 32)"] > row["nf4 (groups of 64)"]
         assert row["nf4 (groups of 64)"] > row["nf4 (groups of 64, double quantization)"]
     assert 6000 < xl["float32"] < 6400  # 1.56 billion weights
+
+
+def test_audit_quantization_writes_the_measurement(tmp_path, monkeypatch) -> None:
+    import json
+
+    from tritongpt2.bench import quantization_accuracy
+    from tritongpt2.cli import main
+
+    real = quantization_accuracy.measure
+    asked = {}
+
+    def on_tiny(shape, **options):
+        asked.update(options, model=shape.name)
+        return real(TINY, MEASURED[:2], **options)
+
+    monkeypatch.setattr(quantization_accuracy, "measure", on_tiny)
+    assert main(["audit", "quantization", "--model", "gpt2", "--tokens", "4", "--output", str(tmp_path)]) == 0
+    assert asked == {"model": "gpt2", "new_tokens": 4, "dtype": torch.float32}
+    document = json.loads((tmp_path / "quantization-gpt2-float32.json").read_text())
+    assert [row["format"] for row in document["rows"]] == [q.describe() for q in MEASURED[:2]]
+    assert {row["model"] for row in document["memory_mb"]} == {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"}
+    assert "| int8 (per-channel scales) |" in (tmp_path / "quantization-gpt2-float32.md").read_text()

@@ -303,6 +303,22 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_quantization(args: argparse.Namespace) -> int:
+    from tritongpt2.bench.model_shapes import model_shape
+    from tritongpt2.bench.quantization_accuracy import measure, memory_table, write_results
+    from tritongpt2.bench.quiet import quiet_transformers
+    from tritongpt2.bench.suite import versions
+
+    shape = model_shape(args.model)
+    output = _output_folder(args, "quantization")
+    with quiet_transformers():
+        rows = measure(shape, new_tokens=args.tokens, dtype=_dtype(args.dtype))
+    memory = memory_table([model_shape(name) for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")])
+    path = write_results(output, shape, rows, memory, args.dtype, versions())
+    print(path.read_text())
+    return 0
+
+
 def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder (or hub id, with a network)")
     parser.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: the checkpoint's)")
@@ -433,6 +449,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "./tritongpt2-results/traffic-<time> folder)")
     traffic.add_argument("--update-committed", action="store_true", help="merge the rows into the checkout's bench/results")
     traffic.set_defaults(run=_audit_traffic)
+    quantization = audits.add_parser("quantization", help="each weight-only format's logits error, greedy agreement "
+                                     "and memory against float32 on the same random weights (CPU, torch backend)")
+    quantization.add_argument("--model", default="gpt2", choices=_model_names())
+    quantization.add_argument("--tokens", type=int, default=128, help="greedy continuation compared (default: %(default)s)")
+    quantization.add_argument("--dtype", choices=DTYPES, default="float32", help="the engine's activations")
+    quantization.add_argument("--output", help="folder for quantization-<model>-<dtype>.json and .md (default: a new "
+                              "./tritongpt2-results/quantization-<time> folder)")
+    quantization.add_argument("--update-committed", action="store_true", help="write them into the checkout's bench/results")
+    quantization.set_defaults(run=_audit_quantization)
     return parser
 
 
