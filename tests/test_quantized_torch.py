@@ -74,6 +74,20 @@ def test_ln_linear_matches_the_dequantized_reference(quantization, k, n, rows, d
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("quantization", FORMATS, ids=FORMAT_IDS)
+def test_the_lm_head_has_no_bias_and_keeps_the_rows_shape(quantization, dtype):
+    # The tied head: W = wte.T [C, vocab], vocabulary not a multiple of 16, hidden states [B, T, C].
+    w = weight(128, 301, quantization)
+    x = residual_stream(6, 128, dtype).view(2, 3, 128)
+    ln_w, ln_b = layer_norm_params(128, dtype)
+    with poisoned_allocations():
+        logits = ops.ln_linear(Residual(x), ln_w, ln_b, 1e-5, w, None)
+    assert logits.shape == (2, 3, 301)
+    oracle = reference.ln_linear(*as_float64(x, ln_w, ln_b), 1e-5, w, None)
+    assert_close(logits, oracle, reference.ln_linear(x, ln_w, ln_b, 1e-5, w, None))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("k,n", SHAPES)
 @pytest.mark.parametrize("quantization", FORMATS, ids=FORMAT_IDS)
