@@ -13,17 +13,20 @@ takes 220-300 us at M=1, 2.6 ms at M=16):
   (q - z) * s, gives it zero = (8 - z) * s. N is padded to its multiple of 16. Its float32 and
   float16 paths: 4.4 ms and 6.9 ms at M=1.
 - every other pair (float32 and float16 rows, nf4 with any): W dequantized to float32 in blocks of
-  columns (at most CHUNK_ELEMENTS weights, in a buffer each thread reuses) and multiplied in
-  float32: int8 about 1.5-2x float32's matmul at M=1 (the int8 to float32 conversion is the cost),
-  on par at 16-40 rows. A 4-bit block is unpacked with two byte ops into its even rows then its odd
-  rows (the rows are multiplied in that order: no interleaving pass); nf4's code values are gathered
-  with index_select, the slowest step (about 1.5 ns a weight).
+  columns (at most CHUNK_ELEMENTS weights, in buffers each thread keeps: 26 MB at most) and
+  multiplied in float32. int8: 0.5-0.8 ms at M=1, 2-3x float32's matmul (the int8 to float32
+  conversion is the cost), on par at 16 rows. A 4-bit block is unpacked with two byte ops into its
+  even rows then its odd rows (the rows are multiplied in that order: no interleaving pass), then
+  shifted and scaled per group: int4 1.6-2.8 ms at M=1, 3-4 ms at M=16. nf4's code values are
+  gathered with index_select, the slowest step (about 1.5 ns a weight): 4.6-5.3 ms at M=1, 5-6 ms
+  at M=16, bfloat16 rows included (no kernel takes nf4).
 
 The bfloat16 routes compute in bfloat16: their product is rounded to it, and so is the sum with the
 bias (and the activation and residual the caller applies), where the reference rounds once at the
-end; bfloat16 rows are held to bfloat16's tolerance, which this stays well inside. The float32 route is as exact as the
-reference's dequantize-then-multiply, for any activation dtype. W's N-major storage (quantized_weight.py)
-makes a block of columns, and an embedding's row, contiguous bytes.
+end; bfloat16 rows are held to bfloat16's tolerance, which this stays well inside. The float32
+route is as exact as the reference's dequantize-then-multiply, for any activation dtype. W's
+N-major storage (quantized_weight.py) makes a block of columns, and an embedding's row, contiguous
+bytes. The timings were taken while other jobs shared the cores: read them as ratios.
 """
 
 from __future__ import annotations
