@@ -10,6 +10,10 @@ logits at the continuation's positions are compared with float32's:
                        weights (plain PyTorch): the format's own error
     kernel_ratio       logits_rel_error / plain_rel_error: the error the engine's quantized matmuls
                        add beyond the format's (1.0 adds none)
+    layer_rel_error    the residual stream after the first layer against the float32 engine's (the
+                       error one layer adds; random weights at 0.2 saturate attention's softmax, so
+                       across many layers a small error flips which key a head attends to, and the
+                       logits' error compounds far beyond what trained weights show)
     top1_agreement     the positions (of NEW_TOKENS) whose argmax is float32's greedy token
     greedy_prefix      tokens of the engine's own greedy continuation equal to float32's before the
                        first difference (free-running: one early difference changes the rest)
@@ -52,6 +56,7 @@ class AccuracyRow:
     logits_rel_error: float
     plain_rel_error: float
     kernel_ratio: float
+    layer_rel_error: float
     top1_agreement: int
     greedy_prefix: int
     tokens: int  # the continuation's length
@@ -72,6 +77,11 @@ def _dequantized(weights: GPT2Weights) -> dict[str, torch.Tensor]:
             state[f"transformer.h.{i}.{key}.weight"] = dequantize(getattr(layer, name))
     state["transformer.wte.weight"] = dequantize(weights.lm_head).T.contiguous()
     return state
+
+
+def _first_layer_output(step) -> torch.Tensor:
+    """The residual stream leaving layer 0 (the model has two layers or more)."""
+    return step.layer_inputs[1]
 
 
 def _floats_in(weights: GPT2Weights, dtype: torch.dtype) -> GPT2Weights:
@@ -133,11 +143,14 @@ def measure(
     continuation = text[0, PROMPT_TOKENS:]
     float_weights = shared_weights(model, config)
     options = EngineOptions(backend=backend, max_batch=1, max_seq=PROMPT_TOKENS + new_tokens + 1)
+    float_layers = Engine(config, _floats_in(float_weights, dtype), options).prefill(text, logits=None, layer_inputs=True)
     rows = []
     for quantization in quantizations:
         weights = quantize_weights(float_weights, config, quantization)
         engine = Engine(config, _floats_in(weights, dtype), options)
-        ours = engine.prefill(text, logits="all").logits[0, PROMPT_TOKENS - 1:-1]
+        step = engine.prefill(text, logits="all", layer_inputs=True)
+        ours = step.logits[0, PROMPT_TOKENS - 1:-1]
+        layer_error = _rel_error(_first_layer_output(step), _first_layer_output(float_layers))
         own = generate(engine, prompt, max_new_tokens=new_tokens)[0, PROMPT_TOKENS:]
         plain = replace_weights(model, _dequantized(weights))
         with torch.no_grad():
@@ -145,7 +158,7 @@ def measure(
         ours_error, plain_error = _rel_error(ours, reference), _rel_error(plain_logits, reference)
         differs = (own != continuation).nonzero()
         rows.append(AccuracyRow(
-            quantization.describe(), ours_error, plain_error, ours_error / plain_error,
+            quantization.describe(), ours_error, plain_error, ours_error / plain_error, layer_error,
             int((ours.argmax(-1) == continuation).sum()), int(differs[0, 0]) if len(differs) else new_tokens, new_tokens,
             measured_weights_mb(weights), weights_mb(shape, None),
         ))
@@ -181,11 +194,11 @@ def markdown(shape: ModelShape, rows: list[AccuracyRow], memory: list[dict], act
         f"{activations} activations on the torch backend; teacher-forced on float32's greedy continuation of a "
         f"{PROMPT_TOKENS}-token prompt by {rows[0].tokens} tokens.",
         "",
-        "| format | logits rel. error | plain dequantized rel. error | ratio | top-1 agreement | greedy prefix | weights MB (float32 rest) |",
-        "|---|---|---|---|---|---|---|",
+        "| format | logits rel. error | plain dequantized rel. error | ratio | first layer rel. error | top-1 agreement | greedy prefix | weights MB (float32 rest) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r.format} | {r.logits_rel_error:.4f} | {r.plain_rel_error:.4f} | {r.kernel_ratio:.3f} | "
+        lines.append(f"| {r.format} | {r.logits_rel_error:.4f} | {r.plain_rel_error:.4f} | {r.kernel_ratio:.3f} | {r.layer_rel_error:.5f} | "
                      f"{r.top1_agreement}/{r.tokens} | {r.greedy_prefix}/{r.tokens} | {r.weights_mb:.1f} (float32: {r.float32_weights_mb:.1f}) |")
     lines += ["", "Weights' memory, MB (matmuls quantized, the rest in float16):", ""]
     keys = list(memory[0])

@@ -32,6 +32,7 @@ def test_quantized_engine_error_is_the_formats_own(backend: str, tokens: int, fo
         assert row.plain_rel_error > 1e-4, row
         # ... and the engine adds almost nothing beyond it.
         assert row.kernel_ratio <= KERNEL_RATIO, row
+        assert 0 < row.layer_rel_error < row.logits_rel_error, row
         assert 0 <= row.greedy_prefix <= row.top1_agreement <= tokens
 
 
