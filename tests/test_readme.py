@@ -17,11 +17,12 @@ SNIPPETS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTAL
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """GPT-2's vocabulary size (the examples use real token ids) on a small model, with a tokenizer."""
+    """GPT-2's vocabulary size (the examples use real token ids) on a small model (wide enough for nf4's
+    blocks of 64), with a tokenizer."""
     folder = tmp_path_factory.mktemp("readme")
     write_tokenizer(folder)
     endoftext = json.loads((folder / "vocab.json").read_text())["<|endoftext|>"]
-    save_model(folder, vocab_size=50257, n_embd=32, n_layer=2, n_head=2, n_inner=None, bos_token_id=endoftext,
+    save_model(folder, vocab_size=50257, n_embd=64, n_layer=2, n_head=2, n_inner=None, bos_token_id=endoftext,
                eos_token_id=endoftext)
     return folder
 
@@ -30,12 +31,13 @@ SERVER_URL = "http://127.0.0.1:8000/v1"
 
 
 def test_readme_has_the_examples():
-    assert len(SNIPPETS) == 5
+    assert len(SNIPPETS) == 6
     assert all('"path/to/gpt2"' in snippet or SERVER_URL in snippet for snippet in SNIPPETS)
 
 
 @pytest.mark.parametrize("snippet", SNIPPETS, ids=[f"example-{i + 1}" for i in range(len(SNIPPETS))])
-def test_readme_example_runs_as_written(folder, snippet):
+def test_readme_example_runs_as_written(folder, snippet, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # what an example saves lands there
     if SERVER_URL in snippet:
         pytest.importorskip("openai")
         run_against_a_server(folder, snippet)
