@@ -198,15 +198,16 @@ def split_tiles_of(n: int, k: int, block_n: int, block_k: int, splits: int, num_
     return SplitTiles(block_n, block_k, k_per_split, triton.cdiv(k, k_per_split), num_warps, num_stages)
 
 
-def default_split_tiles(n: int, k: int, element_size: int, block_k: int | None = None) -> SplitTiles:
+def default_split_tiles(n: int, k: int, element_size: int, block_k: int | None = None, budget_share: int = 1) -> SplitTiles:
     """Wide enough to fill the GPU without splitting (the LM head): the widest column tile that still
     gives MIN_STREAMING_PROGRAMS programs, since every program reads its rows' LayerNorm inputs once.
     Otherwise 64 columns and the fewest K ranges that give MIN_STREAMING_PROGRAMS programs (one range
     when no cut of K gives them): each range adds a float32 partial of the output to write and read back, 4 x splits /
     k of the weight's bytes. Among those, the deepest block_k (fewer, larger weight loads in flight).
     A weight tile holds at most 8192 elements (2048 in float32), so nothing spills. A given block_k
-    (a 4-bit weight's K group) is kept, the column tile narrowed to the budget where it must."""
-    elements = weight_tile_elements(element_size)
+    (a 4-bit weight's K group) is kept, the column tile narrowed to the budget (over budget_share)
+    where it must."""
+    elements = weight_tile_elements(element_size) // budget_share
     for block_n in (256, 128):
         deepest = min(128, elements // block_n)
         if triton.cdiv(n, block_n) >= MIN_STREAMING_PROGRAMS and deepest >= (block_k or 16):
@@ -219,10 +220,12 @@ def quantized_split_tiles(n: int, k: int, element_size: int, block_k: int | None
     """Tiles for a split product of a quantized weight (`label`: its format, e.g. int4g64): those
     forced by `forcing_split_tiles` under quantized_tuning_key, else default_split_tiles' rule, never
     the tuning table (timed with float weights). block_k: a 4-bit weight's K group, which every tile
-    reads one scale row of; None for int8 (one scale per channel, applied after the K loop)."""
+    reads one scale row of; None for int8 (one scale per channel, applied after the K loop). nf4's
+    code is decoded by a tree of selects, which holds more registers per weight: its tiles get half
+    the budget (128 x 64 in half precision, 32 x 64 in float32 spilled on sm_80)."""
     forced = _forced_split_tiles.get().get(quantized_tuning_key(n, k, element_size, label))
     if forced is None:
-        return default_split_tiles(n, k, element_size, block_k)
+        return default_split_tiles(n, k, element_size, block_k, budget_share=2 if label.startswith("nf4") else 1)
     if block_k is not None and forced.block_k != block_k:
         raise ValueError(f"forced tiles {forced} for a {label} weight need block_k={block_k}, its K group")
     return forced
@@ -233,13 +236,17 @@ def quantized_tuning_key(n: int, k: int, element_size: int, label: str) -> str:
 
 
 def quantized_matmul_tiles(m: int, n: int, k: int, element_size: int, block_k: int | None) -> MatmulTiles:
-    """matmul_tiles with block_k the K group of a 4-bit weight (None: int8, matmul_tiles as they are),
-    the column tile narrowed so the dequantized weight tile stays within the register budget."""
+    """Tiles for a tiled product of a quantized weight: int8 (block_k None) as matmul_tiles; a 4-bit
+    weight's tile is one K group deep, 64 rows (32 in float32) and at most 4096 weights (1024 in
+    float32) wide: each half of the tile is dequantized in registers beside the operands, and larger
+    tiles spilled or came within 16 registers of the limit on sm_80 and sm_90."""
     tiles = matmul_tiles(m, n, k, element_size)
     if block_k is None:
         return tiles
-    block_n = min(tiles.block_n, max(16, weight_tile_elements(element_size) // block_k))
-    return MatmulTiles(tiles.block_m, block_n, block_k, tiles.num_warps, tiles.num_stages)
+    wide = element_size >= 4
+    block_m = min(tiles.block_m, 32 if wide else 64)
+    block_n = max(16, min(32 if wide else 64, (1024 if wide else 4096) // block_k))
+    return MatmulTiles(block_m, block_n, block_k, tiles.num_warps, tiles.num_stages)
 
 
 def fewest_splits(n: int, k: int, block_n: int, element_size: int, programs: int, num_warps: int,
