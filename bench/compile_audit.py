@@ -5,6 +5,12 @@ the tiles and flags they would launch. Each configuration is compiled ahead of t
 `triton.compile` for each architecture; registers, spills and static shared memory are read from the
 cubin with the cuobjdump that Triton ships, dynamic shared memory from the compile metadata, and
 tensor-core use from the PTX.
+
+Quantized weights (QUANTIZATIONS: every format and int4 group) are audited on request, over
+QUANTIZED_WORKLOADS: the decode step (split products, the fused MLP, the LM head, the embedding
+gathering from it) and the tiled products of prefill, few rows and many. They are some 500
+compilations a model, most of an hour on CI's two cores: `python -m tritongpt2.bench.compile_audit`
+writes them (bench/results/compile-audit-quantized.json), and CI checks that file covers today's.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any, Iterable
 
 import torch
 
+from tritongpt2.engine.quantize import Quantization
 from tritongpt2.kernels.launch import LaunchRecord, recording_launches
 from tritongpt2.kernels.tiling import SplitTiles, forcing_split_tiles, split_candidates
 
@@ -43,7 +50,7 @@ TENSOR_CORE_PTX = {"sm_90": ("wgmma", "mma.sync"), "sm_80": ("mma.sync",)}
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _TRITON_TYPES = {
     torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
-    torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.bool: "i1",
+    torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1",
 }
 
 
@@ -63,6 +70,23 @@ DEFAULT_WORKLOADS = (
     Workload("decode", 1, 1, 1024),
     Workload("decode", 8, 1, 1024),
     Workload("decode", 64, 1, 1024),
+)
+
+
+QUANTIZATIONS = {
+    "int8": Quantization("int8"),
+    "int4g32": Quantization("int4", 32),
+    "int4g64": Quantization("int4", 64),
+    "int4g128": Quantization("int4", 128),
+    "nf4": Quantization("nf4"),
+    "nf4dq": Quantization("nf4", double_quant=True),
+}
+# A quantized weight changes the products only: the decode step (split-K, the MLP, the head and the
+# embedding), a decode of 64 rows (the tiled product of few rows) and a prefill (many rows).
+QUANTIZED_WORKLOADS = (
+    Workload("decode", 1, 1, 1024),
+    Workload("decode", 64, 1, 1024),
+    Workload("prefill", 1, 128, 1024),
 )
 
 
@@ -126,14 +150,17 @@ class CompileResult:
         return found
 
 
-def step_launches(shape: ModelShape, dtype: torch.dtype, workload: Workload) -> list[LaunchRecord]:
+def step_launches(
+    shape: ModelShape, dtype: torch.dtype, workload: Workload, quantization: Quantization | None = None
+) -> list[LaunchRecord]:
     """The launches of one GPT-2 step, recorded from `gpt2_step` itself (the engine's forward) over
     the Triton launchers on meta tensors: the embedding, one layer (every layer launches the same
     configurations), ln_f and the LM head on each row's last position, and for prefill the final
-    hidden states too."""
+    hidden states too. With a quantization, the weights quantize_weights makes of the model's."""
     from tritongpt2.engine.config import GPT2Config
     from tritongpt2.engine.forward import gpt2_step
     from tritongpt2.engine.kv_cache import StaticKVCache
+    from tritongpt2.engine.quantize import quantize_weights
     from tritongpt2.engine.weights import expected_shapes, weights_from_state_dict
     from tritongpt2.kernels import launchers
 
@@ -141,6 +168,8 @@ def step_launches(shape: ModelShape, dtype: torch.dtype, workload: Workload) -> 
                         n_head=shape.n_head)
     state = {key: torch.empty(size, dtype=dtype, device="meta") for key, size in expected_shapes(config).items()}
     weights = weights_from_state_dict(config, state)
+    if quantization is not None:
+        weights = quantize_weights(weights, config, quantization)
     b, t = workload.batch, workload.seq
     cache = StaticKVCache(1, b, shape.n_head, workload.context, shape.head_dim, dtype=dtype, device="meta")
     ids = torch.empty(b, t, dtype=torch.int64, device="meta")
@@ -243,17 +272,26 @@ def run_compile_audit(
     dtypes: Iterable[str] = tuple(DTYPES),
     workloads: Iterable[Workload] = DEFAULT_WORKLOADS,
     workers: int | None = None,
+    quantizations: Iterable[str] = (),
+    quantized_workloads: Iterable[Workload] = QUANTIZED_WORKLOADS,
 ) -> list[CompileResult]:
-    """Compile every distinct configuration that the workloads launch at the given model shapes."""
+    """Compile every distinct configuration that the workloads launch at the given model shapes, with
+    float weights, and that the quantized workloads launch with each quantization (QUANTIZATIONS' names;
+    bench/results/compile-audit-quantized.json holds them all: `python -m tritongpt2.bench.compile_audit`)."""
     _require_compiled_kernels()
     archs, dtypes = _checked(archs, dtypes)
-    workloads = list(workloads)
+    runs = [(None, workload) for workload in workloads]
+    for name in quantizations:
+        if name not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {name!r}; choose from {', '.join(QUANTIZATIONS)}")
+        runs += [(name, workload) for workload in quantized_workloads]
     jobs: dict[tuple[str, CompileJob], list[str]] = {}
     for shape in shapes:
         for dtype in dtypes:
-            for workload in workloads:
-                label = f"{shape.name} {workload.name} b{workload.batch}x{workload.seq} ctx{workload.context}"
-                _add_jobs(jobs, dtype, label, step_launches(shape, DTYPES[dtype], workload))
+            for name, workload in runs:
+                label = f"{shape.name}{f' {name}' if name else ''} {workload.name} b{workload.batch}x{workload.seq} ctx{workload.context}"
+                quantization = QUANTIZATIONS[name] if name else None
+                _add_jobs(jobs, dtype, label, step_launches(shape, DTYPES[dtype], workload, quantization))
     return _compile_jobs(jobs, archs, workers)
 
 
@@ -386,3 +424,35 @@ def dump_cubins(results: list[CompileResult], folder: Path) -> list[Path]:
         written.append(folder / name)
     (folder / "index.json").write_text(json.dumps(index, indent=1) + "\n")
     return written
+
+
+def results_document(models: list[str], results: list[CompileResult]) -> dict:
+    """The JSON document of an audit: its models, toolchain and results (without the cubins)."""
+    rows = [{**{k: v for k, v in vars(r).items() if k != "cubin"}, "blocks_per_sm": r.blocks_per_sm} for r in results]
+    return {"models": models, "toolchain": toolchain(), "results": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The quantized audit: every configuration of QUANTIZED_WORKLOADS under each quantization."""
+    import argparse
+    import sys
+
+    from .model_shapes import model_shape
+
+    parser = argparse.ArgumentParser(prog="python -m tritongpt2.bench.compile_audit", description=main.__doc__)
+    parser.add_argument("--models", default="gpt2", help="comma-separated GPT-2 sizes")
+    parser.add_argument("--quantizations", default=",".join(QUANTIZATIONS), help="comma-separated, of " + ", ".join(QUANTIZATIONS))
+    parser.add_argument("--json", required=True, help="write the results as JSON to this file")
+    args = parser.parse_args(argv)
+    models = args.models.split(",")
+    results = run_compile_audit([model_shape(m) for m in models], workloads=(), quantizations=args.quantizations.split(","))
+    Path(args.json).write_text(json.dumps(results_document(models, results), indent=1))
+    problems = [problem for r in results for problem in r.problems()]
+    for problem in problems:
+        print(f"PROBLEM: {problem}", file=sys.stderr)
+    print(f"{len(results)} configurations compiled, {len(problems)} problems", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -239,14 +239,17 @@ def quantized_matmul_tiles(m: int, n: int, k: int, element_size: int, block_k: i
     """Tiles for a tiled product of a quantized weight: int8 (block_k None) as matmul_tiles; a 4-bit
     weight's tile is one K group deep, 64 rows (32 in float32) and at most 4096 weights (1024 in
     float32) wide: each half of the tile is dequantized in registers beside the operands, and larger
-    tiles spilled or came within 16 registers of the limit on sm_80 and sm_90."""
+    tiles spilled or came within 16 registers of the limit on sm_80 and sm_90. float32 takes 8 warps
+    for a 128-deep tile only (on 4 it needed 255 registers; 8 warps over a 32-deep one, held to 64
+    registers by ptxas on sm_80, spilled)."""
     tiles = matmul_tiles(m, n, k, element_size)
     if block_k is None:
         return tiles
     wide = element_size >= 4
     block_m = min(tiles.block_m, 32 if wide else 64)
     block_n = max(16, min(32 if wide else 64, (1024 if wide else 4096) // block_k))
-    return MatmulTiles(block_m, block_n, block_k, tiles.num_warps, tiles.num_stages)
+    num_warps = (8 if block_k >= 128 else 4) if wide else tiles.num_warps
+    return MatmulTiles(block_m, block_n, block_k, num_warps, tiles.num_stages)
 
 
 def fewest_splits(n: int, k: int, block_n: int, element_size: int, programs: int, num_warps: int,

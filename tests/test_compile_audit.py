@@ -103,3 +103,51 @@ def test_every_tuning_candidate_is_in_the_committed_candidate_audit(name):
             assert row["error"] is None and row["spill_bytes"] == 0, row
             assert row["registers"] <= MAX_REGISTERS - REGISTER_HEADROOM, row
             assert row["shared_bytes"] <= SHARED_LIMIT[row["arch"]], row
+
+
+def _constexpr_prefix(record) -> str:
+    """The start of a compiled configuration's name that a launch record fixes: its upper-case constexprs."""
+    shown = [f"{k}={v}" for k, v in record.constexprs().items() if v is not None and k.isupper()]
+    return ",".join(shown) + ","
+
+
+def test_every_quantized_configuration_is_in_the_committed_quantized_audit():
+    # The quantized audit is some 500 compilations for gpt2 (python -m tritongpt2.bench.compile_audit
+    # --models gpt2 --json bench/results/compile-audit-quantized.json): CI checks the committed one
+    # covers every launch a quantized gpt2 step makes today, for every arch and dtype, within limits.
+    from tritongpt2.bench.compile_audit import DTYPES, QUANTIZATIONS, QUANTIZED_WORKLOADS, step_launches
+
+    document = json.loads((RESULTS / "compile-audit-quantized.json").read_text())
+    assert "gpt2" in document["models"]
+    rows = document["results"]
+    for row in rows:
+        assert row["error"] is None and row["spill_bytes"] == 0, row
+        assert row["registers"] <= MAX_REGISTERS - REGISTER_HEADROOM, row
+        assert row["shared_bytes"] <= SHARED_LIMIT[row["arch"]], row
+        if row["kernel"] in MATMUL_KERNELS and row["dtype"] != "float32":
+            assert row["tensor_core"] is not None, row
+    for name, quantization in QUANTIZATIONS.items():
+        for dtype in DTYPES:
+            for workload in QUANTIZED_WORKLOADS:
+                label = f"gpt2 {name} {workload.name} b{workload.batch}x{workload.seq} ctx{workload.context}"
+                for record in step_launches(MODEL_SHAPES["gpt2"], DTYPES[dtype], workload, quantization):
+                    for arch in ARCHS:
+                        assert any(r["kernel"] == record.name and r["arch"] == arch and r["dtype"] == dtype
+                                   and r["config"].startswith(_constexpr_prefix(record)) and label in r["used_by"]
+                                   for r in rows), (label, record.name, arch, dtype, _constexpr_prefix(record))
+
+
+def test_quantized_tiles_read_one_group_per_k_step():
+    from tritongpt2.bench.compile_audit import DTYPES, QUANTIZATIONS, QUANTIZED_WORKLOADS, step_launches
+
+    for name, quantization in QUANTIZATIONS.items():
+        for workload in QUANTIZED_WORKLOADS:
+            records = step_launches(MODEL_SHAPES["gpt2"], DTYPES["float16"], workload, quantization)
+            formats = {r.name: {k: v for k, v in r.constexprs().items() if k.endswith("FORMAT")} for r in records}
+            for kernel, found in formats.items():
+                if kernel in ("linear_kernel", "split_linear_kernel", "decode_mlp_kernel", "embedding_kernel"):
+                    assert set(found.values()) == {"nf4dq" if quantization.double_quant else quantization.format}, (kernel, found)
+            if quantization.format != "int8":
+                for record in records:
+                    blocks = {k: v for k, v in record.constexprs().items() if k.endswith("BLOCK_K")}
+                    assert set(blocks.values()) <= {quantization.group_size}, (record.name, blocks)
