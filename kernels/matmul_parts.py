@@ -158,7 +158,23 @@ def accumulate(
     high nibbles (even k) and low nibbles (odd k) each dequantized, rounded to x's dtype and multiplied
     with x's even and odd columns."""
     for k0 in range(k_first, k_end, BLOCK_K):
-        if WEIGHT_FORMAT == "float" or WEIGHT_FORMAT == "int8":
+        if WEIGHT_FORMAT == "float":
+            # Written out as before quantization came: through _prologue, ptxas 12.9 spilled 8 bytes
+            # in gpt2-xl's bfloat16 decode MLP on sm_90 (the compile audit).
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_in = ks < k_end
+            a = tl.load(x_rows + ks[None, :], mask=row_in[:, None] & k_in[None, :], other=0.0, cache_modifier=X_CACHE)
+            if NORMALIZE:
+                gamma = tl.load(ln_weight_ptr + ks, mask=k_in, other=0.0).to(tl.float32)
+                beta = tl.load(ln_bias_ptr + ks, mask=k_in, other=0.0).to(tl.float32)
+                a = (a.to(tl.float32) - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
+            w = tl.load(
+                w_ptr + ks.to(tl.int64)[:, None] * stride_wk + cols.to(tl.int64)[None, :] * stride_wn,
+                mask=k_in[:, None] & col_in[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(a.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
+        elif WEIGHT_FORMAT == "int8":
             ks = k0 + tl.arange(0, BLOCK_K)
             k_in = ks < k_end
             a = _prologue(x_rows, row_in, ks, k_in, ln_weight_ptr, ln_bias_ptr, mean, rstd, NORMALIZE, X_CACHE)
