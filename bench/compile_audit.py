@@ -28,7 +28,7 @@ from typing import Any, Iterable
 
 import torch
 
-from tritongpt2.engine.quantize import Quantization
+from tritongpt2.engine.quantize import VARIANTS, Quantization
 from tritongpt2.kernels.launch import LaunchRecord, recording_launches
 from tritongpt2.kernels.tiling import SplitTiles, forcing_split_tiles, split_candidates
 
@@ -73,14 +73,7 @@ DEFAULT_WORKLOADS = (
 )
 
 
-QUANTIZATIONS = {
-    "int8": Quantization("int8"),
-    "int4g32": Quantization("int4", 32),
-    "int4g64": Quantization("int4", 64),
-    "int4g128": Quantization("int4", 128),
-    "nf4": Quantization("nf4"),
-    "nf4dq": Quantization("nf4", double_quant=True),
-}
+QUANTIZATIONS = VARIANTS
 # A quantized weight changes the products only: the decode step (split-K, the MLP, the head and the
 # embedding), a decode of 64 rows (the tiled product of few rows) and a prefill (many rows).
 QUANTIZED_WORKLOADS = (

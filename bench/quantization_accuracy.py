@@ -34,7 +34,7 @@ from tritongpt2.engine.config import GPT2Config as EngineConfig
 from tritongpt2.engine.engine import Engine
 from tritongpt2.engine.generation import generate
 from tritongpt2.engine.options import EngineOptions
-from tritongpt2.engine.quantize import Quantization, quantize_weights
+from tritongpt2.engine.quantize import VARIANTS, Quantization, quantize_weights
 from tritongpt2.engine.weights import GPT2Weights, shared_weights
 from tritongpt2.kernels.quantized_weight import is_quantized, stored_bytes
 from tritongpt2.kernels.reference import dequantize
@@ -44,10 +44,7 @@ from .suite import build_model
 
 NEW_TOKENS = 128
 PROMPT_TOKENS = 16
-MEASURED = (
-    Quantization("int8"), Quantization("int4", 32), Quantization("int4", 64), Quantization("int4", 128),
-    Quantization("nf4"), Quantization("nf4", double_quant=True),
-)
+MEASURED = tuple(VARIANTS.values())
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,17 @@ class Quantization:
         return f"{self.format} (groups of {self.group_size}{', double quantization' if self.double_quant else ''})"
 
 
+# Every format, and int4 at each group size, by a short label: what the audits and tests go through.
+VARIANTS = {
+    "int8": Quantization("int8"),
+    "int4g32": Quantization("int4", 32),
+    "int4g64": Quantization("int4", 64),
+    "int4g128": Quantization("int4", 128),
+    "nf4": Quantization("nf4"),
+    "nf4dq": Quantization("nf4", double_quant=True),
+}
+
+
 def _nearest(values: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """The index of the code value (sorted ascending) nearest each value, as uint8."""
     midpoints = (code[1:] + code[:-1]) / 2

@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tritongpt2.engine.quantize import Quantization, quantize_matrix
+from tritongpt2.engine.quantize import VARIANTS, Quantization, quantize_matrix
 from tritongpt2.kernels.quantized_weight import NF4_CODE, dynamic_code, stored_bytes
 from tritongpt2.kernels.reference import dequantize, nf4_absmax
 
-FORMATS = [Quantization("int8"), Quantization("int4", 32), Quantization("int4", 64), Quantization("int4", 128),
-           Quantization("nf4"), Quantization("nf4", double_quant=True)]
+FORMATS = list(VARIANTS.values())
 
 
 def _weight(k: int = 256, n: int = 72, seed: int = 0) -> torch.Tensor:

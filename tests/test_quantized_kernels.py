@@ -12,7 +12,7 @@ import torch
 from numerics import DEVICE, OPS, as_float64, assert_close, poisoned, poisoned_allocations, randn
 from test_embedding import cache_state, ids
 from test_linear import access, assert_moments_describe, layer_norm_params, qkv_case, residual_stream, stream
-from tritongpt2.engine.quantize import Quantization, quantize_matrix
+from tritongpt2.engine.quantize import VARIANTS, quantize_matrix
 from tritongpt2.kernels import reference
 from tritongpt2.kernels.launch import recording_launches
 from tritongpt2.kernels.linear import weight_label
@@ -20,14 +20,7 @@ from tritongpt2.kernels.tiling import forcing_split_tiles, quantized_tuning_key,
 
 # The interpreter's bfloat16 tl.dot is wrong: float32 and float16 activations only.
 DTYPES = [torch.float32, torch.float16]
-FORMATS = {
-    "int8": Quantization("int8"),
-    "int4g32": Quantization("int4", 32),
-    "int4g64": Quantization("int4", 64),
-    "int4g128": Quantization("int4", 128),
-    "nf4": Quantization("nf4"),
-    "nf4dq": Quantization("nf4", double_quant=True),
-}
+FORMATS = VARIANTS
 # K a multiple of every group; N, the vocabulary and the rows not multiples of any block.
 K, N, VOCAB, INNER = 128, 40, 75, 256
 
