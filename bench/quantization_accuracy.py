@@ -39,6 +39,7 @@ from tritongpt2.engine.weights import GPT2Weights, shared_weights
 from tritongpt2.kernels.quantized_weight import is_quantized, stored_bytes
 from tritongpt2.kernels.reference import dequantize
 
+from .memory import weights_bytes
 from .model_shapes import ModelShape
 from .suite import build_model
 
@@ -99,7 +100,7 @@ def matmul_elements(shape: ModelShape) -> int:
 def weights_mb(shape: ModelShape, quantization: Quantization | None, element: int = 4) -> float:
     """The weights' memory in MB (10**6 bytes) with the matmuls in `quantization` (None: all float)."""
     c = shape.n_embd
-    total = shape.n_layer * (12 * c * c + 13 * c) + (shape.vocab_size + shape.n_positions) * c + 2 * c
+    total = weights_bytes(shape, 1)  # the weights' count
     if quantization is None:
         return total * element / 1e6
     floats = total - matmul_elements(shape)
