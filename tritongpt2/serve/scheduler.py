@@ -23,7 +23,7 @@ import torch
 from tritongpt2.embedder import SMALLEST_LENGTH, Embedder
 from tritongpt2.engine.continuous import ContinuousBatch
 from tritongpt2.engine.engine import Engine
-from tritongpt2.engine.generation import SamplingParams, filter_logits
+from tritongpt2.engine.generation import SamplingParams, exponential_noise, filter_logits
 from tritongpt2.engine.graphs import bucket
 from tritongpt2.engine.tokenizer import GPT2Tokenizer
 
@@ -311,8 +311,6 @@ def _draw(logits: torch.Tensor, owners: list[tuple[CompletionJob, Choice]]) -> l
             tokens[index] = logits[index].argmax(-1)
             continue
         probs = filter_logits(logits[index], params).softmax(-1)
-        noise = torch.empty_like(probs)
-        for j, row in enumerate(rows):
-            noise[j].exponential_(generator=owners[row][1].generator)
+        noise = torch.stack([exponential_noise(probs[j], owners[row][1].generator) for j, row in enumerate(rows)])
         tokens[index] = (probs / noise).argmax(-1)
     return tokens.tolist()
