@@ -5,7 +5,10 @@ as nothing (loads repeated by several programs count each time, so this is an up
 traffic that L2 would partly absorb), plus the small torch ops of the step. Transformers: the bytes
 each aten op of its forward reads and writes, through a TorchDispatchMode; ops that only make views
 move nothing, and a gather (the embedding) reads the rows it gathers, not the table. The step runs at
-the real per-layer shapes with 1 and 2 layers; the difference is one layer, scaled to full depth.
+the real per-layer shapes with 2 layers (ours: the counts as the forward enters and leaves each layer
+mark its work; every layer after the first moves the same bytes in the same launches, the first reads
+the embedding's output a little differently) or with 1 and 2 layers (transformers: the difference is
+one layer), scaled to full depth by the second layer's count.
 With a quantization, ours runs the engine's quantized weights against the ideal of that format
 (transformers, which has no such format of its own here, is not run).
 """
@@ -23,7 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tritongpt2.engine.quantize import Quantization
-from tritongpt2.kernels.launch import VIEW_OPS, LaunchRecord, observing_launches
+from tritongpt2.kernels.launch import VIEW_OPS, LaunchRecord, observing_launches, recording_launches
 
 from .ideal import ideal_bytes
 from .model_shapes import ModelShape
@@ -45,6 +48,15 @@ class StepTraffic:
     launches: int = 0
     per_kernel: dict[str, int] = field(default_factory=dict)
     fewest_programs: dict[str, int] = field(default_factory=dict)  # per Triton kernel, over its launches
+
+    def snapshot(self) -> StepTraffic:
+        return StepTraffic(self.bytes, self.launches, dict(self.per_kernel), dict(self.fewest_programs))
+
+    def since(self, earlier: StepTraffic) -> StepTraffic:
+        """This count less `earlier`: a snapshot taken on the way, or the same step with a layer fewer.
+        Its fewest_programs is this count's."""
+        per_kernel = {k: v - earlier.per_kernel.get(k, 0) for k, v in self.per_kernel.items() if v != earlier.per_kernel.get(k, 0)}
+        return StepTraffic(self.bytes - earlier.bytes, self.launches - earlier.launches, per_kernel, dict(self.fewest_programs))
 
     def add(self, name: str, nbytes: int, programs: int | None = None) -> None:
         self.bytes += nbytes
@@ -127,6 +139,23 @@ def counting_kernel_traffic(traffic: StepTraffic, aten: AtenTraffic) -> Iterator
         InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store = load, store
 
 
+class _MarkedLayers(list):
+    """The engine's layers: each pass of the forward over them snapshots the count as it enters each
+    layer and as it leaves the last (the forward's only use of the list is that loop)."""
+
+    def __init__(self, layers: list, traffic: StepTraffic) -> None:
+        super().__init__(layers)
+        self.traffic = traffic
+        self.marks: list[StepTraffic] = []
+
+    def __iter__(self) -> Iterator:
+        self.marks = []
+        for layer in super().__iter__():
+            self.marks.append(self.traffic.snapshot())
+            yield layer
+        self.marks.append(self.traffic.snapshot())
+
+
 def _ids(shape: ModelShape, batch: int, seq: int) -> torch.Tensor:
     return torch.randint(0, shape.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seq))
 
@@ -134,7 +163,8 @@ def _ids(shape: ModelShape, batch: int, seq: int) -> torch.Tensor:
 def ours_step(
     model: torch.nn.Module, shape: ModelShape, workload: str, batch: int, context: int,
     quantization: Quantization | None = None,
-) -> StepTraffic:
+) -> tuple[StepTraffic, list[StepTraffic]]:
+    """The step's whole count, and each layer's."""
     from tritongpt2.engine.config import GPT2Config
     from tritongpt2.engine.engine import Engine
     from tritongpt2.engine.options import EngineOptions
@@ -145,22 +175,27 @@ def ours_step(
     engine = Engine(config, shared_weights(model, config), options)
     traffic = StepTraffic()
     aten = AtenTraffic(traffic)
+    layers = engine.weights.layers = _MarkedLayers(engine.weights.layers, traffic)
     if workload == "decode":
-        # The cache as a prefill of context - 2 tokens leaves it (the values do not change the
-        # traffic), then one decode uncounted: the engine makes its per-shape constants on the first.
+        # One decode uncounted first, its kernels recorded instead of run (minutes under the
+        # interpreter at gpt2's size): the engine makes its per-shape constants on the first. The
+        # host's count of cached tokens is a prefill of context - 2 tokens; the cache's device state
+        # (mask, lengths) is that of context - 1, as the uncounted step's kernels would have left it.
+        # The cached values do not change the traffic.
         cache = engine.cache
-        cache.key_mask[:batch, : context - 2] = 1
-        cache.lengths[:batch] = cache.next_position[:batch] = context - 2
+        cache.key_mask[:batch, : context - 1] = 1
+        cache.lengths[:batch] = cache.next_position[:batch] = context - 1
         cache.advance(batch, context - 2)
         tokens = _ids(shape, batch, 1)[:, 0]
-        engine.decode(tokens, check_ids=False)
+        with recording_launches():
+            engine.decode(tokens, check_ids=False)
         run: Callable[[], object] = lambda: engine.decode(tokens, check_ids=False)
     else:
         ids = _ids(shape, batch, context)
         run = (lambda: engine.prefill(ids)) if workload == "prefill" else (lambda: engine.prefill(ids, logits=None, hidden=True))
     with counting_kernel_traffic(traffic, aten), aten:
         run()
-    return traffic
+    return traffic, [later.since(earlier) for earlier, later in zip(layers.marks, layers.marks[1:])]
 
 
 def hf_step(model: torch.nn.Module, shape: ModelShape, workload: str, batch: int, context: int) -> StepTraffic:
@@ -179,9 +214,10 @@ def hf_step(model: torch.nn.Module, shape: ModelShape, workload: str, batch: int
     return traffic
 
 
-def scaled(one: StepTraffic, two: StepTraffic, layers: int) -> tuple[int, int]:
-    """(bytes, launches) at full depth from steps with 1 and 2 layers."""
-    return (one.bytes + (layers - 1) * (two.bytes - one.bytes), one.launches + (layers - 1) * (two.launches - one.launches))
+def scaled(whole: StepTraffic, layer: StepTraffic, counted_layers: int, layers: int) -> tuple[int, int]:
+    """(bytes, launches) at full depth from a step over `counted_layers` layers and one layer's count."""
+    extra = layers - counted_layers
+    return whole.bytes + extra * layer.bytes, whole.launches + extra * layer.launches
 
 
 def run_traffic_audit(
@@ -197,20 +233,21 @@ def run_traffic_audit(
     for model in models.values():
         model.config._attn_implementation = "eager"
     ideal = ideal_bytes(shape, workload, batch, context, element, quantization=quantization)
-    steps = [("tritongpt2", lambda *args: ours_step(*args, quantization))]
+    whole, (_, layer) = ours_step(models[2], shape, workload, batch, context, quantization)
+    measured = [("tritongpt2", whole, layer)]
     if quantization is None:
-        steps.append(("hf-eager", hf_step))
-    for impl, step in steps:
-        one, two = (step(models[n], shape, workload, batch, context) for n in (1, 2))
-        total, launches = scaled(one, two, shape.n_layer)
+        one, two = (hf_step(models[n], shape, workload, batch, context) for n in (1, 2))
+        measured.append(("hf-eager", two, two.since(one)))
+    for impl, whole, layer in measured:
+        total, launches = scaled(whole, layer, 2, shape.n_layer)
         rows.append({
             "model": shape.name, "workload": workload, "batch": batch, "context": context, "n_layer": shape.n_layer,
             "dtype": str(dtype).removeprefix("torch."), "impl": impl, "bytes": total, "ideal_bytes": ideal,
             "quantization": None if quantization is None else quantization.describe(),
             "ratio_to_ideal": round(total / ideal, 3), "launches": launches,
-            "launches_per_layer": two.launches - one.launches,
-            "fewest_programs": min((p for k, p in two.fewest_programs.items() if k not in ROW_KERNELS), default=None),
-            "programs_per_kernel": two.fewest_programs,
-            "per_layer_bytes": {k: v - one.per_kernel.get(k, 0) for k, v in two.per_kernel.items() if v - one.per_kernel.get(k, 0)},
+            "launches_per_layer": layer.launches,
+            "fewest_programs": min((p for k, p in whole.fewest_programs.items() if k not in ROW_KERNELS), default=None),
+            "programs_per_kernel": whole.fewest_programs,
+            "per_layer_bytes": layer.per_kernel,
         })
     return rows

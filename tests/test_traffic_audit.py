@@ -11,9 +11,12 @@ import sys
 import pytest
 import torch
 
+from dataclasses import replace
+
 from numerics import ON_GPU
-from tritongpt2.bench.model_shapes import MODEL_SHAPES
-from tritongpt2.bench.traffic_audit import run_traffic_audit
+from tritongpt2.bench.model_shapes import MODEL_SHAPES, ModelShape
+from tritongpt2.bench.suite import build_model
+from tritongpt2.bench.traffic_audit import ours_step, run_traffic_audit
 from tritongpt2.engine.quantize import Quantization
 from tritongpt2.kernels.tiling import MIN_STREAMING_PROGRAMS
 
@@ -55,6 +58,21 @@ def test_quantized_gpt2_decode_reads_its_format(name):
     assert ours["launches_per_layer"] <= 4, ours
     assert ours["fewest_programs"] >= MIN_STREAMING_PROGRAMS, ours
     assert ours["launches"] - 12 * ours["launches_per_layer"] <= 2, ours
+
+
+@pytest.mark.skipif(ON_GPU, reason="this process compiles the kernels for the GPU")
+@pytest.mark.parametrize("workload", ["decode", "prefill"])
+@pytest.mark.parametrize("quantization", [None, Quantization("nf4")], ids=["float", "nf4"])
+def test_the_marked_layer_is_what_each_later_layer_adds(workload, quantization):
+    # The audits count 2 layers and scale the second to full depth: that holds when every layer after
+    # the first moves the same bytes in the same launches, and a layer more adds just that.
+    shape = ModelShape("small", 64, 2, 3, vocab_size=160, n_positions=32)
+    counts = {n: ours_step(build_model(replace(shape, n_layer=n), torch.float32, torch.device("cpu")), shape, workload, 2, 20, quantization)
+              for n in (2, 3)}
+    (whole_two, (_, second)), (whole_three, (_, *later)) = counts[2], counts[3]
+    assert second.bytes > 0 and second.launches >= 4
+    for layer in (*later, whole_three.since(whole_two)):
+        assert (layer.bytes, layer.launches, layer.per_kernel) == (second.bytes, second.launches, second.per_kernel)
 
 
 def test_cli_writes_the_results_file(tmp_path):
