@@ -63,6 +63,15 @@ class Runner:
     def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def embed_ms(self, ids: torch.Tensor, device: torch.device, warmup: int, repeats: int) -> float:
+        return median_ms(lambda: self.embed(ids), device, warmup=warmup, repeats=repeats)
+
+    def prefill_ms(self, ids: torch.Tensor, device: torch.device, warmup: int, repeats: int) -> float:
+        return median_ms(lambda: self.prefill(ids), device, warmup=warmup, repeats=repeats)
+
+    def generate_ms(self, ids: torch.Tensor, new_tokens: int, device: torch.device, warmup: int, repeats: int) -> float:
+        return median_ms(lambda: self.generate(ids, new_tokens), device, warmup=warmup, repeats=repeats)
+
     def release(self) -> None:
         """Free what the last call kept for the workload (a cache, an engine)."""
 

@@ -32,7 +32,6 @@ from .progress import Progress
 from tritongpt2.engine.quantize import Quantization
 
 from .runners import HFCompiledStaticRunner, HFRunner, QuantizedTritonGPT2Runner, Runner, TritonGPT2Runner
-from .timing import median_ms
 
 WARMUP, REPEATS = 3, 10
 # The parity check's relative error allowed against transformers in float64, before adding twice
@@ -160,12 +159,12 @@ def bandwidth_pct(shape: ModelShape, work: Workload, element: int, ms: float, pe
 
 def _time(runner: Runner, work: Workload, ids: torch.Tensor, device: torch.device, warmup: int, repeats: int) -> float:
     if work.kind == "embed":
-        return median_ms(lambda: runner.embed(ids), device, warmup=warmup, repeats=repeats)
+        return runner.embed_ms(ids, device, warmup, repeats)
     if work.kind == "prefill":
-        return median_ms(lambda: runner.prefill(ids), device, warmup=warmup, repeats=repeats)
+        return runner.prefill_ms(ids, device, warmup, repeats)
     if work.kind == "decode":
         return runner.decode_ms(ids, work.seq, device, warmup, repeats)
-    return median_ms(lambda: runner.generate(ids, work.new_tokens), device, warmup=1, repeats=max(1, repeats // 3))
+    return runner.generate_ms(ids, work.new_tokens, device, 1, max(1, repeats // 3))
 
 
 def prompt_ids(shape: ModelShape, work: Workload, device: torch.device, warmup: int, repeats: int) -> torch.Tensor:

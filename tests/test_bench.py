@@ -112,6 +112,22 @@ def test_ctranslate2_baseline_computes_gpt2(tiny_model):
     assert quantized.weight_bytes < runner.weight_bytes / 2
 
 
+def test_ctranslate2_runs_in_a_process_of_its_own(tmp_path):
+    # CTranslate2's OpenMP runtime and torch's slow each other down in one process (ctranslate2_runner.py):
+    # the benchmark's process never loads it.
+    script = (
+        "import sys, torch\n"
+        "from tritongpt2.bench.ctranslate2_runner import CTranslate2Runner\n"
+        "from tritongpt2.bench.suite import QUICK_SHAPE, build_model\n"
+        "runner = CTranslate2Runner(build_model(QUICK_SHAPE, torch.float32, torch.device('cpu')), 'int8')\n"
+        "assert runner.embed_ms(torch.zeros(1, 4, dtype=torch.long), torch.device('cpu'), 1, 2) > 0\n"
+        "print(sorted(name for name in sys.modules if name.split('.')[0] == 'ctranslate2'))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]"
+
+
 def test_ctranslate2_baseline_rejects_what_it_cannot_run(tiny_model):
     with pytest.raises(ValueError, match="'int4'"):
         CTranslate2Runner(tiny_model, "int4")
