@@ -6,7 +6,11 @@ takes 220-300 us at M=1, 2.6 ms at M=16):
 
 - int8, bfloat16 rows: `torch._weight_int8pack_mm` on the stored [N, K] int8 bytes and the scales
   in bfloat16: 120-230 us at M=1, 1.1 ms at M=16. Its float32 and float16 paths are 10-20x slower than
-  float32's own matmul (2.2-2.6 ms and 3.7 ms at M=1, 55 ms at M=16): not taken.
+  float32's own matmul (2.2-2.6 ms and 3.7 ms at M=1, 55 ms at M=16): not taken. From
+  INT8_ONEDNN_ROWS rows it is slower than copying a block of the int8 values into bfloat16 (exact)
+  and running oneDNN's bfloat16 linear, then scaling the columns (two threads, gpt2's layer shapes:
+  1.1x at 16 rows, 1.6x at 32, 2.4x at 128; 0.3-0.9x at 2-12 rows; a gpt2 embed of 16 tokens 37.9 ->
+  23.5 ms).
 - int4, bfloat16 rows: `torch._weight_int4pack_mm_for_cpu` on a prepacked copy (0.5 byte a weight,
   made on first use and kept per weight while the weight lives), 170 us at M=1, 1.1 ms at M=16. Its
   dequantization is (q - 8) * scale + zero with bfloat16 scales and float offsets, so ours,
@@ -36,9 +40,12 @@ import weakref
 
 import torch
 
+from .cpu_matmul import ONEDNN_LINEAR
 from .quantized_weight import NESTED_BLOCK, NF4_CODE, QuantizedWeight
 
 CHUNK_ELEMENTS = 1 << 21  # weights dequantized at a time by the float32 route (8 MB of float32)
+BF16_CHUNK_ELEMENTS = 1 << 22  # int8 weights converted at a time by the int8 oneDNN route (8 MB of bfloat16)
+INT8_ONEDNN_ROWS = 16
 PACK_ROWS = 4096  # output channels packed at a time for the int4 kernel (a multiple of its 64-row blocks)
 INT4_PACK_MULTIPLE = 16  # the int4 kernel's N must be a multiple of 16
 
@@ -117,7 +124,25 @@ def _int8_route(rows: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     prepared = _prepared(weight)
     if "scale_bf16" not in prepared:
         prepared["scale_bf16"] = weight.scale.reshape(-1).to(torch.bfloat16)
+    if rows.shape[0] >= INT8_ONEDNN_ROWS and ONEDNN_LINEAR is not None:
+        return _int8_onednn(rows, weight, prepared["scale_bf16"])
     return torch._weight_int8pack_mm(rows, weight.data.T, prepared["scale_bf16"])
+
+
+def _int8_onednn(rows: torch.Tensor, weight: QuantizedWeight, scale: torch.Tensor) -> torch.Tensor:
+    """rows @ W for INT8_ONEDNN_ROWS rows or more: a block of W's columns at a time, its int8 values
+    copied as they are into a bfloat16 buffer (exact: |q| <= 127), multiplied by oneDNN's bfloat16
+    linear, then scaled per column."""
+    (m, k), n = rows.shape, weight.shape[1]
+    stored = weight.data.T  # [N, K] int8, contiguous
+    out = torch.empty(m, n, dtype=torch.bfloat16, device=rows.device)
+    width = max(1, BF16_CHUNK_ELEMENTS // k)
+    buffer = _scratch("int8-bf16", min(n, width) * k, torch.bfloat16, rows.device)
+    for start in range(0, n, width):
+        stop = min(start + width, n)
+        block = buffer[:(stop - start) * k].view(stop - start, k).copy_(stored[start:stop])
+        torch.mul(ONEDNN_LINEAR(rows, block, None, "none", [], ""), scale[start:stop], out=out[:, start:stop])
+    return out
 
 
 def _int4_pack(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,6 +34,7 @@ def small_blocks(monkeypatch):
     blocks, a partial last one included, and the int4 pack several chunks. The block buffers are
     the test's own, made inside poisoned_allocations: NaN wherever a block is not written."""
     monkeypatch.setattr(cpu_quantized, "CHUNK_ELEMENTS", 128 * 24)
+    monkeypatch.setattr(cpu_quantized, "BF16_CHUNK_ELEMENTS", 128 * 24)
     monkeypatch.setattr(cpu_quantized, "PACK_ROWS", 64)
     monkeypatch.setattr(cpu_quantized, "_SCRATCH", threading.local())
 
@@ -239,3 +240,21 @@ def test_each_format_and_dtype_takes_its_route(monkeypatch, quantization, dtype,
     # Nothing the size of the dequantized weight is kept: the int4 pack is 0.5 byte a weight.
     kept = sum(t.numel() * t.element_size() for t in cpu_quantized._PREPARED.get(w, {}).values())
     assert kept <= 128 * 304 // 2 + 2 * 2 * 304 * 2
+
+
+@pytest.mark.skipif(cpu_quantized.ONEDNN_LINEAR is None, reason="this torch has no oneDNN linear")
+def test_int8_bfloat16_batches_run_onednn_and_single_rows_the_int8_kernel(monkeypatch):
+    # From INT8_ONEDNN_ROWS rows, oneDNN's bfloat16 linear over the int8 values is the faster route
+    # (cpu_quantized.py); below it, _weight_int8pack_mm. Both agree with the reference (ROWS covers both).
+    calls = Calls(monkeypatch, "_weight_int8pack_mm")
+    onednn = cpu_quantized.ONEDNN_LINEAR
+    monkeypatch.setattr(cpu_quantized, "ONEDNN_LINEAR", lambda *args: calls.calls.append("onednn") or onednn(*args))
+    w = weight(128, 300, Quantization("int8"))
+    quantized_matmul(randn(cpu_quantized.INT8_ONEDNN_ROWS - 1, 128, dtype=torch.bfloat16), w)
+    assert calls.calls == ["_weight_int8pack_mm"]
+    calls.calls.clear()
+    x = randn(cpu_quantized.INT8_ONEDNN_ROWS, 128, dtype=torch.bfloat16)
+    got = quantized_matmul(x, w)
+    assert set(calls.calls) == {"onednn"} and len(calls.calls) > 1  # several blocks of columns
+    monkeypatch.setattr(cpu_quantized, "ONEDNN_LINEAR", None)
+    assert_close(got, x.double() @ reference.dequantize(w).double(), quantized_matmul(x, w))
