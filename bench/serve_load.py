@@ -1,8 +1,8 @@
 """Load figures for `tritongpt2 serve` (`tritongpt2 bench --serve`): the server on 127.0.0.1 over a
 random-weight model, driven by the official openai client (AsyncOpenAI, one event loop) in a process
-of its own, as clients are: in the server's process, the client's parsing of every chunk took the
-interpreter lock from the server's threads (a 16-row decode step measured 69-75 ms there against 51 ms
-alone).
+of its own, as clients are: in the server's process its parsing of every chunk would also hold the
+interpreter lock against the server's threads. On a machine of few cores it still shares them with
+the server (bench/NOTES.md measures what that costs).
 
 - generation: N concurrent streams, each a few streamed completions back to back (a fixed prompt
   length and max_tokens, temperature 1, a seed per request); aggregate generated tokens/s counts
