@@ -1,9 +1,9 @@
 """CTranslate2 as a CPU baseline (float32 and int8), where the ctranslate2 package is installed.
 
-The random-weight model is saved to a temporary folder and converted there by the runner's process; its vocabulary is made up
-(ids are all the benchmark uses), with <|endoftext|> as the last id, as in GPT-2. CTranslate2 has no
-hidden-state output, so its embed figure includes the LM head, which tritongpt2's does not: its
-embed ratios flatter tritongpt2, and its embed records say so in a note.
+The random-weight model is saved to a temporary folder and converted there by the runner's process;
+its vocabulary is made up (ids are all the benchmark uses), with <|endoftext|> as the last id, as in
+GPT-2. CTranslate2 has no hidden-state output, so its embed figure includes the LM head, which
+tritongpt2's does not: its embed ratios flatter tritongpt2, and its embed records say so in a note.
 
 Each runner's CTranslate2 lives in a process of its own, which times its calls itself (the same
 median of the same repeats). In one process with torch, each slowed the other down once it had run,
