@@ -7,17 +7,17 @@ takes 220-300 us at M=1, 2.6 ms at M=16):
 - int8, bfloat16 rows: `torch._weight_int8pack_mm` on the stored [N, K] int8 bytes and the scales
   in bfloat16: 120-230 us at M=1, 1.1 ms at M=16. Its float32 and float16 paths are 10-20x slower than
   float32's own matmul (2.2-2.6 ms and 3.7 ms at M=1, 55 ms at M=16): not taken. From
-  INT8_ONEDNN_ROWS rows it is slower than copying a block of the int8 values into bfloat16 (exact)
-  and running oneDNN's bfloat16 linear, then scaling the columns (two threads, gpt2's layer shapes:
-  1.1x at 16 rows, 1.6x at 32, 2.4x at 128; 0.3-0.9x at 2-12 rows; a gpt2 embed of 16 tokens 37.9 ->
-  23.5 ms).
+  INT8_DEQUANTIZED_ROWS rows it is slower than the dequantized route below run in bfloat16 (the int8
+  values copied into bfloat16 exactly, torch.mm, which is oneDNN's bfloat16 gemm here, the columns
+  scaled after): two threads, gpt2's layer shapes, 1.1x at 16 rows, 1.6x at 32, 2.4x at 128, and
+  0.3-0.9x at 2-12 rows; a gpt2 embed of 16 tokens 37.9 -> 23.5 ms.
 - int4, bfloat16 rows: `torch._weight_int4pack_mm_for_cpu` on a prepacked copy (0.5 byte a weight,
   made on first use and kept per weight while the weight lives), 170 us at M=1, 1.1 ms at M=16. Its
   dequantization is (q - 8) * scale + zero with bfloat16 scales and float offsets, so ours,
   (q - z) * s, gives it zero = (8 - z) * s. N is padded to its multiple of 16. Its float32 and
   float16 paths: 4.4 ms and 6.9 ms at M=1.
 - every other pair (float32 and float16 rows, nf4 with any): W dequantized to float32 in blocks of
-  columns (at most CHUNK_ELEMENTS weights, in buffers each thread keeps: 26 MB at most) and
+  columns (at most CHUNK_BYTES of them, in buffers each thread keeps: 26 MB at most) and
   multiplied in float32. int8: 0.5-0.8 ms at M=1, 2-3x float32's matmul (the int8 to float32
   conversion is the cost), on par at 16 rows. A 4-bit block is unpacked with two byte ops into its
   even rows then its odd rows (the rows are multiplied in that order: no interleaving pass), then
@@ -40,12 +40,10 @@ import weakref
 
 import torch
 
-from .cpu_matmul import ONEDNN_LINEAR
 from .quantized_weight import NESTED_BLOCK, NF4_CODE, QuantizedWeight
 
-CHUNK_ELEMENTS = 1 << 21  # weights dequantized at a time by the float32 route (8 MB of float32)
-BF16_CHUNK_ELEMENTS = 1 << 22  # int8 weights converted at a time by the int8 oneDNN route (8 MB of bfloat16)
-INT8_ONEDNN_ROWS = 16
+CHUNK_BYTES = 8 << 20  # dequantized weights at a time in the dequantized route (2M float32, 4M bfloat16)
+INT8_DEQUANTIZED_ROWS = 16  # int8 with bfloat16 rows: from here on the dequantized route, in bfloat16
 PACK_ROWS = 4096  # output channels packed at a time for the int4 kernel (a multiple of its 64-row blocks)
 INT4_PACK_MULTIPLE = 16  # the int4 kernel's N must be a multiple of 16
 
@@ -54,7 +52,7 @@ INT4_PACK_MULTIPLE = 16  # the int4 kernel's N must be a multiple of 16
 _PREPARED: weakref.WeakKeyDictionary[QuantizedWeight, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
-# The float32 route's block buffers, kept per thread and reused by every product: a fresh 8 MB
+# The dequantized route's block buffers, kept per thread and reused by every product: a fresh 8 MB
 # buffer costs its page faults each time (measured: twice the time of the conversion into it).
 _SCRATCH = threading.local()
 
@@ -121,28 +119,12 @@ def gather_rows(weight: QuantizedWeight, index: torch.Tensor) -> torch.Tensor:
 
 
 def _int8_route(rows: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
+    if rows.shape[0] >= INT8_DEQUANTIZED_ROWS:
+        return _dequantized_route(rows, weight, torch.bfloat16)
     prepared = _prepared(weight)
     if "scale_bf16" not in prepared:
         prepared["scale_bf16"] = weight.scale.reshape(-1).to(torch.bfloat16)
-    if rows.shape[0] >= INT8_ONEDNN_ROWS and ONEDNN_LINEAR is not None:
-        return _int8_onednn(rows, weight, prepared["scale_bf16"])
     return torch._weight_int8pack_mm(rows, weight.data.T, prepared["scale_bf16"])
-
-
-def _int8_onednn(rows: torch.Tensor, weight: QuantizedWeight, scale: torch.Tensor) -> torch.Tensor:
-    """rows @ W for INT8_ONEDNN_ROWS rows or more: a block of W's columns at a time, its int8 values
-    copied as they are into a bfloat16 buffer (exact: |q| <= 127), multiplied by oneDNN's bfloat16
-    linear, then scaled per column."""
-    (m, k), n = rows.shape, weight.shape[1]
-    stored = weight.data.T  # [N, K] int8, contiguous
-    out = torch.empty(m, n, dtype=torch.bfloat16, device=rows.device)
-    width = max(1, BF16_CHUNK_ELEMENTS // k)
-    buffer = _scratch("int8-bf16", min(n, width) * k, torch.bfloat16, rows.device)
-    for start in range(0, n, width):
-        stop = min(start + width, n)
-        block = buffer[:(stop - start) * k].view(stop - start, k).copy_(stored[start:stop])
-        torch.mul(ONEDNN_LINEAR(rows, block, None, "none", [], ""), scale[start:stop], out=out[:, start:stop])
-    return out
 
 
 def _int4_pack(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,14 +180,14 @@ def _dequantize_block(weight: QuantizedWeight, start: int, stop: int, out: torch
     grouped.mul_(scale[:, None, :, None])
 
 
-def _float32_route(rows: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
-    """rows @ W in float32 (float64 rows stay float64), W dequantized a block of columns at a time."""
-    dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
+def _dequantized_route(rows: torch.Tensor, weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """rows @ W in `dtype`, W dequantized a block of columns at a time: float32 or float64, or
+    bfloat16 for int8, whose unscaled values bfloat16 holds exactly."""
     wide = rows.to(dtype)
     k, n = weight.shape
     if weight.bits == 4:
         wide = torch.cat([wide[:, 0::2], wide[:, 1::2]], dim=1)  # the blocks' row order: even rows, then odd
-    block = max(1, min(n, CHUNK_ELEMENTS // k))
+    block = max(1, min(n, CHUNK_BYTES // (k * wide.element_size())))
     buffer = _scratch("block", block * k, dtype, rows.device).view(block, k)
     nibbles = _scratch("nibbles", block * k, torch.uint8, rows.device).view(block, k) if weight.bits == 4 else None
     out_t = torch.empty(n, rows.shape[0], dtype=dtype, device=rows.device)  # [N, M]: each block's rows are contiguous
@@ -222,14 +204,14 @@ def _float32_route(rows: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
 
 def quantized_matmul(rows: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """rows [M, K] (the activations' dtype) @ W [K, N] (+ bias [N]) -> [M, N]: bfloat16 from the
-    native routes (the bias added in bfloat16: no casts, the step's ops are few), float32 from the
-    float32 route (float64 for float64 rows)."""
+    bfloat16 routes (the bias added in bfloat16: no casts, the step's ops are few), float32 from the
+    dequantized route otherwise (float64 for float64 rows)."""
     if rows.dtype == torch.bfloat16 and weight.format == "int8":
         out = _int8_route(rows.contiguous(), weight)
     elif rows.dtype == torch.bfloat16 and weight.format == "int4":
         out = _int4_route(rows.contiguous(), weight)
     else:
-        out = _float32_route(rows, weight)
+        out = _dequantized_route(rows, weight, torch.float64 if rows.dtype == torch.float64 else torch.float32)
     if bias is None:
         return out
     return out.add_(bias) if out.is_contiguous() else out + bias

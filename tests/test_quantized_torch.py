@@ -33,8 +33,7 @@ def small_blocks(monkeypatch):
     """Blocks of columns a few times smaller than the weights, so that every route runs several
     blocks, a partial last one included, and the int4 pack several chunks. The block buffers are
     the test's own, made inside poisoned_allocations: NaN wherever a block is not written."""
-    monkeypatch.setattr(cpu_quantized, "CHUNK_ELEMENTS", 128 * 24)
-    monkeypatch.setattr(cpu_quantized, "BF16_CHUNK_ELEMENTS", 128 * 24)
+    monkeypatch.setattr(cpu_quantized, "CHUNK_BYTES", 128 * 24 * 4)
     monkeypatch.setattr(cpu_quantized, "PACK_ROWS", 64)
     monkeypatch.setattr(cpu_quantized, "_SCRATCH", threading.local())
 
@@ -242,19 +241,16 @@ def test_each_format_and_dtype_takes_its_route(monkeypatch, quantization, dtype,
     assert kept <= 128 * 304 // 2 + 2 * 2 * 304 * 2
 
 
-@pytest.mark.skipif(cpu_quantized.ONEDNN_LINEAR is None, reason="this torch has no oneDNN linear")
-def test_int8_bfloat16_batches_run_onednn_and_single_rows_the_int8_kernel(monkeypatch):
-    # From INT8_ONEDNN_ROWS rows, oneDNN's bfloat16 linear over the int8 values is the faster route
+def test_int8_bfloat16_batches_run_dequantized_and_fewer_rows_the_int8_kernel(monkeypatch):
+    # From INT8_DEQUANTIZED_ROWS rows, the dequantized route in bfloat16 is the faster one
     # (cpu_quantized.py); below it, _weight_int8pack_mm. Both agree with the reference (ROWS covers both).
-    calls = Calls(monkeypatch, "_weight_int8pack_mm")
-    onednn = cpu_quantized.ONEDNN_LINEAR
-    monkeypatch.setattr(cpu_quantized, "ONEDNN_LINEAR", lambda *args: calls.calls.append("onednn") or onednn(*args))
+    calls = Calls(monkeypatch, "_weight_int8pack_mm", "mm")
     w = weight(128, 300, Quantization("int8"))
-    quantized_matmul(randn(cpu_quantized.INT8_ONEDNN_ROWS - 1, 128, dtype=torch.bfloat16), w)
+    quantized_matmul(randn(cpu_quantized.INT8_DEQUANTIZED_ROWS - 1, 128, dtype=torch.bfloat16), w)
     assert calls.calls == ["_weight_int8pack_mm"]
     calls.calls.clear()
-    x = randn(cpu_quantized.INT8_ONEDNN_ROWS, 128, dtype=torch.bfloat16)
+    x = randn(cpu_quantized.INT8_DEQUANTIZED_ROWS, 128, dtype=torch.bfloat16)
     got = quantized_matmul(x, w)
-    assert set(calls.calls) == {"onednn"} and len(calls.calls) > 1  # several blocks of columns
-    monkeypatch.setattr(cpu_quantized, "ONEDNN_LINEAR", None)
-    assert_close(got, x.double() @ reference.dequantize(w).double(), quantized_matmul(x, w))
+    assert set(calls.calls) == {"mm"} and len(calls.calls) > 1  # several blocks of columns
+    assert got.dtype == torch.bfloat16
+    assert_close(got, x.double() @ reference.dequantize(w).double(), (x.float() @ reference.matrix(w, torch.bfloat16).float()).to(torch.bfloat16))
