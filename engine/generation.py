@@ -50,11 +50,11 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return scores
 
 
-def exponential_noise(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Exponential(1) draws shaped like `like`, as -log of uniform ones: on the CPU torch's uniform_
+def exponential_noise(out: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """`out` filled with Exponential(1) draws, as -log of uniform ones: on the CPU torch's uniform_
     and log take 4.6 ms for 16 x 50257 values where exponential_ takes 18 ms (2-core EPYC). A uniform
     draw of exactly 0 gives inf, whose token is never picked."""
-    return torch.empty_like(like).uniform_(generator=generator).log_().neg_()
+    return out.uniform_(generator=generator).log_().neg_()
 
 
 def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
@@ -62,7 +62,7 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     if not params.do_sample:
         return logits.argmax(-1)
     probs = filter_logits(logits, params).softmax(-1)
-    return (probs / exponential_noise(probs, generator)).argmax(-1)
+    return (probs / exponential_noise(torch.empty_like(probs), generator)).argmax(-1)
 
 
 class TokensToHost:

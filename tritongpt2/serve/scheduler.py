@@ -311,6 +311,8 @@ def _draw(logits: torch.Tensor, owners: list[tuple[CompletionJob, Choice]]) -> l
             tokens[index] = logits[index].argmax(-1)
             continue
         probs = filter_logits(logits[index], params).softmax(-1)
-        noise = torch.stack([exponential_noise(probs[j], owners[row][1].generator) for j, row in enumerate(rows)])
+        noise = torch.empty_like(probs)
+        for j, row in enumerate(rows):
+            exponential_noise(noise[j], owners[row][1].generator)
         tokens[index] = (probs / noise).argmax(-1)
     return tokens.tolist()
