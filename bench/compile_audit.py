@@ -9,8 +9,10 @@ tensor-core use from the PTX.
 Quantized weights (QUANTIZATIONS: every format and int4 group) are audited on request, over
 QUANTIZED_WORKLOADS: the decode step (split products, the fused MLP, the LM head, the embedding
 gathering from it) and the tiled products of prefill, few rows and many. They are some 500
-compilations a model, most of an hour on CI's two cores: `python -m tritongpt2.bench.compile_audit`
-writes them (bench/results/compile-audit-quantized.json), and CI checks that file covers today's.
+compilations a model, most of an hour on CI's two cores: `python -m tritongpt2.bench.compile_audit
+--json F.json --markdown F.md` writes them, under the newest triton into
+bench/results/compile-audit-quantized.* and under triton 3.6 into compile-audit-quantized-triton3.6.*,
+and CI checks that the one of the triton it runs under covers today's launches.
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ class CompileJob:
     divisible_by_16: tuple[int, ...]
     num_warps: int
     num_stages: int
+    max_registers: int | None = None
 
     @property
     def config(self) -> str:
@@ -99,7 +102,8 @@ class CompileJob:
         # Integer arguments that Triton specialises as multiples of 16 (they change the code).
         aligned = [name for i, (name, kind) in enumerate(self.signature) if i in self.divisible_by_16 and kind[0] == "i"]
         shown += [f"x16:{'+'.join(aligned)}"] if aligned else []
-        return ",".join(shown + [f"warps={self.num_warps}", f"stages={self.num_stages}"])
+        shown += [f"warps={self.num_warps}", f"stages={self.num_stages}"]
+        return ",".join(shown + ([f"maxnreg={self.max_registers}"] if self.max_registers is not None else []))
 
 
 @dataclass
@@ -212,7 +216,7 @@ def compile_job(record: LaunchRecord) -> CompileJob:
     ordered = tuple((name, signature[name]) for name in names)
     return CompileJob(
         kernel, kernel.__name__, ordered, tuple((n, constexprs[n]) for n in names if n in constexprs),
-        tuple(divisible), record.num_warps, record.num_stages,
+        tuple(divisible), record.num_warps, record.num_stages, record.max_registers,
     )
 
 
@@ -244,7 +248,7 @@ def compile_for(job: CompileJob, arch: str, dtype: str, used_by: list[str]) -> C
         compiled = triton.compile(
             source,
             target=GPUTarget("cuda", ARCHS[arch], 32),
-            options={"num_warps": job.num_warps, "num_stages": job.num_stages},
+            options={"num_warps": job.num_warps, "num_stages": job.num_stages, "maxnreg": job.max_registers},
         )
     except Exception as error:  # noqa: BLE001 - any compiler failure is a finding of the audit
         result.error = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
@@ -436,10 +440,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="gpt2", help="comma-separated GPT-2 sizes")
     parser.add_argument("--quantizations", default=",".join(QUANTIZATIONS), help="comma-separated, of " + ", ".join(QUANTIZATIONS))
     parser.add_argument("--json", required=True, help="write the results as JSON to this file")
+    parser.add_argument("--markdown", help="and as a markdown table to this file")
     args = parser.parse_args(argv)
     models = args.models.split(",")
     results = run_compile_audit([model_shape(m) for m in models], workloads=(), quantizations=args.quantizations.split(","))
     Path(args.json).write_text(json.dumps(results_document(models, results), indent=1))
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_table(results) + "\n")
     problems = [problem for r in results for problem in r.problems()]
     for problem in problems:
         print(f"PROBLEM: {problem}", file=sys.stderr)

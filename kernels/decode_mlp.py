@@ -32,7 +32,7 @@ from .matmul_parts import split_tile
 from .operands import MOMENT_FIELDS, Residual
 from .quantized_weight import QuantizedWeight
 from .split_linear import split_partials
-from .tiling import SPLIT_ROWS
+from .tiling import SPLIT_ROWS, register_cap
 from .validation import check_residual, check_same_device, check_same_dtype
 
 FIXED_COUNTERS = 3
@@ -156,6 +156,7 @@ def mlp(
         FC_BLOCK_N=fc_tiles.block_n, FC_BLOCK_K=fc_tiles.block_k, PROJ_BLOCK_N=proj_tiles.block_n,
         PROJ_BLOCK_K=proj_tiles.block_k, BLOCK_MOMENTS=options["BLOCK_MOMENTS"],
         num_warps=fc_tiles.num_warps, num_stages=fc_tiles.num_stages,
+        max_registers=register_cap(fc_tiles, proj_tiles),
         **_named_weight(fc_weight, "fc", "f"), **_named_weight(proj_weight, "proj", "p"),
     )
     lead = x.values.shape[:-1]

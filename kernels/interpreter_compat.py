@@ -12,16 +12,12 @@ this module gives older triton the same ``__index__``. Compiled (GPU) kernels ne
 from __future__ import annotations
 
 import functools
-import re
 from typing import Any
+
+from .toolchain import triton_release
 
 # The first triton whose interpreter squeezes the array itself.
 FIXED_IN = (3, 7)
-
-
-def _version(text: str) -> tuple[int, int]:
-    major, minor = (int(part) for part in re.findall(r"\d+", text)[:2])
-    return major, minor
 
 
 def _index(self: Any) -> int:
@@ -30,11 +26,7 @@ def _index(self: Any) -> int:
 
 
 def needs_fix(triton_version: str | None = None) -> bool:
-    if triton_version is None:
-        import triton
-
-        triton_version = triton.__version__
-    return _version(triton_version) < FIXED_IN
+    return triton_release(triton_version) < FIXED_IN
 
 
 def install(kernel: Any) -> bool:

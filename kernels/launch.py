@@ -24,6 +24,7 @@ class LaunchRecord:
     arguments: dict[str, Any]  # every parameter of the kernel by name, defaults filled in
     num_warps: int = 4
     num_stages: int = 3
+    max_registers: int | None = None  # ptxas' per-thread register cap (Triton's maxnreg); None: its own choice
 
     @property
     def name(self) -> str:
@@ -57,22 +58,27 @@ def _constexpr_names(kernel: Any) -> set[str]:
     return {name for name, p in _parameters(kernel).parameters.items() if "constexpr" in str(p.annotation)}
 
 
-def launch(kernel: Any, grid: tuple[int, ...], *, num_warps: int, num_stages: int, **arguments: Any) -> None:
+def launch(
+    kernel: Any, grid: tuple[int, ...], *, num_warps: int, num_stages: int, max_registers: int | None = None, **arguments: Any
+) -> None:
     """Run ``kernel[grid](**arguments)``, or hand it to the active recorder."""
     record, observe = _recorder.get(), _observer.get()
     if not _interpreter_checked and record is None:
         _check_interpreter(kernel)
+    options = dict(num_warps=num_warps, num_stages=num_stages)
+    if max_registers is not None:
+        options["maxnreg"] = max_registers
     if record is None and observe is None:
-        kernel[grid](**arguments, num_warps=num_warps, num_stages=num_stages)
+        kernel[grid](**arguments, **options)
         return
     bound = _parameters(kernel).bind(**arguments)
     bound.apply_defaults()
-    launched = LaunchRecord(kernel, grid, dict(bound.arguments), num_warps, num_stages)
+    launched = LaunchRecord(kernel, grid, dict(bound.arguments), num_warps, num_stages, max_registers)
     if record is not None:
         record(launched)
         return
     with observe(launched):
-        kernel[grid](**arguments, num_warps=num_warps, num_stages=num_stages)
+        kernel[grid](**arguments, **options)
 
 
 def _check_interpreter(kernel: Any) -> None:

@@ -195,7 +195,7 @@ def _run(
         (triton.cdiv(m, tiles.block_m), triton.cdiv(n, tiles.block_n)),
         x_ptr=rows, stride_xm=rows.stride(0), out_ptr=out, stride_om=out.stride(0), M=m, N=n, K=k,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages, max_registers=tiles.max_registers,
         **options,
     )
 

@@ -77,6 +77,6 @@ def run_split_linear(
         (tiles.programs(n),),
         x_ptr=rows, stride_xm=rows.stride(0), out_ptr=out, stride_om=out.stride(0), M=m, N=n, K=k, k_per_split=tiles.k_per_split, n_splits=tiles.splits,
         BLOCK_M=SPLIT_ROWS, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages, max_registers=tiles.max_registers,
         **split_scratch(m, n, tiles, semaphores, rows.device), **options,
     )

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
 import triton
+
+from .toolchain import triton_release
 
 MAX_ROW_WIDTH = 16384
 MAX_HEAD_DIM = 256
@@ -32,6 +34,16 @@ TILE_FIELDS = ("block_n", "block_k", "splits", "num_warps", "num_stages")
 # The column tiles a split product may take, and the warps it may spread a tile over.
 SPLIT_BLOCK_NS = (32, 64, 128, 256)
 SPLIT_WARPS = (4, 8)
+# ptxas 12.8 (triton < 3.9) holds the quantized decode products of some formats at 64 registers and
+# the half-precision int4 group-128 tiles at 128, and spills 8-16 bytes; 12.9 spills nothing there.
+# A cap makes 12.8 allocate what they need (decode: 128, keeping two blocks an SM; group-128 tiles:
+# 255). It is not for every tile: capped at 255, 12.8 gives the other tiled products 240-255
+# registers. And 12.9 allocates differently once capped and spills, so only older triton gets these
+# caps. The quantized compile audits (bench/results/compile-audit-quantized*.json) hold each triton
+# to no spill and 16 registers of headroom.
+UNCAPPED_FROM = (3, 9)
+QUANTIZED_REGISTER_CAPS = {"split": 128, "tiled": 255}
+WIDE_GROUP_TILE_REGISTERS = 192
 
 
 @dataclass(frozen=True)
@@ -41,6 +53,7 @@ class MatmulTiles:
     block_k: int
     num_warps: int
     num_stages: int
+    max_registers: int | None = None  # ptxas' register cap; None: its own choice
 
 
 @dataclass(frozen=True)
@@ -54,6 +67,7 @@ class SplitTiles:
     splits: int
     num_warps: int
     num_stages: int
+    max_registers: int | None = None  # ptxas' register cap; None: its own choice
 
     def programs(self, n: int) -> int:
         return triton.cdiv(n, self.block_n) * self.splits
@@ -225,10 +239,18 @@ def quantized_split_tiles(n: int, k: int, element_size: int, block_k: int | None
     the budget (128 x 64 in half precision, 32 x 64 in float32 spilled on sm_80)."""
     forced = _forced_split_tiles.get().get(quantized_tuning_key(n, k, element_size, label))
     if forced is None:
-        return default_split_tiles(n, k, element_size, block_k, budget_share=2 if label.startswith("nf4") else 1)
-    if block_k is not None and forced.block_k != block_k:
+        tiles = default_split_tiles(n, k, element_size, block_k, budget_share=2 if label.startswith("nf4") else 1)
+    elif block_k is not None and forced.block_k != block_k:
         raise ValueError(f"forced tiles {forced} for a {label} weight need block_k={block_k}, its K group")
-    return forced
+    else:
+        tiles = forced
+    return replace(tiles, max_registers=quantized_register_cap("split"))
+
+
+def register_cap(*tiles: SplitTiles | MatmulTiles) -> int | None:
+    """The cap of a launch that runs these tiles' products: the lowest of theirs, None if none has one."""
+    caps = [t.max_registers for t in tiles if t.max_registers is not None]
+    return min(caps) if caps else None
 
 
 def quantized_tuning_key(n: int, k: int, element_size: int, label: str) -> str:
@@ -239,17 +261,30 @@ def quantized_matmul_tiles(m: int, n: int, k: int, element_size: int, block_k: i
     """Tiles for a tiled product of a quantized weight: int8 (block_k None) as matmul_tiles; a 4-bit
     weight's tile is one K group deep, 64 rows (32 in float32) and at most 4096 weights (1024 in
     float32) wide: each half of the tile is dequantized in registers beside the operands, and larger
-    tiles spilled or came within 16 registers of the limit on sm_80 and sm_90. float32 takes 8 warps
-    for a 128-deep tile only (on 4 it needed 255 registers; 8 warps over a 32-deep one, held to 64
-    registers by ptxas on sm_80, spilled)."""
+    tiles spilled or came within 16 registers of the limit on sm_80 and sm_90. A float32 tile of a
+    128-deep group is 16 x 16 on 8 warps, capped at WIDE_GROUP_TILE_REGISTERS under every triton:
+    32 x 16 took 255 registers and spilled under triton 3.6, 16 x 16 uncapped spilled 8 bytes under
+    3.9, and on 4 warps either needed 255. Shallower float32 tiles take 4 warps (8 over a 32-deep
+    one, held to 64 registers by ptxas on sm_80, spilled)."""
     tiles = matmul_tiles(m, n, k, element_size)
     if block_k is None:
         return tiles
     wide = element_size >= 4
+    if wide and block_k >= 128:
+        return MatmulTiles(16, 16, block_k, 8, tiles.num_stages, WIDE_GROUP_TILE_REGISTERS)
     block_m = min(tiles.block_m, 32 if wide else 64)
     block_n = max(16, min(32 if wide else 64, (1024 if wide else 4096) // block_k))
-    num_warps = (8 if block_k >= 128 else 4) if wide else tiles.num_warps
-    return MatmulTiles(block_m, block_n, block_k, num_warps, tiles.num_stages)
+    num_warps = 4 if wide else tiles.num_warps
+    cap = quantized_register_cap("tiled") if block_k >= 128 else None
+    return MatmulTiles(block_m, block_n, block_k, num_warps, tiles.num_stages, cap)
+
+
+def quantized_register_cap(product: str, triton_version: str | None = None) -> int | None:
+    """The register cap of a quantized `product` ("split" or "tiled") under this triton (or the given
+    version): QUANTIZED_REGISTER_CAPS before UNCAPPED_FROM, none from it."""
+    if triton_release(triton_version) >= UNCAPPED_FROM:
+        return None
+    return QUANTIZED_REGISTER_CAPS[product]
 
 
 def fewest_splits(n: int, k: int, block_n: int, element_size: int, programs: int, num_warps: int,

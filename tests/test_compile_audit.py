@@ -4,6 +4,7 @@ of headroom. No GPU needed. CI runs this under the newest triton and under the G
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,8 @@ from numerics import OPS
 from tritongpt2.bench.compile_audit import ARCHS, MAX_REGISTERS, REGISTER_HEADROOM, SHARED_LIMIT, candidate_label
 from tritongpt2.bench.decode_tuning import decode_products, failed_candidates
 from tritongpt2.bench.model_shapes import MODEL_SHAPES
-from tritongpt2.kernels.tiling import default_split_tiles, split_candidates
+from tritongpt2.kernels.tiling import UNCAPPED_FROM, default_split_tiles, split_candidates
+from tritongpt2.kernels.toolchain import triton_release
 
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -111,13 +113,35 @@ def _constexpr_prefix(record) -> str:
     return ",".join(shown) + ","
 
 
+QUANTIZED_AUDITS = ("compile-audit-quantized.json", "compile-audit-quantized-triton3.6.json")
+
+
+def committed_quantized_audit() -> dict:
+    """The committed quantized audit compiled by this triton's release, else the newest triton's."""
+    documents = [json.loads((RESULTS / name).read_text()) for name in QUANTIZED_AUDITS]
+    running = triton_release()
+    return next((d for d in documents if triton_release(d["toolchain"]["triton"]) == running), documents[0])
+
+
+def test_the_quantized_audits_are_of_the_newest_and_the_gpu_machines_triton():
+    newest, gpu_machine = (json.loads((RESULTS / name).read_text())["toolchain"]["triton"] for name in QUANTIZED_AUDITS)
+    assert triton_release(gpu_machine) == (3, 6)
+    assert triton_release(newest) >= UNCAPPED_FROM
+
+
+def _register_cap(config: str) -> str:
+    found = re.search(r",maxnreg=\d+$", config)
+    return found.group(0) if found else ""
+
+
 def test_every_quantized_configuration_is_in_the_committed_quantized_audit():
     # The quantized audit is some 500 compilations for gpt2 (python -m tritongpt2.bench.compile_audit
-    # --models gpt2 --json bench/results/compile-audit-quantized.json): CI checks the committed one
-    # covers every launch a quantized gpt2 step makes today, for every arch and dtype, within limits.
+    # --models gpt2 --json bench/results/compile-audit-quantized.json, and -triton3.6.json under the GPU
+    # machine's triton): CI checks the one of the triton it runs under covers every launch a quantized
+    # gpt2 step makes today, register cap included, for every arch and dtype, within limits.
     from tritongpt2.bench.compile_audit import DTYPES, QUANTIZATIONS, QUANTIZED_WORKLOADS, step_launches
 
-    document = json.loads((RESULTS / "compile-audit-quantized.json").read_text())
+    document = committed_quantized_audit()
     assert "gpt2" in document["models"]
     rows = document["results"]
     for row in rows:
@@ -131,10 +155,12 @@ def test_every_quantized_configuration_is_in_the_committed_quantized_audit():
             for workload in QUANTIZED_WORKLOADS:
                 label = f"gpt2 {name} {workload.name} b{workload.batch}x{workload.seq} ctx{workload.context}"
                 for record in step_launches(MODEL_SHAPES["gpt2"], DTYPES[dtype], workload, quantization):
+                    cap = "" if record.max_registers is None else f",maxnreg={record.max_registers}"
                     for arch in ARCHS:
                         assert any(r["kernel"] == record.name and r["arch"] == arch and r["dtype"] == dtype
                                    and r["config"].startswith(_constexpr_prefix(record)) and label in r["used_by"]
-                                   for r in rows), (label, record.name, arch, dtype, _constexpr_prefix(record))
+                                   and _register_cap(r["config"]) == cap
+                                   for r in rows), (label, record.name, arch, dtype, _constexpr_prefix(record), cap)
 
 
 def test_quantized_tiles_read_one_group_per_k_step():

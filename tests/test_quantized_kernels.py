@@ -14,9 +14,12 @@ from test_embedding import cache_state, ids
 from test_linear import access, assert_moments_describe, layer_norm_params, qkv_case, residual_stream, stream
 from tritongpt2.engine.quantize import VARIANTS, quantize_matrix
 from tritongpt2.kernels import reference
-from tritongpt2.kernels.launch import recording_launches
+from tritongpt2.kernels import launch as launch_module
+from tritongpt2.kernels.launch import launch, recording_launches
 from tritongpt2.kernels.linear import weight_label
-from tritongpt2.kernels.tiling import forcing_split_tiles, quantized_tuning_key, split_tiles_of
+from tritongpt2.kernels.tiling import (
+    WIDE_GROUP_TILE_REGISTERS, forcing_split_tiles, quantized_register_cap, quantized_tuning_key, split_tiles_of,
+)
 
 # The interpreter's bfloat16 tl.dot is wrong: float32 and float16 activations only.
 DTYPES = [torch.float32, torch.float16]
@@ -40,6 +43,16 @@ def forced_splits(weight, n: int, k: int, dtype: torch.dtype, splits: int) -> di
     return {quantized_tuning_key(n, k, dtype.itemsize, weight_label(weight)): tiles}
 
 
+def expected_register_cap(weight, rows: int, dtype: torch.dtype) -> int | None:
+    """Split products are capped under older triton; of the tiled ones only groups of 128, float32's
+    under every triton."""
+    if rows <= 16:
+        return quantized_register_cap("split")
+    if weight.bits == 8 or weight.group_size < 128:
+        return None
+    return WIDE_GROUP_TILE_REGISTERS if dtype == torch.float32 else quantized_register_cap("tiled")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,splits", [(1, 2), (5, 4), (24, 1)])
 @pytest.mark.parametrize("name", FORMATS)
@@ -57,6 +70,7 @@ def test_products_match_the_reference(name, rows, splits, dtype):
         out = OPS.ln_linear(stream(x), ln_w, ln_b, 1e-5, w, b, "gelu_new", semaphores=counters)
         summed = OPS.linear_residual(h, w, b, stream(residual), semaphores=counters)
     assert records[0].name == ("split_linear_kernel" if rows <= 16 else "linear_kernel")
+    assert records[0].max_registers == expected_register_cap(w, rows, dtype)
     assert records[0].arguments["n_splits" if rows <= 16 else "M"] == (splits if rows <= 16 else rows)
     assert_close(out, reference.ln_linear(*as_float64(x, ln_w, ln_b), 1e-5, w, b.double(), "gelu_new"),
                  reference.ln_linear(x, ln_w, ln_b, 1e-5, w, b, "gelu_new"))
@@ -94,6 +108,7 @@ def test_the_decode_mlp_in_one_launch(name, rows, dtype):
             OPS.mlp(stream(x), ln_w, ln_b, 1e-5, fc_w, fc_b, "gelu_new", proj_w, proj_b, semaphores=counters)
         out = OPS.mlp(stream(x), ln_w, ln_b, 1e-5, fc_w, fc_b, "gelu_new", proj_w, proj_b, semaphores=counters)
     assert [r.name for r in records] == ["decode_mlp_kernel"]
+    assert records[0].max_registers == quantized_register_cap("split")
     fc_tiles, proj_tiles = forced.values()
     assert (records[0].arguments["fc_splits"], records[0].arguments["proj_splits"]) == (fc_tiles.splits, proj_tiles.splits)
     arguments = (fc_w, fc_b, "gelu_new", proj_w, proj_b)
@@ -145,6 +160,25 @@ def test_the_embedding_gathers_from_the_quantized_head(name, dtype):
     assert torch.equal(step.values, oracle) and torch.equal(slots, oracle_slots)
     for key in ("lengths", "next_position", "key_mask"):
         assert torch.equal(state[key], expected[key]), key
+
+
+@pytest.mark.parametrize("version,caps", [("3.6.0", (128, 255)), ("3.8.1", (128, 255)), ("3.9.0", (None, None)),
+                                          ("3.10.2", (None, None))])
+def test_only_older_ptxas_gets_a_register_cap_for_quantized_products(version, caps):
+    assert (quantized_register_cap("split", version), quantized_register_cap("tiled", version)) == caps
+
+
+def test_a_register_cap_reaches_the_kernel_as_maxnreg(monkeypatch):
+    monkeypatch.setattr(launch_module, "_interpreter_checked", True)
+    launched = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda **options: launched.append((grid, options))
+
+    launch(Kernel(), (3,), num_warps=8, num_stages=4, max_registers=128, x=1)
+    launch(Kernel(), (3,), num_warps=8, num_stages=4, x=1)
+    assert launched == [((3,), dict(x=1, num_warps=8, num_stages=4, maxnreg=128)), ((3,), dict(x=1, num_warps=8, num_stages=4))]
 
 
 def test_bad_quantized_weights_are_refused_by_name():
