@@ -154,15 +154,13 @@ def step_launches(
     the Triton launchers on meta tensors: the embedding, one layer (every layer launches the same
     configurations), ln_f and the LM head on each row's last position, and for prefill the final
     hidden states too. With a quantization, the weights quantize_weights makes of the model's."""
-    from tritongpt2.engine.config import GPT2Config
     from tritongpt2.engine.forward import gpt2_step
     from tritongpt2.engine.kv_cache import StaticKVCache
     from tritongpt2.engine.quantize import quantize_weights
     from tritongpt2.engine.weights import expected_shapes, weights_from_state_dict
     from tritongpt2.kernels import launchers
 
-    config = GPT2Config(vocab_size=shape.vocab_size, n_positions=shape.n_positions, n_embd=shape.n_embd, n_layer=1,
-                        n_head=shape.n_head)
+    config = _one_layer_config(shape)
     state = {key: torch.empty(size, dtype=dtype, device="meta") for key, size in expected_shapes(config).items()}
     weights = weights_from_state_dict(config, state)
     if quantization is not None:
@@ -175,6 +173,23 @@ def step_launches(
     with recording_launches() as records:
         gpt2_step(launchers, config, weights, cache, ids, mask, new_tokens, logits="last", hidden=t > 1)
     return records
+
+
+def _one_layer_config(shape: ModelShape):
+    from tritongpt2.engine.config import GPT2Config
+
+    return GPT2Config(vocab_size=shape.vocab_size, n_positions=shape.n_positions, n_embd=shape.n_embd, n_layer=1,
+                      n_head=shape.n_head)
+
+
+def quantization_misfit(shape: ModelShape, quantization: Quantization) -> str | None:
+    """Why the model cannot take the quantization (a group that does not divide its n_embd or
+    n_inner: int4 in groups of 128 at gpt2-xl's 1600), or None when it can."""
+    try:
+        quantization.check_model(_one_layer_config(shape))
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def _specialize(value: Any) -> tuple[str, Any, bool]:
@@ -273,8 +288,9 @@ def run_compile_audit(
     quantized_workloads: Iterable[Workload] = QUANTIZED_WORKLOADS,
 ) -> list[CompileResult]:
     """Compile every distinct configuration that the workloads launch at the given model shapes, with
-    float weights, and that the quantized workloads launch with each quantization (QUANTIZATIONS' names;
-    bench/results/compile-audit-quantized.json holds them all: `python -m tritongpt2.bench.compile_audit`)."""
+    float weights, and that the quantized workloads launch with each quantization the model can take
+    (QUANTIZATIONS' names; bench/results/compile-audit-quantized.json holds them all: `python -m
+    tritongpt2.bench.compile_audit`)."""
     _require_compiled_kernels()
     archs, dtypes = _checked(archs, dtypes)
     runs = [(None, workload) for workload in workloads]
@@ -286,6 +302,8 @@ def run_compile_audit(
     for shape in shapes:
         for dtype in dtypes:
             for name, workload in runs:
+                if name and quantization_misfit(shape, QUANTIZATIONS[name]):
+                    continue
                 label = f"{shape.name}{f' {name}' if name else ''} {workload.name} b{workload.batch}x{workload.seq} ctx{workload.context}"
                 quantization = QUANTIZATIONS[name] if name else None
                 _add_jobs(jobs, dtype, label, step_launches(shape, DTYPES[dtype], workload, quantization))
@@ -423,10 +441,12 @@ def dump_cubins(results: list[CompileResult], folder: Path) -> list[Path]:
     return written
 
 
-def results_document(models: list[str], results: list[CompileResult]) -> dict:
-    """The JSON document of an audit: its models, toolchain and results (without the cubins)."""
+def results_document(models: list[str], results: list[CompileResult], not_applicable: dict | None = None) -> dict:
+    """The JSON document of an audit: its models, toolchain and results (without the cubins), and the
+    quantizations a model cannot take, with why, by model."""
     rows = [{**{k: v for k, v in vars(r).items() if k != "cubin"}, "blocks_per_sm": r.blocks_per_sm} for r in results]
-    return {"models": models, "toolchain": toolchain(), "results": rows}
+    document = {"models": models, "toolchain": toolchain(), "results": rows}
+    return document if not_applicable is None else {**document, "not_applicable": not_applicable}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -442,11 +462,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", required=True, help="write the results as JSON to this file")
     parser.add_argument("--markdown", help="and as a markdown table to this file")
     args = parser.parse_args(argv)
-    models = args.models.split(",")
-    results = run_compile_audit([model_shape(m) for m in models], workloads=(), quantizations=args.quantizations.split(","))
-    Path(args.json).write_text(json.dumps(results_document(models, results), indent=1))
+    models, names = args.models.split(","), args.quantizations.split(",")
+    results = run_compile_audit([model_shape(m) for m in models], workloads=(), quantizations=names)
+    not_applicable = {model: {name: why for name in names if name in QUANTIZATIONS
+                              and (why := quantization_misfit(model_shape(model), QUANTIZATIONS[name]))}
+                      for model in models}
+    Path(args.json).write_text(json.dumps(results_document(models, results, not_applicable), indent=1))
     if args.markdown:
-        Path(args.markdown).write_text(markdown_table(results) + "\n")
+        skipped = [f"{model} {name} ({why})" for model, misfits in not_applicable.items() for name, why in misfits.items()]
+        note = f"\n\nNot audited, the model cannot take them: {'; '.join(skipped)}." if skipped else ""
+        Path(args.markdown).write_text(markdown_table(results) + note + "\n")
     problems = [problem for r in results for problem in r.problems()]
     for problem in problems:
         print(f"PROBLEM: {problem}", file=sys.stderr)

@@ -51,7 +51,7 @@ def decode_mlp_kernel(
     ACTIVATION: tl.constexpr = "identity", DOT_PRECISION: tl.constexpr = "tf32", BLOCK_M: tl.constexpr = 16,
     FC_BLOCK_N: tl.constexpr = 64, FC_BLOCK_K: tl.constexpr = 64, PROJ_BLOCK_N: tl.constexpr = 64,
     PROJ_BLOCK_K: tl.constexpr = 64, BLOCK_MOMENTS: tl.constexpr = 1, FC_FORMAT: tl.constexpr = "float",
-    PROJ_FORMAT: tl.constexpr = "float",
+    PROJ_FORMAT: tl.constexpr = "float", FC_DEQUANT_K: tl.constexpr = None, PROJ_DEQUANT_K: tl.constexpr = None,
 ):
     fc_tiles = tl.cdiv(inner, FC_BLOCK_N)
     fc_programs = fc_tiles * fc_splits
@@ -66,7 +66,7 @@ def decode_mlp_kernel(
             moment_blocks, x_ptr, 0, out_moments_ptr, h_ptr, h_ptr, counters_ptr, 0, 0, 0, 0, 1, 1,
             fc_scale_ptr, fc_stride_sk, fc_stride_sn, fc_zero_ptr, fc_nested_ptr, fc_offset_ptr, fc_code_ptr, fc_groups,
             True, True, ACTIVATION, False, False, DOT_PRECISION, BLOCK_M, FC_BLOCK_N, FC_BLOCK_K, BLOCK_MOMENTS, "",
-            FC_FORMAT,
+            FC_FORMAT, FC_DEQUANT_K,
         )
         if stored != 0:
             # Every thread's part of the h tile is stored before the counter says so.
@@ -86,7 +86,7 @@ def decode_mlp_kernel(
             0, 0, 0, 0, 1, 1, proj_scale_ptr, proj_stride_sk, proj_stride_sn, proj_zero_ptr, proj_nested_ptr,
             proj_offset_ptr, proj_code_ptr, proj_groups,
             False, True, "identity", True, False, DOT_PRECISION, BLOCK_M, PROJ_BLOCK_N, PROJ_BLOCK_K, BLOCK_MOMENTS,
-            ".cg", PROJ_FORMAT,
+            ".cg", PROJ_FORMAT, PROJ_DEQUANT_K,
         )
 
 
@@ -154,7 +154,8 @@ def mlp(
         # float32 must match a float32 reference; the GPU default for it would be tf32.
         DOT_PRECISION="ieee" if rows.dtype == torch.float32 else "tf32", BLOCK_M=SPLIT_ROWS,
         FC_BLOCK_N=fc_tiles.block_n, FC_BLOCK_K=fc_tiles.block_k, PROJ_BLOCK_N=proj_tiles.block_n,
-        PROJ_BLOCK_K=proj_tiles.block_k, BLOCK_MOMENTS=options["BLOCK_MOMENTS"],
+        PROJ_BLOCK_K=proj_tiles.block_k, FC_DEQUANT_K=fc_tiles.dequant_k, PROJ_DEQUANT_K=proj_tiles.dequant_k,
+        BLOCK_MOMENTS=options["BLOCK_MOMENTS"],
         num_warps=fc_tiles.num_warps, num_stages=fc_tiles.num_stages,
         max_registers=register_cap(fc_tiles, proj_tiles),
         **_named_weight(fc_weight, "fc", "f"), **_named_weight(proj_weight, "proj", "p"),

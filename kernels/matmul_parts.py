@@ -142,11 +142,26 @@ def dequantized(q, scale, zero, WEIGHT_FORMAT: tl.constexpr):
 
 
 @triton.jit
+def _packed_rows(w_ptr, stride_wk, stride_wn, k_start, k_end, cols, col_in, DEPTH: tl.constexpr):
+    """The packed bytes [DEPTH // 2, BLOCK_N] of a 4-bit weight's rows k_start .. k_start + DEPTH (two
+    a byte), with the even rows they hold and which of those lie before k_end."""
+    pairs = k_start // 2 + tl.arange(0, DEPTH // 2)
+    even = 2 * pairs
+    pair_in = even < k_end
+    packed = tl.load(
+        w_ptr + pairs.to(tl.int64)[:, None] * stride_wk + cols.to(tl.int64)[None, :] * stride_wn,
+        mask=pair_in[:, None] & col_in[None, :],
+        other=0,
+    ).to(tl.int32)
+    return packed, even, pair_in
+
+
+@triton.jit
 def accumulate(
     acc, x_rows, row_in, k_first, k_end, w_ptr, stride_wk, stride_wn, cols, col_in, ln_weight_ptr, ln_bias_ptr,
     mean, rstd, scale_ptr, stride_sk, stride_sn, zero_ptr, nested_ptr, offset_ptr, code_ptr, groups,
     NORMALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, X_CACHE: tl.constexpr,
-    WEIGHT_FORMAT: tl.constexpr,
+    WEIGHT_FORMAT: tl.constexpr, DEQUANT_K: tl.constexpr = None,
 ):
     """acc + prologue(x[:, k_first:k_end]) @ W[k_first:k_end, cols]; x_rows points at each row's start.
     X_CACHE is x's load cache modifier: ".cg" (from L2) where other programs of the launch wrote x.
@@ -154,9 +169,11 @@ def accumulate(
     WEIGHT_FORMAT: "float" (W in x's dtype), "int8" (q converted to x's dtype, exact: |q| <= 127; the
     per-channel scale is applied later, by channel_scaled), or a 4-bit format ("int4", "nf4", "nf4dq":
     nf4 with double quantization), dequantized in registers. A 4-bit tile is one K group (BLOCK_K ==
-    group size, k_first a multiple of it): its packed bytes [BLOCK_K // 2, BLOCK_N] are loaded once, the
-    high nibbles (even k) and low nibbles (odd k) each dequantized, rounded to x's dtype and multiplied
-    with x's even and odd columns."""
+    group size, k_first a multiple of it), its scales loaded once and its weights DEQUANT_K rows at a
+    time (None: the whole group), so that a wide tile's dequantized weights fit in registers: packed
+    bytes [DEQUANT_K // 2, BLOCK_N], the high nibbles (even k) and low nibbles (odd k) each
+    dequantized, rounded to x's dtype and multiplied with x's even and odd columns."""
+    DEPTH: tl.constexpr = BLOCK_K if DEQUANT_K is None else DEQUANT_K
     for k0 in range(k_first, k_end, BLOCK_K):
         if WEIGHT_FORMAT == "float":
             # Written out as before quantization came: through _prologue, ptxas 12.9 spilled 8 bytes
@@ -185,26 +202,26 @@ def accumulate(
             )
             acc = tl.dot(a, w.to(a.dtype), acc, input_precision=DOT_PRECISION)
         else:
-            pairs = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            even = 2 * pairs
-            pair_in = even < k_end
-            packed = tl.load(
-                w_ptr + pairs.to(tl.int64)[:, None] * stride_wk + cols.to(tl.int64)[None, :] * stride_wn,
-                mask=pair_in[:, None] & col_in[None, :],
-                other=0,
-            ).to(tl.int32)
+            # Part 0's bytes are loaded before the scales, as when a tile was always one part: that
+            # order kept ptxas from spilling in float32 prefill tiles on sm_80.
+            packed, even, pair_in = _packed_rows(w_ptr, stride_wk, stride_wn, k0, k_end, cols, col_in, DEPTH)
             group = k0 // BLOCK_K
             scale = group_scale(group, cols, col_in, scale_ptr, stride_sk, stride_sn, nested_ptr, offset_ptr, code_ptr,
                                 groups, WEIGHT_FORMAT)
             zero = scale  # unused but for int4 (a name both branches of the format define)
             if WEIGHT_FORMAT == "int4":
                 zero = tl.load(zero_ptr + group * stride_sk + cols.to(tl.int64) * stride_sn, mask=col_in, other=0).to(tl.float32)
-            a = _prologue(x_rows, row_in, even, pair_in, ln_weight_ptr, ln_bias_ptr, mean, rstd, NORMALIZE, X_CACHE)
-            w = dequantized(packed >> 4, scale[None, :], zero[None, :], WEIGHT_FORMAT)
-            acc = tl.dot(a, w.to(a.dtype), acc, input_precision=DOT_PRECISION)
-            a = _prologue(x_rows, row_in, even + 1, pair_in, ln_weight_ptr, ln_bias_ptr, mean, rstd, NORMALIZE, X_CACHE)
-            w = dequantized(packed & 15, scale[None, :], zero[None, :], WEIGHT_FORMAT)
-            acc = tl.dot(a, w.to(a.dtype), acc, input_precision=DOT_PRECISION)
+            for part in tl.static_range(BLOCK_K // DEPTH):
+                if part > 0:
+                    packed, even, pair_in = _packed_rows(
+                        w_ptr, stride_wk, stride_wn, k0 + part * DEPTH, k_end, cols, col_in, DEPTH,
+                    )
+                a = _prologue(x_rows, row_in, even, pair_in, ln_weight_ptr, ln_bias_ptr, mean, rstd, NORMALIZE, X_CACHE)
+                w = dequantized(packed >> 4, scale[None, :], zero[None, :], WEIGHT_FORMAT)
+                acc = tl.dot(a, w.to(a.dtype), acc, input_precision=DOT_PRECISION)
+                a = _prologue(x_rows, row_in, even + 1, pair_in, ln_weight_ptr, ln_bias_ptr, mean, rstd, NORMALIZE, X_CACHE)
+                w = dequantized(packed & 15, scale[None, :], zero[None, :], WEIGHT_FORMAT)
+                acc = tl.dot(a, w.to(a.dtype), acc, input_precision=DOT_PRECISION)
     return acc
 
 
@@ -254,6 +271,7 @@ def split_tile(
     NORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     QKV: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_MOMENTS: tl.constexpr, X_CACHE: tl.constexpr, WEIGHT_FORMAT: tl.constexpr,
+    DEQUANT_K: tl.constexpr = None,
 ):
     """Program `tile` of a split-K product of M <= BLOCK_M rows: column tile tile // n_splits, K range
     tile % n_splits. Each program stores its float32 partial [n_splits, M, N]; the last of a column
@@ -276,7 +294,7 @@ def split_tile(
         tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_ptr + rows.to(tl.int64)[:, None] * stride_xm, row_in,
         k_first, tl.minimum(k_first + k_per_split, K), w_ptr, stride_wk, stride_wn, cols, col_in, ln_weight_ptr,
         ln_bias_ptr, mean, rstd, scale_ptr, stride_sk, stride_sn, zero_ptr, nested_ptr, offset_ptr, code_ptr, groups,
-        NORMALIZE, DOT_PRECISION, BLOCK_K, X_CACHE, WEIGHT_FORMAT,
+        NORMALIZE, DOT_PRECISION, BLOCK_K, X_CACHE, WEIGHT_FORMAT, DEQUANT_K,
     )
     finished = 1
     if n_splits > 1:

@@ -33,7 +33,7 @@ def split_linear_kernel(
     NORMALIZE: tl.constexpr = False, HAS_BIAS: tl.constexpr = False, ACTIVATION: tl.constexpr = "identity",
     HAS_RESIDUAL: tl.constexpr = False, QKV: tl.constexpr = False, DOT_PRECISION: tl.constexpr = "tf32",
     BLOCK_M: tl.constexpr = 16, BLOCK_N: tl.constexpr = 64, BLOCK_K: tl.constexpr = 64,
-    BLOCK_MOMENTS: tl.constexpr = 1, WEIGHT_FORMAT: tl.constexpr = "float",
+    BLOCK_MOMENTS: tl.constexpr = 1, WEIGHT_FORMAT: tl.constexpr = "float", DEQUANT_K: tl.constexpr = None,
 ):
     split_tile(
         tl.program_id(0), x_ptr, stride_xm, w_ptr, stride_wk, stride_wn, out_ptr, stride_om, M, N, K, k_per_split,
@@ -41,7 +41,7 @@ def split_linear_kernel(
         residual_ptr, stride_rm, out_moments_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, stride_cb, stride_ch, stride_cs,
         n_slots, seq_len, head_dim, scale_ptr, stride_sk, stride_sn, zero_ptr, nested_ptr, offset_ptr, code_ptr, groups,
         NORMALIZE, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, QKV, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_MOMENTS, "",
-        WEIGHT_FORMAT,
+        WEIGHT_FORMAT, DEQUANT_K,
     )
 
 
@@ -76,7 +76,7 @@ def run_split_linear(
         split_linear_kernel,
         (tiles.programs(n),),
         x_ptr=rows, stride_xm=rows.stride(0), out_ptr=out, stride_om=out.stride(0), M=m, N=n, K=k, k_per_split=tiles.k_per_split, n_splits=tiles.splits,
-        BLOCK_M=SPLIT_ROWS, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        BLOCK_M=SPLIT_ROWS, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, DEQUANT_K=tiles.dequant_k,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, max_registers=tiles.max_registers,
         **split_scratch(m, n, tiles, semaphores, rows.device), **options,
     )

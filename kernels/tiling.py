@@ -44,6 +44,9 @@ SPLIT_WARPS = (4, 8)
 UNCAPPED_FROM = (3, 9)
 QUANTIZED_REGISTER_CAPS = {"split": 128, "tiled": 255}
 WIDE_GROUP_TILE_REGISTERS = 192
+# An nf4 LM head tile that dequantizes its groups in parts: uncapped, ptxas 12.9 gave the float16 one
+# 80 registers and spilled 8 bytes on sm_80; capped at 128 it takes 113-119 under both tritons.
+NF4_PART_TILE_REGISTERS = 128
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ class SplitTiles:
     num_warps: int
     num_stages: int
     max_registers: int | None = None  # ptxas' register cap; None: its own choice
+    dequant_k: int | None = None  # a 4-bit group's rows dequantized at a time; None: all block_k
 
     def programs(self, n: int) -> int:
         return triton.cdiv(n, self.block_n) * self.splits
@@ -219,13 +223,19 @@ def default_split_tiles(n: int, k: int, element_size: int, block_k: int | None =
     when no cut of K gives them): each range adds a float32 partial of the output to write and read back, 4 x splits /
     k of the weight's bytes. Among those, the deepest block_k (fewer, larger weight loads in flight).
     A weight tile holds at most 8192 elements (2048 in float32), so nothing spills. A given block_k
-    (a 4-bit weight's K group) is kept, the column tile narrowed to the budget (over budget_share)
-    where it must."""
+    (a 4-bit weight's K group) is kept: a wide tile dequantizes it in parts of the budget's depth
+    (dequant_k, 32 rows or more: two tl.dot of 16 or more), a narrow one is narrowed to the budget
+    (over budget_share) where it must."""
     elements = weight_tile_elements(element_size) // budget_share
     for block_n in (256, 128):
         deepest = min(128, elements // block_n)
-        if triton.cdiv(n, block_n) >= MIN_STREAMING_PROGRAMS and deepest >= (block_k or 16):
-            return split_tiles_of(n, k, block_n, block_k or deepest, 1, num_warps=8, num_stages=4)
+        if triton.cdiv(n, block_n) < MIN_STREAMING_PROGRAMS:
+            continue
+        if block_k is None and deepest >= 16:
+            return split_tiles_of(n, k, block_n, deepest, 1, num_warps=8, num_stages=4)
+        if block_k is not None and deepest >= min(block_k, 32):
+            tiles = split_tiles_of(n, k, block_n, block_k, 1, num_warps=8, num_stages=4)
+            return tiles if deepest >= block_k else replace(tiles, dequant_k=deepest)
     block_n = 64 if block_k is None else max(16, min(64, elements // block_k))
     return fewest_splits(n, k, block_n, element_size, MIN_STREAMING_PROGRAMS, num_warps=8, block_k=block_k)
 
@@ -236,7 +246,8 @@ def quantized_split_tiles(n: int, k: int, element_size: int, block_k: int | None
     the tuning table (timed with float weights). block_k: a 4-bit weight's K group, which every tile
     reads one scale row of; None for int8 (one scale per channel, applied after the K loop). nf4's
     code is decoded by a tree of selects, which holds more registers per weight: its tiles get half
-    the budget (128 x 64 in half precision, 32 x 64 in float32 spilled on sm_80)."""
+    the budget (128 x 64 in half precision, 32 x 64 in float32 spilled on sm_80), and one that
+    dequantizes in parts a cap of NF4_PART_TILE_REGISTERS under every triton."""
     forced = _forced_split_tiles.get().get(quantized_tuning_key(n, k, element_size, label))
     if forced is None:
         tiles = default_split_tiles(n, k, element_size, block_k, budget_share=2 if label.startswith("nf4") else 1)
@@ -244,7 +255,8 @@ def quantized_split_tiles(n: int, k: int, element_size: int, block_k: int | None
         raise ValueError(f"forced tiles {forced} for a {label} weight need block_k={block_k}, its K group")
     else:
         tiles = forced
-    return replace(tiles, max_registers=quantized_register_cap("split"))
+    parted_nf4 = label.startswith("nf4") and tiles.dequant_k is not None
+    return replace(tiles, max_registers=NF4_PART_TILE_REGISTERS if parted_nf4 else quantized_register_cap("split"))
 
 
 def register_cap(*tiles: SplitTiles | MatmulTiles) -> int | None:

@@ -18,7 +18,8 @@ from tritongpt2.kernels import launch as launch_module
 from tritongpt2.kernels.launch import launch, recording_launches
 from tritongpt2.kernels.linear import weight_label
 from tritongpt2.kernels.tiling import (
-    WIDE_GROUP_TILE_REGISTERS, forcing_split_tiles, quantized_register_cap, quantized_tuning_key, split_tiles_of,
+    MIN_STREAMING_PROGRAMS, NF4_PART_TILE_REGISTERS, WIDE_GROUP_TILE_REGISTERS, forcing_split_tiles, quantized_register_cap, quantized_split_tiles,
+    quantized_tuning_key, split_tiles_of, weight_tile_elements,
 )
 
 # The interpreter's bfloat16 tl.dot is wrong: float32 and float16 activations only.
@@ -89,6 +90,45 @@ def test_the_lm_head_with_ln_f(name, rows, dtype):
     ln_w, ln_b = layer_norm_params(K, dtype)
     with poisoned_allocations():
         logits = OPS.ln_linear(stream(x), ln_w, ln_b, 1e-5, head)
+    assert_close(logits, reference.ln_linear(*as_float64(x, ln_w, ln_b), 1e-5, head),
+                 reference.ln_linear(x, ln_w, ln_b, 1e-5, head))
+
+
+@pytest.mark.parametrize("label,group,block_n,dequant_k", [
+    ("int4g32", 32, 256, None), ("int4g64", 64, 256, 32), ("int4g128", 128, 256, 32), ("nf4g64", 64, 128, 32),
+    ("nf4dqg64", 64, 128, 32),
+])
+def test_the_lm_head_takes_wide_tiles_that_dequantize_a_group_in_parts(label, group, block_n, dequant_k):
+    # Every LM head program reads the final row and ln_f's parameters: tiles as wide as the float
+    # head's (nf4: half the register budget) keep that to one read per 256 (128) columns, and a
+    # group wider than the budget's depth is dequantized in parts, its scales still read once.
+    for k in (768, 1600):
+        tiles = quantized_split_tiles(50257, k, 2, group, label)
+        assert (tiles.block_n, tiles.block_k, tiles.dequant_k, tiles.splits) == (block_n, group, dequant_k, 1)
+        assert tiles.programs(50257) >= MIN_STREAMING_PROGRAMS
+        share = 2 if label.startswith("nf4") else 1
+        assert tiles.block_n * (tiles.dequant_k or tiles.block_k) <= weight_tile_elements(2) // share
+        parted_nf4 = share == 2 and dequant_k is not None
+        assert tiles.max_registers == (NF4_PART_TILE_REGISTERS if parted_nf4 else quantized_register_cap("split"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", [name for name, variant in FORMATS.items() if variant.format != "int8" and variant.group_size > 32])
+def test_a_wide_tile_dequantizes_its_group_in_parts(name, dtype):
+    # The LM head's wide tiles (default_split_tiles) dequantize a group 32 rows at a time; the
+    # vocabulary here is too small to pick them, so they are forced, with 2 K ranges where K has 2 groups.
+    head = quantize_matrix(randn(VOCAB, K, dtype=torch.float32).T, FORMATS[name])
+    x = residual_stream(2, K, dtype)
+    ln_w, ln_b = layer_norm_params(K, dtype)
+    tiles = replace(split_tiles_of(VOCAB, K, 64, head.group_size, 2, num_warps=4, num_stages=2), dequant_k=32)
+    with forcing_split_tiles({quantized_tuning_key(VOCAB, K, dtype.itemsize, weight_label(head)): tiles}):
+        with recording_launches() as records:
+            OPS.ln_linear(stream(x), ln_w, ln_b, 1e-5, head, semaphores=semaphores())
+        with poisoned_allocations():
+            logits = OPS.ln_linear(stream(x), ln_w, ln_b, 1e-5, head, semaphores=semaphores())
+    assert records[0].arguments["DEQUANT_K"] == 32 and records[0].arguments["n_splits"] == min(2, K // head.group_size)
+    # nf4's is capped under every triton (ptxas 12.9 spilled it uncapped), int4's as any split product.
+    assert records[0].max_registers == (NF4_PART_TILE_REGISTERS if name.startswith("nf4") else quantized_register_cap("split"))
     assert_close(logits, reference.ln_linear(*as_float64(x, ln_w, ln_b), 1e-5, head),
                  reference.ln_linear(x, ln_w, ln_b, 1e-5, head))
 

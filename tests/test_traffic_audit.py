@@ -43,11 +43,12 @@ def test_gpt2_decode_at_context_1024_meets_the_targets():
 # int8 reads its bytes within 1.1x of its ideal. The 4-bit formats read a quarter of float16's weight
 # bytes, but the split-K products' fixed costs stay what they are in float16 (about 1 MB a layer at
 # gpt2: the float32 partials written and read back, x, gamma and beta re-read by every column tile
-# of a LayerNorm-ed product, L2 hits on a GPU) and, at 109 MB a step, come to 13-15% of the ideal
-# (int4 1.13x, nf4 1.150x measured): over the issue's 1.1x, held here where it stands. Each case takes
+# of a LayerNorm-ed product, L2 hits on a GPU) and, at 108-110 MB a step, come to 11.5% of the ideal
+# by themselves; with the LM head's re-reads of ln_f's inputs (393 tiles in nf4, 197 in int4) int4
+# measured 1.121x and nf4 1.132x: over the issue's 1.1x, held here where it stands. Each case takes
 # minutes under the interpreter, so the suite runs the worst, nf4 (int4 shares its tiles; int8 measured
 # 1.081x: `run_traffic_audit(..., quantization=Quantization("int8"))`).
-QUANTIZED_LIMITS = {"nf4": 1.16}
+QUANTIZED_LIMITS = {"nf4": 1.14}
 
 
 @pytest.mark.skipif(ON_GPU, reason="this process compiles the kernels for the GPU")
