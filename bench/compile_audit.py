@@ -10,7 +10,7 @@ Quantized weights (QUANTIZATIONS: every format and int4 group) are audited on re
 QUANTIZED_WORKLOADS: the decode step (split products, the fused MLP, the LM head, the embedding
 gathering from it) and the tiled products of prefill, few rows and many. They are some 500
 compilations a model, most of an hour on CI's two cores: `python -m tritongpt2.bench.compile_audit
---json F.json --markdown F.md` writes them, under the newest triton into
+--json F.json --markdown F.md` writes them for gpt2 and gpt2-xl, under the newest triton into
 bench/results/compile-audit-quantized.* and under triton 3.6 into compile-audit-quantized-triton3.6.*,
 and CI checks that the one of the triton it runs under covers today's launches.
 """
@@ -30,6 +30,7 @@ from typing import Any, Iterable
 
 import torch
 
+from tritongpt2.engine.config import GPT2Config
 from tritongpt2.engine.quantize import VARIANTS, Quantization
 from tritongpt2.kernels.launch import LaunchRecord, recording_launches
 from tritongpt2.kernels.tiling import SplitTiles, forcing_split_tiles, split_candidates
@@ -175,9 +176,7 @@ def step_launches(
     return records
 
 
-def _one_layer_config(shape: ModelShape):
-    from tritongpt2.engine.config import GPT2Config
-
+def _one_layer_config(shape: ModelShape) -> GPT2Config:
     return GPT2Config(vocab_size=shape.vocab_size, n_positions=shape.n_positions, n_embd=shape.n_embd, n_layer=1,
                       n_head=shape.n_head)
 
@@ -457,15 +456,14 @@ def main(argv: list[str] | None = None) -> int:
     from .model_shapes import model_shape
 
     parser = argparse.ArgumentParser(prog="python -m tritongpt2.bench.compile_audit", description=main.__doc__)
-    parser.add_argument("--models", default="gpt2", help="comma-separated GPT-2 sizes")
+    parser.add_argument("--models", default="gpt2,gpt2-xl", help="comma-separated GPT-2 sizes")
     parser.add_argument("--quantizations", default=",".join(QUANTIZATIONS), help="comma-separated, of " + ", ".join(QUANTIZATIONS))
     parser.add_argument("--json", required=True, help="write the results as JSON to this file")
     parser.add_argument("--markdown", help="and as a markdown table to this file")
     args = parser.parse_args(argv)
     models, names = args.models.split(","), args.quantizations.split(",")
     results = run_compile_audit([model_shape(m) for m in models], workloads=(), quantizations=names)
-    not_applicable = {model: {name: why for name in names if name in QUANTIZATIONS
-                              and (why := quantization_misfit(model_shape(model), QUANTIZATIONS[name]))}
+    not_applicable = {model: {name: why for name in names if (why := quantization_misfit(model_shape(model), QUANTIZATIONS[name]))}
                       for model in models}
     Path(args.json).write_text(json.dumps(results_document(models, results, not_applicable), indent=1))
     if args.markdown:

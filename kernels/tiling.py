@@ -45,7 +45,7 @@ UNCAPPED_FROM = (3, 9)
 QUANTIZED_REGISTER_CAPS = {"split": 128, "tiled": 255}
 WIDE_GROUP_TILE_REGISTERS = 192
 # An nf4 LM head tile that dequantizes its groups in parts: uncapped, ptxas 12.9 gave the float16 one
-# 80 registers and spilled 8 bytes on sm_80; capped at 128 it takes 113-119 under both tritons.
+# 80 registers and spilled 8 bytes on sm_80; capped at 128 it takes 113-119 (92-96 under triton 3.6).
 NF4_PART_TILE_REGISTERS = 128
 
 
@@ -253,6 +253,9 @@ def quantized_split_tiles(n: int, k: int, element_size: int, block_k: int | None
         tiles = default_split_tiles(n, k, element_size, block_k, budget_share=2 if label.startswith("nf4") else 1)
     elif block_k is not None and forced.block_k != block_k:
         raise ValueError(f"forced tiles {forced} for a {label} weight need block_k={block_k}, its K group")
+    elif forced.dequant_k is not None and (block_k is None or block_k % forced.dequant_k or forced.dequant_k < 32):
+        raise ValueError(f"forced tiles {forced} for a {label} weight: dequant_k={forced.dequant_k} must divide a 4-bit "
+                         "weight's K group and be at least 32 (two tl.dot of 16 rows)")
     else:
         tiles = forced
     parted_nf4 = label.startswith("nf4") and tiles.dequant_k is not None

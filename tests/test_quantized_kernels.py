@@ -102,7 +102,7 @@ def test_the_lm_head_takes_wide_tiles_that_dequantize_a_group_in_parts(label, gr
     # Every LM head program reads the final row and ln_f's parameters: tiles as wide as the float
     # head's (nf4: half the register budget) keep that to one read per 256 (128) columns, and a
     # group wider than the budget's depth is dequantized in parts, its scales still read once.
-    for k in (768, 1600):
+    for k in (768, 1600) if 1600 % group == 0 else (768,):
         tiles = quantized_split_tiles(50257, k, 2, group, label)
         assert (tiles.block_n, tiles.block_k, tiles.dequant_k, tiles.splits) == (block_n, group, dequant_k, 1)
         assert tiles.programs(50257) >= MIN_STREAMING_PROGRAMS
@@ -110,17 +110,38 @@ def test_the_lm_head_takes_wide_tiles_that_dequantize_a_group_in_parts(label, gr
         assert tiles.block_n * (tiles.dequant_k or tiles.block_k) <= weight_tile_elements(2) // share
         parted_nf4 = share == 2 and dequant_k is not None
         assert tiles.max_registers == (NF4_PART_TILE_REGISTERS if parted_nf4 else quantized_register_cap("split"))
+        # float32's budget (2048 elements) leaves a wide tile under 32 rows deep: its head stays narrow, unparted.
+        wide = quantized_split_tiles(50257, k, 4, group, label)
+        assert wide.dequant_k is None and wide.block_n * wide.block_k <= weight_tile_elements(4) // share
+
+
+def test_forced_tiles_must_dequantize_whole_parts_of_a_group():
+    w = quantized(K, N, "int4g64")
+    key = quantized_tuning_key(N, K, 2, weight_label(w))
+    for dequant_k in (48, 16, 128):
+        tiles = replace(split_tiles_of(N, K, 64, 64, 1, num_warps=4, num_stages=2), dequant_k=dequant_k)
+        with forcing_split_tiles({key: tiles}), pytest.raises(ValueError, match=f"dequant_k={dequant_k} must divide"):
+            quantized_split_tiles(N, K, 2, 64, weight_label(w))
+
+
+PARTED_FORMATS = [name for name, variant in FORMATS.items() if variant.format != "int8" and variant.group_size > 32]
+
+
+def parted(tiles) -> object:
+    """The tiles dequantizing a weight's groups 32 rows at a time, as the LM head's wide tiles do."""
+    return replace(tiles, dequant_k=32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", [name for name, variant in FORMATS.items() if variant.format != "int8" and variant.group_size > 32])
-def test_a_wide_tile_dequantizes_its_group_in_parts(name, dtype):
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("name", PARTED_FORMATS)
+def test_a_wide_tile_dequantizes_its_group_in_parts(name, rows, dtype):
     # The LM head's wide tiles (default_split_tiles) dequantize a group 32 rows at a time; the
     # vocabulary here is too small to pick them, so they are forced, with 2 K ranges where K has 2 groups.
     head = quantize_matrix(randn(VOCAB, K, dtype=torch.float32).T, FORMATS[name])
-    x = residual_stream(2, K, dtype)
+    x = residual_stream(rows, K, dtype)
     ln_w, ln_b = layer_norm_params(K, dtype)
-    tiles = replace(split_tiles_of(VOCAB, K, 64, head.group_size, 2, num_warps=4, num_stages=2), dequant_k=32)
+    tiles = parted(split_tiles_of(VOCAB, K, 64, head.group_size, 2, num_warps=4, num_stages=2))
     with forcing_split_tiles({quantized_tuning_key(VOCAB, K, dtype.itemsize, weight_label(head)): tiles}):
         with recording_launches() as records:
             OPS.ln_linear(stream(x), ln_w, ln_b, 1e-5, head, semaphores=semaphores())
@@ -134,21 +155,27 @@ def test_a_wide_tile_dequantizes_its_group_in_parts(name, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("rows,in_parts", [(1, False), (5, False), (1, True)])
 @pytest.mark.parametrize("name", FORMATS)
-def test_the_decode_mlp_in_one_launch(name, rows, dtype):
+def test_the_decode_mlp_in_one_launch(name, rows, in_parts, dtype):
+    if in_parts and name not in PARTED_FORMATS:
+        pytest.skip("the format's groups are 32 deep or it has none")
     x = residual_stream(rows, K, dtype)
     ln_w, ln_b = layer_norm_params(K, dtype)
     fc_w, fc_b = quantized(K, INNER, name), randn(INNER, dtype=dtype)
     proj_w, proj_b = quantized(INNER, K, name), randn(K, dtype=dtype)
     counters = semaphores()
     forced = forced_splits(fc_w, INNER, K, dtype, 2) | forced_splits(proj_w, K, INNER, dtype, 2)
+    if in_parts:
+        forced = {key: parted(tiles) for key, tiles in forced.items()}
     with forcing_split_tiles(forced), poisoned_allocations():
         with recording_launches() as records:
             OPS.mlp(stream(x), ln_w, ln_b, 1e-5, fc_w, fc_b, "gelu_new", proj_w, proj_b, semaphores=counters)
         out = OPS.mlp(stream(x), ln_w, ln_b, 1e-5, fc_w, fc_b, "gelu_new", proj_w, proj_b, semaphores=counters)
     assert [r.name for r in records] == ["decode_mlp_kernel"]
-    assert records[0].max_registers == quantized_register_cap("split")
+    assert (records[0].arguments["FC_DEQUANT_K"], records[0].arguments["PROJ_DEQUANT_K"]) == ((32, 32) if in_parts else (None, None))
+    parted_nf4 = in_parts and name.startswith("nf4")
+    assert records[0].max_registers == (NF4_PART_TILE_REGISTERS if parted_nf4 else quantized_register_cap("split"))
     fc_tiles, proj_tiles = forced.values()
     assert (records[0].arguments["fc_splits"], records[0].arguments["proj_splits"]) == (fc_tiles.splits, proj_tiles.splits)
     arguments = (fc_w, fc_b, "gelu_new", proj_w, proj_b)
