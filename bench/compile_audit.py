@@ -299,10 +299,9 @@ def run_compile_audit(
         runs += [(name, workload) for workload in quantized_workloads]
     jobs: dict[tuple[str, CompileJob], list[str]] = {}
     for shape in shapes:
+        fitting = [(name, workload) for name, workload in runs if not (name and quantization_misfit(shape, QUANTIZATIONS[name]))]
         for dtype in dtypes:
-            for name, workload in runs:
-                if name and quantization_misfit(shape, QUANTIZATIONS[name]):
-                    continue
+            for name, workload in fitting:
                 label = f"{shape.name}{f' {name}' if name else ''} {workload.name} b{workload.batch}x{workload.seq} ctx{workload.context}"
                 quantization = QUANTIZATIONS[name] if name else None
                 _add_jobs(jobs, dtype, label, step_launches(shape, DTYPES[dtype], workload, quantization))

@@ -248,9 +248,10 @@ def quantized_split_tiles(n: int, k: int, element_size: int, block_k: int | None
     code is decoded by a tree of selects, which holds more registers per weight: its tiles get half
     the budget (128 x 64 in half precision, 32 x 64 in float32 spilled on sm_80), and one that
     dequantizes in parts a cap of NF4_PART_TILE_REGISTERS under every triton."""
+    nf4 = label.startswith("nf4")
     forced = _forced_split_tiles.get().get(quantized_tuning_key(n, k, element_size, label))
     if forced is None:
-        tiles = default_split_tiles(n, k, element_size, block_k, budget_share=2 if label.startswith("nf4") else 1)
+        tiles = default_split_tiles(n, k, element_size, block_k, budget_share=2 if nf4 else 1)
     elif block_k is not None and forced.block_k != block_k:
         raise ValueError(f"forced tiles {forced} for a {label} weight need block_k={block_k}, its K group")
     elif forced.dequant_k is not None and (block_k is None or block_k % forced.dequant_k or forced.dequant_k < 32):
@@ -258,7 +259,7 @@ def quantized_split_tiles(n: int, k: int, element_size: int, block_k: int | None
                          "weight's K group and be at least 32 (two tl.dot of 16 rows)")
     else:
         tiles = forced
-    parted_nf4 = label.startswith("nf4") and tiles.dequant_k is not None
+    parted_nf4 = nf4 and tiles.dequant_k is not None
     return replace(tiles, max_registers=NF4_PART_TILE_REGISTERS if parted_nf4 else quantized_register_cap("split"))
 
 

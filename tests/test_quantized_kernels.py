@@ -44,11 +44,12 @@ def forced_splits(weight, n: int, k: int, dtype: torch.dtype, splits: int) -> di
     return {quantized_tuning_key(n, k, dtype.itemsize, weight_label(weight)): tiles}
 
 
-def expected_register_cap(weight, rows: int, dtype: torch.dtype) -> int | None:
-    """Split products are capped under older triton; of the tiled ones only groups of 128, float32's
-    under every triton."""
+def expected_register_cap(weight, rows: int, dtype: torch.dtype, in_parts: bool = False) -> int | None:
+    """Split products are capped under older triton, nf4's dequantizing in parts under every triton
+    (ptxas 12.9 spilled one uncapped); of the tiled ones only groups of 128, float32's under every triton."""
     if rows <= 16:
-        return quantized_register_cap("split")
+        nf4 = weight_label(weight).startswith("nf4")
+        return NF4_PART_TILE_REGISTERS if in_parts and nf4 else quantized_register_cap("split")
     if weight.bits == 8 or weight.group_size < 128:
         return None
     return WIDE_GROUP_TILE_REGISTERS if dtype == torch.float32 else quantized_register_cap("tiled")
@@ -148,8 +149,7 @@ def test_a_wide_tile_dequantizes_its_group_in_parts(name, rows, dtype):
         with poisoned_allocations():
             logits = OPS.ln_linear(stream(x), ln_w, ln_b, 1e-5, head, semaphores=semaphores())
     assert records[0].arguments["DEQUANT_K"] == 32 and records[0].arguments["n_splits"] == min(2, K // head.group_size)
-    # nf4's is capped under every triton (ptxas 12.9 spilled it uncapped), int4's as any split product.
-    assert records[0].max_registers == (NF4_PART_TILE_REGISTERS if name.startswith("nf4") else quantized_register_cap("split"))
+    assert records[0].max_registers == expected_register_cap(head, rows, dtype, in_parts=True)
     assert_close(logits, reference.ln_linear(*as_float64(x, ln_w, ln_b), 1e-5, head),
                  reference.ln_linear(x, ln_w, ln_b, 1e-5, head))
 
@@ -174,8 +174,7 @@ def test_the_decode_mlp_in_one_launch(name, rows, in_parts, dtype):
         out = OPS.mlp(stream(x), ln_w, ln_b, 1e-5, fc_w, fc_b, "gelu_new", proj_w, proj_b, semaphores=counters)
     assert [r.name for r in records] == ["decode_mlp_kernel"]
     assert (records[0].arguments["FC_DEQUANT_K"], records[0].arguments["PROJ_DEQUANT_K"]) == ((32, 32) if in_parts else (None, None))
-    parted_nf4 = in_parts and name.startswith("nf4")
-    assert records[0].max_registers == (NF4_PART_TILE_REGISTERS if parted_nf4 else quantized_register_cap("split"))
+    assert records[0].max_registers == expected_register_cap(fc_w, rows, dtype, in_parts)
     fc_tiles, proj_tiles = forced.values()
     assert (records[0].arguments["fc_splits"], records[0].arguments["proj_splits"]) == (fc_tiles.splits, proj_tiles.splits)
     arguments = (fc_w, fc_b, "gelu_new", proj_w, proj_b)
