@@ -4,9 +4,10 @@ ctranslate2_runner.py).
 transformers eager and sdpa (dynamic cache), transformers sdpa over a static cache with its decode
 step compiled, tritongpt2 with CUDA graphs off and on, and tritongpt2 with weight-only quantized
 weights (int8, int4, nf4) quantized in-process from the same model. All but the quantized ones read
-one random-weight transformers model's tensors in place. Each runner sizes what it allocates (KV
-caches, engines) to the workload at hand and frees it in release(), so that runners and workloads
-never hold caches at the same time.
+one random-weight transformers model's tensors in place, but for tritongpt2's layer matmul weights on
+the torch backend, which it holds as from_pretrained loads them there: copies in [out, in] rows.
+Each runner sizes what it allocates (KV caches, engines) to the workload at hand and frees it in
+release(), so that runners and workloads never hold caches at the same time.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tritongpt2.engine.generation import generate
 from tritongpt2.engine.options import EngineOptions
 from tritongpt2.engine.quantize import Quantization, quantize_weights
 from tritongpt2.engine.weights import GPT2Weights, shared_weights
+from tritongpt2.kernels.backend import BACKENDS
 from tritongpt2.kernels.quantized_weight import is_quantized
 
 from .timing import median_ms
@@ -192,7 +194,7 @@ class TritonGPT2Runner(Runner):
         self.backend = backend
         self.cuda_graphs = cuda_graphs
         self.config = GPT2Config.from_dict(model.config.to_dict())
-        self.weights = shared_weights(model, self.config)
+        self.weights = shared_weights(model, self.config, layout=BACKENDS[backend].weight_layout)
         self.engine: Engine | None = None
 
     def _engine(self, batch: int, tokens: int) -> Engine:

@@ -90,7 +90,8 @@ class Engine:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint, options: EngineOptions | None = None) -> Engine:
-        """The engine over a loaded checkpoint's base model (its head tensors are the heads' business)."""
+        """The engine over a loaded checkpoint's base model (its head tensors are the heads' business),
+        its float matmul weights stored as its backend reads them fastest (Backend.weight_layout)."""
         options = options or EngineOptions()
         device = options.device if options.device is not None else options.backend_for().device
         config, folder = checkpoint.config, checkpoint.folder
@@ -105,7 +106,7 @@ class Engine:
         quantized, head = load_quantized(config, base, rest, saved, folder) if saved is not None else ({}, None)
         weights = weights_from_state_dict(
             config, base, head if head is not None else rest.get("lm_head.weight"), dtype=options.dtype, device=device,
-            source=folder, quantized=quantized,
+            source=folder, quantized=quantized, layout=options.backend_for(device).weight_layout,
         )
         return cls(config, weights, options)
 

@@ -1,4 +1,5 @@
-"""The base model's weights, as tensors the kernels take (Conv1D weights are already [in, out])."""
+"""The base model's weights, as tensors the kernels take: a matmul weight is [in, out], as Conv1D holds
+it, stored either so or as [out, in] rows seen through a transpose (the torch backend's layout)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tritongpt2.kernels.backend import IN_OUT, OUT_IN
 from tritongpt2.kernels.quantized_weight import QuantizedWeight, is_quantized
 
 from .config import GPT2Config
@@ -27,6 +29,7 @@ LAYER_KEYS = {
     "mlp_proj_weight": "mlp.c_proj.weight",
     "mlp_proj_bias": "mlp.c_proj.bias",
 }
+PRODUCT_WEIGHTS = ("attn_weight", "attn_proj_weight", "fc_weight", "mlp_proj_weight")
 
 
 @dataclass
@@ -115,12 +118,16 @@ def weights_from_state_dict(
     device: torch.device | str | None = None,
     source: object = "checkpoint",
     quantized: dict[str, QuantizedWeight] | None = None,
+    layout: str = IN_OUT,
 ) -> GPT2Weights:
     """Check the base tensors against the config (ValueError naming `source` and every missing,
     unexpected or misshapen key) and gather them, cast to `dtype` and moved to `device`. Tensors
-    already in that dtype, on that device and contiguous are used as they are, not copied.
-    `quantized`: base weights loaded quantized, by key (wte.weight's in the LM head's orientation
-    [C, vocab]), used in place of float ones; `lm_head` may be one too."""
+    already in that dtype, on that device and contiguous are used as they are, not copied, but for
+    the layers' float matmul weights under layout OUT_IN (kernels/backend.py), which are copied into
+    [out, in] rows. `quantized`: base weights loaded quantized, by key (wte.weight's in the LM
+    head's orientation [C, vocab]), used in place of float ones; `lm_head` may be one too."""
+    if layout not in (IN_OUT, OUT_IN):
+        raise ValueError(f"layout={layout!r} must be {IN_OUT!r} or {OUT_IN!r}")
     expected = expected_shapes(config)
     quantized = quantized or {}
     shapes = {k: tuple(t.shape) for k, t in base.items()}
@@ -147,13 +154,18 @@ def weights_from_state_dict(
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype {dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16")
 
-    def take(key: str) -> torch.Tensor | QuantizedWeight:
+    def take(key: str, product: bool = False) -> torch.Tensor | QuantizedWeight:
         if key in quantized:
             return quantized[key].to(device) if device is not None else quantized[key]
+        if product and layout == OUT_IN:
+            source = base[key]
+            rows = torch.empty(source.shape[::-1], dtype=dtype, device=device if device is not None else source.device)
+            return rows.T.copy_(source)
         return base[key].to(device=device, dtype=dtype).contiguous()
 
     layers = [
-        LayerWeights(**{name: take(f"h.{i}.{key}") for name, key in LAYER_KEYS.items()}) for i in range(config.n_layer)
+        LayerWeights(**{name: take(f"h.{i}.{key}", name in PRODUCT_WEIGHTS) for name, key in LAYER_KEYS.items()})
+        for i in range(config.n_layer)
     ]
     wte = take("wte.weight")
     tied = lm_head is None or config.tie_word_embeddings
@@ -174,8 +186,10 @@ def _checkpoint_shape(key: str, weight: torch.Tensor | QuantizedWeight) -> tuple
     return weight.shape[::-1] if key in ("wte.weight", "lm_head.weight") else weight.shape
 
 
-def shared_weights(model: torch.nn.Module, config: GPT2Config) -> GPT2Weights:
+def shared_weights(model: torch.nn.Module, config: GPT2Config, *, layout: str = IN_OUT) -> GPT2Weights:
     """A loaded transformers GPT-2 model's own tensors (any of its classes), not copies: an engine
-    over them reads the model's memory, so an in-place update of the model is seen at once."""
+    over them reads the model's memory, so an in-place update of the model is seen at once. With
+    layout OUT_IN the layers' matmul weights are copies instead, in [out, in] rows, which that
+    update does not reach (the benchmark's engine, built as from_pretrained builds it)."""
     base, rest = split_state_dict(model.state_dict())
-    return weights_from_state_dict(config, base, rest.get("lm_head.weight"), source=type(model).__name__)
+    return weights_from_state_dict(config, base, rest.get("lm_head.weight"), source=type(model).__name__, layout=layout)

@@ -9,8 +9,8 @@ Each runs float weights and every quantized format (kernels/quantized_weight.py)
 lists the formats it runs in `quantizations`, and the engine asks `check_quantization` before it
 quantizes.
 
-The engine asks a Backend for its device, ops, dtypes, quantized formats and whether it can capture graphs; it never
-tests a backend's name. Adding a backend is one entry in `BACKENDS` and its ops module.
+The engine asks a Backend for its device, ops, dtypes, quantized formats, whether it can capture graphs and
+how it reads a matmul weight fastest (`weight_layout`); it never tests a backend's name. Adding a backend is one entry in `BACKENDS` and its ops module.
 
 Triton decides between compiling and interpreting when a ``@triton.jit`` function is defined (when a
 kernel module is first imported, and when triton.language itself is: its helpers are jit functions),
@@ -31,6 +31,10 @@ import torch
 
 from .quantized_weight import FORMATS
 
+# How a float matmul weight [in, out] is stored: IN_OUT, row-major as the checkpoint's Conv1D holds
+# it; OUT_IN, row-major [out, in] (nn.Linear's), seen as [in, out] through a transpose.
+IN_OUT, OUT_IN = "in_out", "out_in"
+
 BACKEND_ENV = "TRITONGPT2_BACKEND"
 _LAUNCHERS = "tritongpt2.kernels.launchers"
 _TRUE = ("1", "true", "on", "yes")
@@ -48,6 +52,7 @@ class Backend:
     interprets: bool = False
     dtype_note: str = ""  # why a dtype is missing from `dtypes`
     quantizations: tuple[str, ...] = FORMATS  # the quantized weight formats its ops take
+    weight_layout: str = IN_OUT  # how an engine that owns its float matmul weights stores them
 
     def __str__(self) -> str:
         return self.name
@@ -85,7 +90,9 @@ BACKENDS: dict[str, Backend] = {
         dtype_note="; Triton's interpreter computes bfloat16 tl.dot wrongly, so it is refused rather than "
         "answered wrongly (use backend='torch' for bfloat16 on the CPU)",
     ),
-    "torch": Backend("torch", "cpu", "tritongpt2.kernels.torch_ops", cuda_graphs=False, dtypes=ALL_DTYPES),
+    # oneDNN's linear, which runs the torch backend's batches (cpu_matmul.py), reads [out, in] rows
+    # faster, to the same bits.
+    "torch": Backend("torch", "cpu", "tritongpt2.kernels.torch_ops", cuda_graphs=False, dtypes=ALL_DTYPES, weight_layout=OUT_IN),
 }
 
 

@@ -149,6 +149,19 @@ def test_tritongpt2_sizes_its_cache_to_each_workload_and_frees_it(tiny_model):
     assert runner.engine is None
 
 
+def test_tritongpt2_holds_its_weights_as_from_pretrained_loads_them(tiny_model):
+    # On the torch backend the layers' matmul weights are copies in [out, in] rows; everything else,
+    # and every weight under the other backends, is the model's own tensor.
+    block = tiny_model.transformer.h[0]
+    torch_runner = TritonGPT2Runner(tiny_model, backend="torch", cuda_graphs=False)
+    layer = torch_runner.weights.layers[0]
+    assert layer.fc_weight.data_ptr() != block.mlp.c_fc.weight.data_ptr() and layer.fc_weight.stride()[0] == 1
+    assert torch.equal(layer.fc_weight, block.mlp.c_fc.weight)
+    assert layer.fc_bias.data_ptr() == block.mlp.c_fc.bias.data_ptr()
+    kernel_runner = TritonGPT2Runner(tiny_model, backend="interpret", cuda_graphs=False)
+    assert kernel_runner.weights.layers[0].fc_weight.data_ptr() == block.mlp.c_fc.weight.data_ptr()
+
+
 def test_transformers_decode_computes_no_prompt_logits(tiny_model):
     runner = HFRunner(tiny_model, "eager")
     rows = []

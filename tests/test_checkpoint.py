@@ -12,6 +12,9 @@ import tritongpt2
 from checkpoints import save_model
 from tritongpt2.engine.checkpoint import load_state_dict
 from tritongpt2.engine.engine import Engine
+from tritongpt2.engine.options import EngineOptions
+from tritongpt2.engine.weights import PRODUCT_WEIGHTS, split_state_dict, weights_from_state_dict
+from tritongpt2.kernels.backend import IN_OUT
 
 pytest.importorskip("transformers")
 
@@ -84,6 +87,29 @@ def test_untied_lm_head_is_used_and_old_mask_buffers_are_ignored(tmp_path):
     engine = Engine.from_pretrained(folder, backend="torch")
     assert torch.equal(engine.weights.lm_head, model.lm_head.weight)
     assert not torch.equal(engine.weights.lm_head, engine.weights.wte)
+
+
+def test_matmul_weights_are_laid_out_for_the_backend(tmp_path):
+    # The torch backend's engine stores each layer's matmul weights as [out, in] rows (oneDNN's linear
+    # reads them faster), seen as the checkpoint's [in, out]; the other layouts keep it as it is.
+    folder, model = save_model(tmp_path)
+    engine = Engine.from_pretrained(folder, backend="torch")
+    for layer, block in zip(engine.weights.layers, model.transformer.h):
+        for name, module in (("attn_weight", block.attn.c_attn), ("attn_proj_weight", block.attn.c_proj),
+                             ("fc_weight", block.mlp.c_fc), ("mlp_proj_weight", block.mlp.c_proj)):
+            weight = getattr(layer, name)
+            assert weight.stride() == (1, weight.shape[0]) and torch.equal(weight, module.weight), name
+        assert layer.fc_bias.is_contiguous() and layer.ln_1_weight.is_contiguous()
+    assert engine.weights.wte.is_contiguous()
+    base, _ = split_state_dict(load_state_dict(folder))
+    kept = weights_from_state_dict(engine.config, base, source=folder, layout=IN_OUT)
+    assert all(getattr(layer, name).is_contiguous() for layer in kept.layers for name in PRODUCT_WEIGHTS)
+    as_loaded = Engine(engine.config, kept, EngineOptions(backend="torch"))
+    ids = torch.randint(0, 300, (3, 9), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(engine.prefill(ids, logits="all").logits, as_loaded.prefill(ids, logits="all").logits,
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="layout='rows'"):
+        weights_from_state_dict(engine.config, base, source=folder, layout="rows")
 
 
 def test_dtype_and_device(tmp_path):
