@@ -31,7 +31,7 @@ from tritongpt2.engine.generation import generate  # noqa: E402
 from tritongpt2.engine.options import EngineOptions  # noqa: E402
 from tritongpt2.engine.tokenizer import GPT2Tokenizer  # noqa: E402
 from tritongpt2.serve.app import ServeSettings  # noqa: E402
-from tritongpt2.serve.server import SchedulerOptions, ServerThread, app_for_engine, warn_if_exposed  # noqa: E402
+from tritongpt2.serve.server import SchedulerOptions, ServerThread, app_for_engine, app_for_model, warn_if_exposed  # noqa: E402
 
 MODEL = "tiny-gpt2"
 TEXTS = ["The quick brown fox", "Hello, my name is", "Once upon a time there was", "rain", "The weather today",
@@ -317,6 +317,20 @@ def test_an_api_key_is_required_and_compared(folder, tokenizer):
         assert httpx.get(thread.url + "/health", timeout=10).status_code == 200
         client = openai.OpenAI(base_url=thread.url + "/v1", api_key="s3cret", max_retries=0, timeout=30)
         assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_the_engine_is_built_on_a_thread_that_has_ended(folder, monkeypatch):
+    # Each thread that runs torch's parallel ops keeps an OpenMP team while it lives, and libgomp cuts
+    # every team's spin-wait short once their threads outnumber the CPUs: the scheduler's thread must
+    # be the only one left that has run them. An error on the building thread reaches the caller.
+    builders = []
+    real = Engine.from_pretrained
+    monkeypatch.setattr(Engine, "from_pretrained",
+                        lambda *args, **kwargs: builders.append(threading.current_thread()) or real(*args, **kwargs))
+    app_for_model(folder, OPTIONS, SchedulerOptions())
+    assert len(builders) == 1 and builders[0] is not threading.current_thread() and not builders[0].is_alive()
+    with pytest.raises(ValueError, match="max_seq=1000"):
+        app_for_model(folder, EngineOptions(backend="torch", max_seq=1000), SchedulerOptions())
 
 
 def test_binding_beyond_localhost_without_a_key_warns():
