@@ -5,7 +5,7 @@ import torch
 
 from checkpoints import save_model
 from tritongpt2.engine.engine import Engine
-from tritongpt2.engine.generation import SamplingParams, filter_logits, generate, next_tokens, stream_tokens
+from tritongpt2.engine.generation import SamplingParams, draw_tokens, filter_logits, generate, next_tokens, stream_tokens
 
 transformers = pytest.importorskip("transformers")
 
@@ -83,6 +83,20 @@ def test_sampled_frequencies_are_the_softmax_probabilities(params):
     chi_square = ((counts[kept] - expected) ** 2 / expected).sum().item()
     freedom = int(kept.sum()) - 1
     assert chi_square < freedom + 10 * (2 * freedom) ** 0.5, f"chi-square {chi_square:.1f} over {freedom} degrees of freedom"
+
+
+def test_draws_at_the_ends_of_the_uniform_range_stay_on_kept_tokens():
+    # Rows whose first, last or middle tokens are filtered out (-inf), drawn with the smallest and the
+    # largest uniform numbers torch.rand gives: u = 0 takes the last kept token, u just under 1 the first.
+    inf = float("-inf")
+    scores = torch.tensor([[inf, 0.0, 1.0, inf], [inf, inf, inf, 2.0], [3.0, inf, inf, inf], [0.5, inf, 0.5, inf]])
+    largest = 1 - 2.0 ** -24
+    for uniform, expected in ((0.0, [2, 3, 0, 2]), (largest, [1, 3, 0, 0])):
+        tokens = draw_tokens(scores.clone(), torch.full((4,), uniform))
+        assert tokens.tolist() == expected, uniform
+    # u splits each row's mass: at 0.5 the first of two equal tokens still has all of the lower half.
+    assert draw_tokens(scores[3:].clone(), torch.tensor([0.5])).tolist() == [0]
+    assert draw_tokens(scores[3:].clone(), torch.tensor([0.4])).tolist() == [2]
 
 
 def test_eos_stops_each_row_and_pads_it(engine):

@@ -23,7 +23,7 @@ import torch
 from tritongpt2.embedder import SMALLEST_LENGTH, Embedder
 from tritongpt2.engine.continuous import ContinuousBatch
 from tritongpt2.engine.engine import Engine
-from tritongpt2.engine.generation import SamplingParams, exponential_noise, filter_logits
+from tritongpt2.engine.generation import SamplingParams, draw_tokens, filter_logits
 from tritongpt2.engine.graphs import bucket
 from tritongpt2.engine.tokenizer import GPT2Tokenizer
 
@@ -299,20 +299,20 @@ class Scheduler:
 
 def _draw(logits: torch.Tensor, owners: list[tuple[CompletionJob, Choice]]) -> list[int]:
     """One token per row of logits [B, V], each by its job's sampling parameters: rows that sample
-    alike share each operation, and each draws its noise from its own generator, so a row's token
-    is what `next_tokens` draws for it alone."""
+    alike share each operation, and each draws its uniform number from its own generator, so a row's
+    token is what `next_tokens` draws for it alone."""
     tokens = torch.empty(len(owners), dtype=torch.int64, device=logits.device)
     groups: dict[SamplingParams, list[int]] = {}
     for i, (job, _) in enumerate(owners):
         groups.setdefault(job.params, []).append(i)
     for params, rows in groups.items():
         index = torch.tensor(rows, device=logits.device)
+        group = logits if len(rows) == len(owners) else logits[index]  # no copy when every row samples alike
         if not params.do_sample:
-            tokens[index] = logits[index].argmax(-1)
+            tokens[index] = group.argmax(-1)
             continue
-        probs = filter_logits(logits[index], params).softmax(-1)
-        noise = torch.empty_like(probs)
-        for j, row in enumerate(rows):
-            exponential_noise(noise[j], owners[row][1].generator)
-        tokens[index] = (probs / noise).argmax(-1)
+        scores = filter_logits(group, params)
+        uniforms = torch.cat([torch.rand(1, generator=owners[row][1].generator, device=scores.device, dtype=scores.dtype)
+                              for row in rows])
+        tokens[index] = draw_tokens(scores, uniforms)
     return tokens.tolist()
