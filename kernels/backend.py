@@ -9,8 +9,9 @@ Each runs float weights and every quantized format (kernels/quantized_weight.py)
 lists the formats it runs in `quantizations`, and the engine asks `check_quantization` before it
 quantizes.
 
-The engine asks a Backend for its device, ops, dtypes, quantized formats, whether it can capture graphs and
-how it reads a matmul weight fastest (`weight_layout`); it never tests a backend's name. Adding a backend is one entry in `BACKENDS` and its ops module.
+The engine asks a Backend for its device, ops, dtypes, quantized formats, whether it can capture
+graphs and how it reads a matmul weight fastest (`weight_layout`); it never tests a backend's name.
+Adding a backend is one entry in `BACKENDS` and its ops module.
 
 Triton decides between compiling and interpreting when a ``@triton.jit`` function is defined (when a
 kernel module is first imported, and when triton.language itself is: its helpers are jit functions),
