@@ -9,7 +9,7 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
-from tritongpt2.kernels.backend import Backend
+from tritongpt2.kernels.backend import IN_OUT, Backend
 
 from .checkpoint import Checkpoint, load_checkpoint
 from .config import GPT2Config
@@ -106,7 +106,9 @@ class Engine:
         quantized, head = load_quantized(config, base, rest, saved, folder) if saved is not None else ({}, None)
         weights = weights_from_state_dict(
             config, base, head if head is not None else rest.get("lm_head.weight"), dtype=options.dtype, device=device,
-            source=folder, quantized=quantized, layout=options.backend_for(device).weight_layout,
+            source=folder, quantized=quantized,
+            # Weights about to be quantized are read once: a copy in the backend's layout would be waste.
+            layout=IN_OUT if options.quantization is not None else options.backend_for(device).weight_layout,
         )
         return cls(config, weights, options)
 

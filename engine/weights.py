@@ -158,9 +158,9 @@ def weights_from_state_dict(
         if key in quantized:
             return quantized[key].to(device) if device is not None else quantized[key]
         if product and layout == OUT_IN:
-            source = base[key]
-            rows = torch.empty(source.shape[::-1], dtype=dtype, device=device if device is not None else source.device)
-            return rows.T.copy_(source)
+            stored = base[key]
+            rows = torch.empty(stored.shape[::-1], dtype=dtype, device=device if device is not None else stored.device)
+            return rows.T.copy_(stored)
         return base[key].to(device=device, dtype=dtype).contiguous()
 
     layers = [

@@ -92,7 +92,7 @@ BACKENDS: dict[str, Backend] = {
         "answered wrongly (use backend='torch' for bfloat16 on the CPU)",
     ),
     # oneDNN's linear, which runs the torch backend's batches (cpu_matmul.py), reads [out, in] rows
-    # faster, to the same bits.
+    # faster, to the same bits (a single row, which another route runs, is rounded otherwise).
     "torch": Backend("torch", "cpu", "tritongpt2.kernels.torch_ops", cuda_graphs=False, dtypes=ALL_DTYPES, weight_layout=OUT_IN),
 }
 

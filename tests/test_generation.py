@@ -5,7 +5,9 @@ import torch
 
 from checkpoints import save_model
 from tritongpt2.engine.engine import Engine
-from tritongpt2.engine.generation import SamplingParams, draw_tokens, filter_logits, generate, next_tokens, stream_tokens
+from tritongpt2.engine.generation import (
+    SamplingParams, exponential_race, filter_logits, generate, inverse_transform, next_tokens, stream_tokens,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -32,7 +34,7 @@ def test_filters_match_transformers_warpers(top_k, top_p, temperature):
         expected = TopPLogitsWarper(top_p)(None, expected)
     got = filter_logits(logits, SamplingParams(True, temperature, top_k, top_p))
     assert torch.equal(torch.isinf(got), torch.isinf(expected))
-    torch.testing.assert_close(got[~torch.isinf(got)], expected[~torch.isinf(expected)])
+    torch.testing.assert_close(got.softmax(-1), expected.softmax(-1))  # ours are shifted by each row's max
 
 
 def test_sampling_is_reproducible_from_a_seed_or_a_generator(engine):
@@ -86,17 +88,48 @@ def test_sampled_frequencies_are_the_softmax_probabilities(params):
 
 
 def test_draws_at_the_ends_of_the_uniform_range_stay_on_kept_tokens():
-    # Rows whose first, last or middle tokens are filtered out (-inf), drawn with the smallest and the
-    # largest uniform numbers torch.rand gives: u = 0 takes the last kept token, u just under 1 the first.
-    inf = float("-inf")
-    scores = torch.tensor([[inf, 0.0, 1.0, inf], [inf, inf, inf, 2.0], [3.0, inf, inf, inf], [0.5, inf, 0.5, inf]])
+    # Rows whose first, last or middle tokens are filtered out (weight 0), drawn with the smallest and
+    # the largest uniform numbers torch.rand gives: u = 0 takes the last kept token, u just under 1 the first.
+    weights = torch.tensor([[0.0, 1.0, 2.0, 0.0], [0.0, 0.0, 0.0, 2.0], [3.0, 0.0, 0.0, 0.0], [1.0, 0.0, 1.0, 0.0]])
     largest = 1 - 2.0 ** -24
     for uniform, expected in ((0.0, [2, 3, 0, 2]), (largest, [1, 3, 0, 0])):
-        tokens = draw_tokens(scores.clone(), torch.full((4,), uniform))
-        assert tokens.tolist() == expected, uniform
-    # u splits each row's mass: at 0.5 the first of two equal tokens still has all of the lower half.
-    assert draw_tokens(scores[3:].clone(), torch.tensor([0.5])).tolist() == [0]
-    assert draw_tokens(scores[3:].clone(), torch.tensor([0.4])).tolist() == [2]
+        assert inverse_transform(weights.clone(), torch.full((4,), uniform)).tolist() == expected, uniform
+    # u splits a row's mass: at 0.5 the first of two equal tokens still has all of the lower half.
+    assert inverse_transform(weights[3:].clone(), torch.tensor([0.5])).tolist() == [0]
+    assert inverse_transform(weights[3:].clone(), torch.tensor([0.4])).tolist() == [2]
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-30])
+def test_a_vanishing_temperature_draws_the_most_likely_token(temperature):
+    # logits / temperature overflows: the largest finite float stands for inf, so no row is NaN and
+    # the draw is the limit, the most likely token (every draw in range).
+    logits = torch.tensor([[-3.0, 2.5, 1.0, -0.5], [4.0, -1.0, 3.9, 0.0]])
+    params = SamplingParams(True, temperature)
+    for seed in range(20):
+        assert next_tokens(logits, params, torch.Generator().manual_seed(seed)).tolist() == [1, 0]
+    broken = torch.tensor([[float("nan"), 1.0, 0.0, -1.0]])
+    assert 0 <= next_tokens(broken, SamplingParams(True), None).item() < 4
+
+
+def test_the_gpus_exponential_race_follows_the_distribution():
+    # The draw a GPU runs, run here on the CPU: 40,000 rows of one set of weights, each token's
+    # count against its probability (chi-square with 3 degrees of freedom: the mean plus ten
+    # standard deviations is beyond a one-in-a-million draw); a weight of 0 is never drawn.
+    weights = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05, 0.0])
+    draws = 40_000
+    tokens = exponential_race(weights.expand(draws, -1).clone(), [torch.Generator().manual_seed(0)])
+    counts = torch.bincount(tokens, minlength=6).double()
+    assert counts[weights == 0].sum() == 0
+    kept = weights > 0
+    expected = weights[kept].double() / weights.sum() * draws
+    chi_square = ((counts[kept] - expected) ** 2 / expected).sum().item()
+    assert chi_square < 3 + 10 * 6 ** 0.5, chi_square
+    # One generator per row: row r's noise is what its generator gives a row alone.
+    generators = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    together = exponential_race(torch.rand(2, 50, generator=torch.Generator().manual_seed(9)), generators)
+    alone = [exponential_race(torch.rand(2, 50, generator=torch.Generator().manual_seed(9))[r:r + 1],
+                              [torch.Generator().manual_seed(s)]).item() for r, s in ((0, 1), (1, 2))]
+    assert together.tolist() == alone
 
 
 def test_eos_stops_each_row_and_pads_it(engine):

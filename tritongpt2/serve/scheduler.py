@@ -299,7 +299,7 @@ class Scheduler:
 
 def _draw(logits: torch.Tensor, owners: list[tuple[CompletionJob, Choice]]) -> list[int]:
     """One token per row of logits [B, V], each by its job's sampling parameters: rows that sample
-    alike share each operation, and each draws its uniform number from its own generator, so a row's
+    alike share each operation, and each draws its random numbers from its own generator, so a row's
     token is what `next_tokens` draws for it alone."""
     tokens = torch.empty(len(owners), dtype=torch.int64, device=logits.device)
     groups: dict[SamplingParams, list[int]] = {}
@@ -311,8 +311,5 @@ def _draw(logits: torch.Tensor, owners: list[tuple[CompletionJob, Choice]]) -> l
         if not params.do_sample:
             tokens[index] = group.argmax(-1)
             continue
-        scores = filter_logits(group, params)
-        uniforms = torch.cat([torch.rand(1, generator=owners[row][1].generator, device=scores.device, dtype=scores.dtype)
-                              for row in rows])
-        tokens[index] = draw_tokens(scores, uniforms)
+        tokens[index] = draw_tokens(filter_logits(group, params), [owners[row][1].generator for row in rows])
     return tokens.tolist()

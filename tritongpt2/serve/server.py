@@ -25,6 +25,7 @@ from .scheduler import Scheduler
 
 Built = TypeVar("Built")
 
+
 @dataclass(frozen=True)
 class SchedulerOptions:
     pooling: str = "mean"
@@ -57,7 +58,7 @@ def _built_on_own_thread(build: Callable[[], Built]) -> Built:
         except BaseException as error:  # noqa: BLE001 - raised again on the caller's thread
             outcome.append((False, error))
 
-    thread = threading.Thread(target=run, name="tritongpt2-load")
+    thread = threading.Thread(target=run, name="tritongpt2-load", daemon=True)
     thread.start()
     thread.join()
     built, value = outcome[0]
