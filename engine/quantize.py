@@ -25,9 +25,8 @@ from tritongpt2.kernels.quantized_weight import (
 )
 
 from .config import GPT2Config
-from .weights import GPT2Weights
+from .weights import PRODUCT_WEIGHTS, GPT2Weights
 
-QUANTIZED_LAYER_WEIGHTS = ("attn_weight", "attn_proj_weight", "fc_weight", "mlp_proj_weight")
 DEFAULT_GROUP_SIZE = {"int8": None, "int4": 64, "nf4": NF4_BLOCK}
 
 
@@ -162,7 +161,7 @@ def quantize_weights(weights: GPT2Weights, config: GPT2Config, quantization: Qua
     wte stays in the model's dtype."""
     quantization.check_model(config)
     layers = [
-        replace(layer, **{name: quantize_matrix(getattr(layer, name), quantization) for name in QUANTIZED_LAYER_WEIGHTS})
+        replace(layer, **{name: quantize_matrix(getattr(layer, name), quantization) for name in PRODUCT_WEIGHTS})
         for layer in weights.layers
     ]
     head = quantize_matrix(weights.lm_head.T, quantization)
@@ -266,7 +265,7 @@ def take_quantized(
 def weight_bytes(weights: GPT2Weights) -> dict[str, int]:
     """The bytes of a model's matmul weights (the five products quantize_weights quantizes), as
     `quantized` (QuantizedWeight.nbytes, a tied head counted once) and `float` (those still float)."""
-    products = [getattr(layer, name) for layer in weights.layers for name in QUANTIZED_LAYER_WEIGHTS] + [weights.lm_head]
+    products = [getattr(layer, name) for layer in weights.layers for name in PRODUCT_WEIGHTS] + [weights.lm_head]
     quantized = sum(w.nbytes for w in products if is_quantized(w))
     floating = sum(w.numel() * w.element_size() for w in products if not is_quantized(w))
     return {"quantized": quantized, "float": floating}
