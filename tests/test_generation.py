@@ -35,6 +35,7 @@ def test_filters_match_transformers_warpers(top_k, top_p, temperature):
     got = filter_logits(logits, SamplingParams(True, temperature, top_k, top_p))
     assert torch.equal(torch.isinf(got), torch.isinf(expected))
     torch.testing.assert_close(got.softmax(-1), expected.softmax(-1))  # ours are shifted by each row's max
+    assert torch.equal(got.amax(-1), torch.zeros(4))  # draw_tokens takes each row's largest score to be 0
 
 
 def test_sampling_is_reproducible_from_a_seed_or_a_generator(engine):
