@@ -1,6 +1,16 @@
 import os
+import sys
+from pathlib import Path
 
-import torch
+# `python -m pytest` puts the working directory on sys.path. Run from the checkout, its kernels/ folder
+# (installed as tritongpt2.kernels) would shadow Hugging Face's `kernels` package, which transformers
+# (5.25 on) requires and imports: the tests, and the processes they start, see the package only as
+# installed.
+CHECKOUT = Path(__file__).resolve().parent.parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != CHECKOUT]
+os.environ["PYTHONSAFEPATH"] = "1"  # a `python -m` or `-c` child leaves its working directory off sys.path
+
+import torch  # noqa: E402
 
 # Without a GPU the kernels run under Triton's interpreter, which must be on before any kernel module
 # is imported (triton decides at @triton.jit time).
