@@ -82,16 +82,29 @@ CPU_IMPLS = ("hf-eager", "hf-sdpa", "tritongpt2",
 RunnerFactories = list[tuple[str, Callable[[], Runner]]]
 
 
+# CPU features that decide which matmul routes are fast (bfloat16 ones above all), named after the
+# vector instructions torch dispatches to: two CPUs of one model name can differ in them.
+CPU_FEATURES = (("avx512_bf16", "AVX512-BF16"), ("amx_tile", "AMX"))
+CPUINFO = "/proc/cpuinfo"
+
+
 def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model with the instruction sets that its figures depend on, e.g.
+    "CPU AMD EPYC (AVX2)"."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    model, flags = platform.processor() or platform.machine(), set()
     try:
-        for line in open("/proc/cpuinfo"):
+        for line in open(CPUINFO):
             if line.startswith("model name"):
-                return "CPU " + line.split(":", 1)[1].strip()
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
     except OSError:
         pass
-    return f"CPU {platform.processor() or platform.machine()}"
+    features = [torch.backends.cpu.get_cpu_capability(), *(name for flag, name in CPU_FEATURES if flag in flags)]
+    return f"CPU {model} ({', '.join(features)})"
 
 
 def versions() -> dict[str, str]:

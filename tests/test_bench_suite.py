@@ -193,3 +193,17 @@ def test_suite_and_traffic_audit_share_one_ideal_bytes_formula():
     embed = suite.bytes_read(shape, Workload("embed", 1, 16), 2)
     prefill = suite.bytes_read(shape, Workload("prefill", 1, 16), 2)
     assert prefill - embed == (shape.vocab_size * c - 16 * c) * 2 + (shape.vocab_size - 16 * c) * 2
+
+
+def test_a_cpu_is_named_with_the_instruction_sets_its_figures_depend_on(tmp_path, monkeypatch):
+    # Two CPUs of one model name (an AVX2 EPYC and an AVX-512 one) get results files of their own.
+    capability = torch.backends.cpu.get_cpu_capability()
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\n"
+                    "processor\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    monkeypatch.setattr(suite, "CPUINFO", str(info))
+    assert suite.device_name(torch.device("cpu")) == f"CPU AMD EPYC ({capability}, AVX512-BF16)"
+    info.write_text("model name\t: Intel(R) Xeon(R) Processor\nflags\t\t: avx2 amx_tile avx512_bf16\n")
+    assert suite.device_name(torch.device("cpu")) == f"CPU Intel(R) Xeon(R) Processor ({capability}, AVX512-BF16, AMX)"
+    monkeypatch.setattr(suite, "CPUINFO", str(tmp_path / "absent"))
+    assert suite.device_name(torch.device("cpu")).endswith(f" ({capability})")
