@@ -10,7 +10,10 @@ takes 220-300 us at M=1, 2.6 ms at M=16):
   INT8_DEQUANTIZED_ROWS rows it is slower than the dequantized route below run in bfloat16 (the int8
   values copied into bfloat16 exactly, torch.mm, which is oneDNN's bfloat16 gemm here, the columns
   scaled after): two threads, gpt2's layer shapes, 1.1x at 16 rows, 1.6x at 32, 2.4x at 128, and
-  0.3-0.9x at 2-12 rows; a gpt2 embed of 16 tokens 37.9 -> 23.5 ms.
+  0.3-0.9x at 2-12 rows; a gpt2 embed of 16 tokens 37.9 -> 23.5 ms. A CPU without native bfloat16
+  (`BFLOAT16_GEMM` false: AVX2, e.g. a Zen 3 EPYC) runs oneDNN's bfloat16 gemm emulated, so there
+  those rows take the dequantized route in float32: a gpt2 embed of 16 tokens 197 ms in bfloat16,
+  59 ms so.
 - int4, bfloat16 rows: `torch._weight_int4pack_mm_for_cpu` on a prepacked copy (0.5 byte a weight,
   made on first use and kept per weight while the weight lives), 170 us at M=1, 1.1 ms at M=16. Its
   dequantization is (q - 8) * scale + zero with bfloat16 scales and float offsets, so ours,
@@ -44,6 +47,8 @@ from .quantized_weight import NESTED_BLOCK, NF4_CODE, QuantizedWeight
 
 CHUNK_BYTES = 8 << 20  # dequantized weights at a time in the dequantized route (2M float32, 4M bfloat16)
 INT8_DEQUANTIZED_ROWS = 16  # int8 with bfloat16 rows: from here on the dequantized route, in bfloat16
+# Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX); without, oneDNN emulates it.
+BFLOAT16_GEMM = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
 PACK_ROWS = 4096  # output channels packed at a time for the int4 kernel (a multiple of its 64-row blocks)
 INT4_PACK_MULTIPLE = 16  # the int4 kernel's N must be a multiple of 16
 
@@ -120,7 +125,7 @@ def gather_rows(weight: QuantizedWeight, index: torch.Tensor) -> torch.Tensor:
 
 def _int8_route(rows: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     if rows.shape[0] >= INT8_DEQUANTIZED_ROWS:
-        return _dequantized_route(rows, weight, torch.bfloat16)
+        return _dequantized_route(rows, weight, torch.bfloat16 if BFLOAT16_GEMM else torch.float32)
     prepared = _prepared(weight)
     if "scale_bf16" not in prepared:
         prepared["scale_bf16"] = weight.scale.reshape(-1).to(torch.bfloat16)

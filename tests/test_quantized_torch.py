@@ -241,9 +241,12 @@ def test_each_format_and_dtype_takes_its_route(monkeypatch, quantization, dtype,
     assert kept <= 128 * 304 // 2 + 2 * 2 * 304 * 2
 
 
-def test_int8_bfloat16_batches_run_dequantized_and_fewer_rows_the_int8_kernel(monkeypatch):
-    # From INT8_DEQUANTIZED_ROWS rows, the dequantized route in bfloat16 is the faster one
-    # (cpu_quantized.py); below it, _weight_int8pack_mm. Both agree with the reference (ROWS covers both).
+@pytest.mark.parametrize("bfloat16_gemm", [True, False], ids=["native-bf16", "emulated-bf16"])
+def test_int8_bfloat16_batches_run_dequantized_and_fewer_rows_the_int8_kernel(monkeypatch, bfloat16_gemm):
+    # From INT8_DEQUANTIZED_ROWS rows, the dequantized route is the faster one (cpu_quantized.py): in
+    # bfloat16 where the CPU multiplies it natively, in float32 where oneDNN would emulate it; below
+    # it, _weight_int8pack_mm. Both agree with the reference (ROWS covers both).
+    monkeypatch.setattr(cpu_quantized, "BFLOAT16_GEMM", bfloat16_gemm)
     calls = Calls(monkeypatch, "_weight_int8pack_mm", "mm")
     w = weight(128, 300, Quantization("int8"))
     quantized_matmul(randn(cpu_quantized.INT8_DEQUANTIZED_ROWS - 1, 128, dtype=torch.bfloat16), w)
@@ -252,5 +255,6 @@ def test_int8_bfloat16_batches_run_dequantized_and_fewer_rows_the_int8_kernel(mo
     x = randn(cpu_quantized.INT8_DEQUANTIZED_ROWS, 128, dtype=torch.bfloat16)
     got = quantized_matmul(x, w)
     assert set(calls.calls) == {"mm"} and len(calls.calls) > 1  # several blocks of columns
-    assert got.dtype == torch.bfloat16
-    assert_close(got, x.double() @ reference.dequantize(w).double(), (x.float() @ reference.matrix(w, torch.bfloat16).float()).to(torch.bfloat16))
+    assert got.dtype == (torch.bfloat16 if bfloat16_gemm else torch.float32)
+    assert_close(got.to(torch.bfloat16), x.double() @ reference.dequantize(w).double(),
+                 (x.float() @ reference.matrix(w, torch.bfloat16).float()).to(torch.bfloat16))
