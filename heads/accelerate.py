@@ -18,6 +18,9 @@ quantizes the current parameters again. (An update through `param.data` bypasses
 `model.tritongpt2.refresh(force=True)` after one.) A model that transformers loaded quantized
 (bitsandbytes' load_in_4bit or load_in_8bit, or any quantization_config) is refused: accelerate the
 float model with quantization= instead.
+
+copy.deepcopy and pickling (torch.save of the whole model) give a model accelerated afresh, with the
+same options, over its own copied tensors: the engine and the bound forward never travel with it.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ STRUCTURE = (
     "add_cross_attention", "tie_word_embeddings",
 )
 # What the engine's own generation loop serves exactly: greedy search and plain sampling.
+# What accelerate() adds to the instance's __dict__: left out of a copy, which is accelerated anew.
+ACCELERATION_ATTRIBUTES = ("forward", "generate", "tritongpt2", "__reduce_ex__")
 FAST_GENERATION_FIELDS = frozenset({
     "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id",
     "bos_token_id", "transformers_version", "use_cache",
@@ -341,4 +346,18 @@ def accelerate(model: nn.Module, options: EngineOptions | None = None, **option_
         model.generate = _with_signature(accelerated.generate, type(model).generate)
     # Kept off the module tree, so the model's state_dict and parameters stay exactly as they were.
     object.__setattr__(model, "tritongpt2", accelerated)
+    # copy.deepcopy and pickle look __reduce_ex__ up on the instance: a copy is the module's state
+    # without what accelerate added (a lock, an engine, a forward bound to this instance), accelerated again.
+    object.__setattr__(model, "__reduce_ex__", lambda protocol: (_accelerated_copy, (type(model), _plain_state(model), options)))
     return model
+
+
+def _plain_state(model: nn.Module) -> dict[str, Any]:
+    return {key: value for key, value in model.__dict__.items() if key not in ACCELERATION_ATTRIBUTES}
+
+
+def _accelerated_copy(cls: type, state: dict[str, Any], options: EngineOptions) -> nn.Module:
+    """A copied or unpickled accelerated model: its module state restored, then accelerated again."""
+    model = cls.__new__(cls)
+    model.__setstate__(state)
+    return accelerate(model, options)

@@ -219,6 +219,30 @@ def test_the_fast_path_follows_the_module(tmp_path, monkeypatch, change):
     assert relative_error(got, expected) < tolerance
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_copy_is_accelerated_over_its_own_tensors(tmp_path, monkeypatch, how):
+    model, reference = pair(tmp_path)
+    prompt = ids()
+    if how == "deepcopy":
+        copied = copy.deepcopy(model)
+    else:
+        saved = tmp_path / "model.pt"
+        torch.save(model, saved)
+        copied = torch.load(saved, weights_only=False)
+    assert copied.tritongpt2 is not model.tritongpt2 and copied.tritongpt2.model is copied
+    assert copied.state_dict().keys() == model.state_dict().keys()
+    assert copied.transformer.wte.weight.data_ptr() != model.transformer.wte.weight.data_ptr()
+    counts = fast_calls(copied, monkeypatch)
+    with torch.no_grad():
+        assert torch.equal(copied(input_ids=prompt).logits, model(input_ids=prompt).logits)
+        copied.transformer.h[0].mlp.c_fc.weight.mul_(2)  # the copy's own weights: the original is untouched
+        changed = copied(input_ids=prompt).logits
+        reference.transformer.h[0].mlp.c_fc.weight.mul_(2)
+        assert relative_error(changed, reference(input_ids=prompt).logits) < TOLERANCE
+        assert not torch.equal(changed, model(input_ids=prompt).logits)
+    assert counts == {"fast": 4, "fallback": 0}  # the fast class is counted: both models took it, twice each
+
+
 def test_a_cache_of_the_former_dtype_is_refused(tmp_path):
     model, _ = pair(tmp_path)
     with torch.no_grad():
