@@ -177,7 +177,7 @@ class StaticKVCache:
         index = torch.as_tensor(rows, dtype=torch.int64, device=self.device)
         # Slots from a row's length up to the longest are copied too, but masked out: as after a reset,
         # their stale K and V are hidden, and the row's next token overwrites the first of them.
-        # index_select and index_copy_, not advanced indexing: a 16-prompt join's copy took 30 ms so on a CPU, 5 this way.
+        # index_select and index_copy_: on a CPU, advanced indexing took 2.6x as long for a 16-prompt join's rows.
         for mine, theirs in ((self.keys, source.keys), (self.values, source.values)):
             mine[:, :, :, :span].index_copy_(1, index, theirs[:, :, :, :span].index_select(1, source_index))
         kept = torch.arange(span, device=self.device) < torch.as_tensor(lengths, device=self.device)[:, None]

@@ -59,9 +59,9 @@ STRUCTURE = (
     "layer_norm_epsilon", "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn",
     "add_cross_attention", "tie_word_embeddings",
 )
-# What the engine's own generation loop serves exactly: greedy search and plain sampling.
 # What accelerate() adds to the instance's __dict__: left out of a copy, which is accelerated anew.
 ACCELERATION_ATTRIBUTES = ("forward", "generate", "tritongpt2", "__reduce_ex__")
+# What the engine's own generation loop serves exactly: greedy search and plain sampling.
 FAST_GENERATION_FIELDS = frozenset({
     "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id",
     "bos_token_id", "transformers_version", "use_cache",

@@ -46,7 +46,7 @@ import torch
 from .quantized_weight import NESTED_BLOCK, NF4_CODE, QuantizedWeight
 
 CHUNK_BYTES = 8 << 20  # dequantized weights at a time in the dequantized route (2M float32, 4M bfloat16)
-INT8_DEQUANTIZED_ROWS = 16  # int8 with bfloat16 rows: from here on the dequantized route, in bfloat16
+INT8_DEQUANTIZED_ROWS = 16  # int8 with bfloat16 rows: from here on the dequantized route (in bfloat16 where BFLOAT16_GEMM)
 # Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX); without, oneDNN emulates it.
 BFLOAT16_GEMM = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
 PACK_ROWS = 4096  # output channels packed at a time for the int4 kernel (a multiple of its 64-row blocks)
