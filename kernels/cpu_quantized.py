@@ -12,8 +12,8 @@ takes 220-300 us at M=1, 2.6 ms at M=16):
   scaled after): two threads, gpt2's layer shapes, 1.1x at 16 rows, 1.6x at 32, 2.4x at 128, and
   0.3-0.9x at 2-12 rows; a gpt2 embed of 16 tokens 37.9 -> 23.5 ms. A CPU without native bfloat16
   (`BFLOAT16_GEMM` false: AVX2, e.g. a Zen 3 EPYC) runs oneDNN's bfloat16 gemm emulated, so there
-  those rows take the dequantized route in float32: a gpt2 embed of 16 tokens 197 ms in bfloat16,
-  59 ms so.
+  those rows take the dequantized route in float32: a gpt2 int8 embed of 16 tokens 183 ms in
+  bfloat16, 54 ms so.
 - int4, bfloat16 rows: `torch._weight_int4pack_mm_for_cpu` on a prepacked copy (0.5 byte a weight,
   made on first use and kept per weight while the weight lives), 170 us at M=1, 1.1 ms at M=16. Its
   dequantization is (q - 8) * scale + zero with bfloat16 scales and float offsets, so ours,
