@@ -22,11 +22,15 @@ takes 220-300 us at M=1, 2.6 ms at M=16):
 - every other pair (float32 and float16 rows, nf4 with any): W dequantized to float32 in blocks of
   columns (at most CHUNK_BYTES of them, in buffers each thread keeps: 26 MB at most) and
   multiplied in float32. int8: 0.5-0.8 ms at M=1, 2-3x float32's matmul (the int8 to float32
-  conversion is the cost), on par at 16 rows. A 4-bit block is unpacked with two byte ops into its
+  conversion is the cost), on par at 16 rows. An int4 block is unpacked with two byte ops into its
   even rows then its odd rows (the rows are multiplied in that order: no interleaving pass), then
-  shifted and scaled per group: int4 1.6-2.8 ms at M=1, 3-4 ms at M=16. nf4's code values are
-  gathered with index_select, the slowest step (about 1.5 ns a weight): 4.6-5.3 ms at M=1, 5-6 ms
-  at M=16, bfloat16 rows included (no kernel takes nf4).
+  shifted and scaled per group: int4 1.6-2.8 ms at M=1, 3-4 ms at M=16. An nf4 block is gathered a
+  byte at a time from a 256-entry table of both its code values (index_select over an int64 view of
+  float32 pairs, int32 indices), then scaled per block: the gather is still the slowest step, about
+  0.85 ns a byte; a gather per weight took 1.5 ns a weight. On the AVX2 EPYC (Zen 3), c_fc 1.4-1.7
+  ms at M=1 and 2.1-2.9 ms at M=16, bfloat16 rows included (no kernel takes nf4); gpt2 in nf4 about
+  2.2x faster, runs alternated as the VM's speed drifted: a decode step 257-309 -> 90-167 ms, an
+  embed of 16 tokens 227-255 -> 88-147 ms.
 
 The bfloat16 routes compute in bfloat16: their product is rounded to it, and so is the sum with the
 bias (and the activation and residual the caller applies), where the reference rounds once at the
@@ -38,6 +42,7 @@ bytes. The timings were taken while other jobs shared the cores: read them as ra
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 
@@ -102,8 +107,20 @@ def _group_affine(weight: QuantizedWeight, columns: slice | torch.Tensor) -> tup
     return _nf4_absmax_rows(weight)[columns], None
 
 
-def _nf4_code(device: torch.device) -> torch.Tensor:
-    return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+@functools.cache
+def _nf4_byte_values(device: torch.device) -> torch.Tensor:
+    """[256] int64: for each byte, the float32 pair (NF4_CODE[high nibble], NF4_CODE[low nibble]),
+    the byte's two rows in order, so that one 8-byte gather decodes both."""
+    code = torch.tensor(NF4_CODE, dtype=torch.float32)
+    byte = torch.arange(256)
+    return torch.stack([code[byte >> 4], code[byte & 15]], dim=-1).view(torch.int64).view(256).to(device)
+
+
+def _nf4_values(stored: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The code values of nf4 bytes stored [n, K // 2] into out [n, K] float32, rows in order."""
+    index = _scratch("index", stored.numel(), torch.int32, stored.device).copy_(stored.reshape(-1))
+    torch.index_select(_nf4_byte_values(stored.device), 0, index, out=out.view(torch.int64).view(-1))
+    return out
 
 
 def gather_rows(weight: QuantizedWeight, index: torch.Tensor) -> torch.Tensor:
@@ -114,12 +131,15 @@ def gather_rows(weight: QuantizedWeight, index: torch.Tensor) -> torch.Tensor:
     stored = weight.data.T[flat]  # [n, K] int8 or [n, K // 2] bytes
     if weight.format == "int8":
         return (stored.float() * weight.scale.T[flat]).view(*index.shape, k)
-    nibbles = torch.stack([stored >> 4, stored & 15], dim=-1).view(-1, k // weight.group_size, weight.group_size)
+    groups = k // weight.group_size
     scale, zero = _group_affine(weight, flat)
     if weight.format == "int4":
+        nibbles = torch.stack([stored >> 4, stored & 15], dim=-1).view(-1, groups, weight.group_size)
         values = (nibbles.float() - zero[..., None]) * scale[..., None]
     else:
-        values = _nf4_code(weight.device)[nibbles.long()] * scale[..., None]
+        values = torch.empty(flat.numel(), groups, weight.group_size, device=weight.device)
+        _nf4_values(stored, values.view(flat.numel(), k))
+        values.mul_(scale[..., None])
     return values.view(*index.shape, k)
 
 
@@ -164,24 +184,27 @@ def _int4_route(rows: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
 
 def _dequantize_block(weight: QuantizedWeight, start: int, stop: int, out: torch.Tensor, nibbles: torch.Tensor | None) -> None:
     """Columns [start, stop) of W into out [stop - start, K] (float32): int8 unscaled (the caller
-    scales the product), 4-bit formats with each column's even rows first, then its odd rows."""
+    scales the product), nf4 in row order, int4 with each column's even rows first, then its odd rows."""
     stored = weight.data.T[start:stop]
     if weight.format == "int8":
         out.copy_(stored)
         return
     count, k = out.shape
+    groups = k // weight.group_size
+    scale, zero = _group_affine(weight, slice(start, stop))
+    if weight.format == "nf4":
+        if out.dtype == torch.float32:
+            _nf4_values(stored, out)
+        else:
+            out.copy_(_nf4_values(stored, _scratch("values", count * k, torch.float32, out.device).view(count, k)))
+        out.view(count, groups, weight.group_size).mul_(scale[:, :, None])
+        return
     halves = nibbles[:count].view(count, 2, k // 2)
     torch.bitwise_right_shift(stored, 4, out=halves[:, 0])
     torch.bitwise_and(stored, 15, out=halves[:, 1])
-    groups = k // weight.group_size
     grouped = out.view(count, 2, groups, weight.group_size // 2)
-    scale, zero = _group_affine(weight, slice(start, stop))
-    if weight.format == "int4":
-        out.copy_(halves.view(count, k))
-        grouped.sub_(zero[:, None, :, None])
-    else:
-        index = _scratch("index", count * k, torch.int64, out.device).copy_(halves.view(-1))
-        torch.index_select(_nf4_code(weight.device), 0, index, out=out.view(-1))
+    out.copy_(halves.view(count, k))
+    grouped.sub_(zero[:, None, :, None])
     grouped.mul_(scale[:, None, :, None])
 
 
@@ -190,11 +213,11 @@ def _dequantized_route(rows: torch.Tensor, weight: QuantizedWeight, dtype: torch
     bfloat16 for int8, whose unscaled values bfloat16 holds exactly."""
     wide = rows.to(dtype)
     k, n = weight.shape
-    if weight.bits == 4:
+    if weight.format == "int4":
         wide = torch.cat([wide[:, 0::2], wide[:, 1::2]], dim=1)  # the blocks' row order: even rows, then odd
     block = max(1, min(n, CHUNK_BYTES // (k * wide.element_size())))
     buffer = _scratch("block", block * k, dtype, rows.device).view(block, k)
-    nibbles = _scratch("nibbles", block * k, torch.uint8, rows.device).view(block, k) if weight.bits == 4 else None
+    nibbles = _scratch("nibbles", block * k, torch.uint8, rows.device).view(block, k) if weight.format == "int4" else None
     out_t = torch.empty(n, rows.shape[0], dtype=dtype, device=rows.device)  # [N, M]: each block's rows are contiguous
     columns = wide.T
     for start in range(0, n, block):

@@ -241,6 +241,19 @@ def test_each_format_and_dtype_takes_its_route(monkeypatch, quantization, dtype,
     assert kept <= 128 * 304 // 2 + 2 * 2 * 304 * 2
 
 
+@pytest.mark.parametrize("quantization", FORMATS, ids=FORMAT_IDS)
+def test_float64_rows_multiply_the_dequantized_weight_in_float64(quantization):
+    # float64 rows take the dequantized route in float64 (nf4's crashed in index_select before). The
+    # route scales in float64 and the reference's W is rounded to float32: they differ by at most
+    # float32's half ulp of each weight.
+    w = weight(128, 300, quantization)
+    x = randn(3, 128, dtype=torch.float64)
+    got = quantized_matmul(x, w)
+    dequantized = reference.dequantize(w).double()
+    assert got.dtype == torch.float64
+    assert ((got - x @ dequantized).abs() <= 2.0**-24 * (x.abs() @ dequantized.abs()) * 1.01).all()
+
+
 @pytest.mark.parametrize("bfloat16_gemm", [True, False], ids=["native-bf16", "emulated-bf16"])
 def test_int8_bfloat16_batches_run_dequantized_and_fewer_rows_the_int8_kernel(monkeypatch, bfloat16_gemm):
     # From INT8_DEQUANTIZED_ROWS rows, the dequantized route is the faster one (cpu_quantized.py): in
