@@ -2,13 +2,15 @@
 
 Ours: every interpreted tl.load / tl.store of every kernel launch, in bytes, masked-off lanes counted
 as nothing (loads repeated by several programs count each time, so this is an upper bound on DRAM
-traffic that L2 would partly absorb), plus the small torch ops of the step. Transformers: the bytes
-each aten op of its forward reads and writes, through a TorchDispatchMode; ops that only make views
-move nothing, and a gather (the embedding) reads the rows it gathers, not the table. The step runs at
-the real per-layer shapes with 2 layers (ours: the counts as the forward enters and leaves each layer
-mark its work; every layer after the first moves the same bytes in the same launches, the first reads
-the embedding's output a little differently) or with 1 and 2 layers (transformers: the difference is
-one layer), scaled to full depth by the second layer's count.
+traffic that L2 would partly absorb), plus the small torch ops of the step. Beside it, the distinct
+bytes: each launch's loads and stores counted once per address (per element size), the DRAM traffic
+if L2 served every repeat within a launch, a lower bound; the torch ops count the same in both.
+Transformers: the bytes each aten op of its forward reads and writes, through a TorchDispatchMode;
+ops that only make views move nothing, and a gather (the embedding) reads the rows it gathers, not
+the table. The step runs at the real per-layer shapes with 2 layers (ours: the counts as the forward
+enters and leaves each layer mark its work; every layer after the first moves the same bytes in the
+same launches, the first reads the embedding's output a little differently) or with 1 and 2 layers
+(transformers: the difference is one layer), scaled to full depth by the second layer's count.
 With a quantization, ours runs the engine's quantized weights against the ideal of that format
 (transformers, which has no such format of its own here, is not run).
 """
@@ -45,21 +47,24 @@ ROW_KERNELS = {"embedding_kernel", "layer_norm_kernel"}
 @dataclass
 class StepTraffic:
     bytes: int = 0
+    distinct_bytes: int = 0
     launches: int = 0
     per_kernel: dict[str, int] = field(default_factory=dict)
     fewest_programs: dict[str, int] = field(default_factory=dict)  # per Triton kernel, over its launches
 
     def snapshot(self) -> StepTraffic:
-        return StepTraffic(self.bytes, self.launches, dict(self.per_kernel), dict(self.fewest_programs))
+        return StepTraffic(self.bytes, self.distinct_bytes, self.launches, dict(self.per_kernel), dict(self.fewest_programs))
 
     def since(self, earlier: StepTraffic) -> StepTraffic:
         """This count less `earlier`: a snapshot taken on the way, or the same step with a layer fewer.
         Its fewest_programs is this count's."""
         per_kernel = {k: v - earlier.per_kernel.get(k, 0) for k, v in self.per_kernel.items() if v != earlier.per_kernel.get(k, 0)}
-        return StepTraffic(self.bytes - earlier.bytes, self.launches - earlier.launches, per_kernel, dict(self.fewest_programs))
+        return StepTraffic(self.bytes - earlier.bytes, self.distinct_bytes - earlier.distinct_bytes,
+                           self.launches - earlier.launches, per_kernel, dict(self.fewest_programs))
 
-    def add(self, name: str, nbytes: int, programs: int | None = None) -> None:
+    def add(self, name: str, nbytes: int, programs: int | None = None, distinct: int | None = None) -> None:
         self.bytes += nbytes
+        self.distinct_bytes += nbytes if distinct is None else distinct
         self.launches += 1
         self.per_kernel[name] = self.per_kernel.get(name, 0) + nbytes
         if programs is not None:
@@ -103,6 +108,7 @@ def counting_kernel_traffic(traffic: StepTraffic, aten: AtenTraffic) -> Iterator
     from triton.runtime.interpreter import InterpreterBuilder
 
     current: list[int] = [0]
+    touched: dict[int, list[np.ndarray]] = {}  # element size -> the addresses the launch loaded or stored
     load, store = InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store
     # Their cache arguments differ between triton releases (3.6: cache_modifier, eviction_policy; 3.9:
     # cache_policy), so the wrappers pass every argument on as given and find ptrs and mask by name.
@@ -111,7 +117,10 @@ def counting_kernel_traffic(traffic: StepTraffic, aten: AtenTraffic) -> Iterator
     def count(signature: inspect.Signature, args: tuple, kwargs: dict) -> None:
         bound = signature.bind(*args, **kwargs).arguments
         ptrs, mask = bound["ptrs"], bound["mask"]
-        current[0] += int(np.count_nonzero(mask.data)) * (ptrs.get_element_ty().primitive_bitwidth // 8)
+        size = ptrs.get_element_ty().primitive_bitwidth // 8
+        lanes = np.broadcast_to(mask.data, ptrs.data.shape).astype(bool)
+        current[0] += int(np.count_nonzero(lanes)) * size
+        touched.setdefault(size, []).append(ptrs.data[lanes])
 
     def counted_load(*args, **kwargs):
         count(load_args, args, kwargs)
@@ -124,12 +133,15 @@ def counting_kernel_traffic(traffic: StepTraffic, aten: AtenTraffic) -> Iterator
     @contextmanager
     def observe(record: LaunchRecord) -> Iterator[None]:
         current[0] = 0
+        touched.clear()
         aten.in_kernel = True
         try:
             yield
         finally:
             aten.in_kernel = False
-            traffic.add(record.kernel.fn.__name__, current[0], math.prod(record.grid))
+            distinct = sum(size * np.unique(np.concatenate(addresses)).size for size, addresses in touched.items())
+            touched.clear()
+            traffic.add(record.kernel.fn.__name__, current[0], math.prod(record.grid), distinct)
 
     InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store = counted_load, counted_store
     try:
@@ -214,10 +226,11 @@ def hf_step(model: torch.nn.Module, shape: ModelShape, workload: str, batch: int
     return traffic
 
 
-def scaled(whole: StepTraffic, layer: StepTraffic, counted_layers: int, layers: int) -> tuple[int, int]:
-    """(bytes, launches) at full depth from a step over `counted_layers` layers and one layer's count."""
+def scaled(whole: StepTraffic, layer: StepTraffic, counted_layers: int, layers: int) -> tuple[int, int, int]:
+    """(bytes, distinct bytes, launches) at full depth from a step over `counted_layers` layers and one layer's count."""
     extra = layers - counted_layers
-    return whole.bytes + extra * layer.bytes, whole.launches + extra * layer.launches
+    return (whole.bytes + extra * layer.bytes, whole.distinct_bytes + extra * layer.distinct_bytes,
+            whole.launches + extra * layer.launches)
 
 
 def run_traffic_audit(
@@ -239,12 +252,13 @@ def run_traffic_audit(
         one, two = (hf_step(models[n], shape, workload, batch, context) for n in (1, 2))
         measured.append(("hf-eager", two, two.since(one)))
     for impl, whole, layer in measured:
-        total, launches = scaled(whole, layer, 2, shape.n_layer)
+        total, distinct, launches = scaled(whole, layer, 2, shape.n_layer)
         rows.append({
             "model": shape.name, "workload": workload, "batch": batch, "context": context, "n_layer": shape.n_layer,
             "dtype": str(dtype).removeprefix("torch."), "impl": impl, "bytes": total, "ideal_bytes": ideal,
             "quantization": None if quantization is None else quantization.describe(),
-            "ratio_to_ideal": round(total / ideal, 3), "launches": launches,
+            "ratio_to_ideal": round(total / ideal, 3), "distinct_bytes": distinct,
+            "distinct_ratio_to_ideal": round(distinct / ideal, 3), "launches": launches,
             "launches_per_layer": layer.launches,
             "fewest_programs": min((p for k, p in whole.fewest_programs.items() if k not in ROW_KERNELS), default=None),
             "programs_per_kernel": whole.fewest_programs,

@@ -139,6 +139,18 @@ def test_sampling_options_are_checked_as_the_python_api_checks_them(checkpoint, 
     assert re.fullmatch(f"tritongpt2: error: {message}\n", err)
 
 
+@pytest.mark.parametrize("options,message", [
+    (["--double-quant"], "group_size=None and double_quant=True need a quantization format"),
+    (["--quantization", "int4", "--group-size", "48"], "group_size=48 is not one of int4's 32, 64, 128"),
+])
+def test_the_traffic_audit_checks_its_quantization_before_counting(capsys, monkeypatch, tmp_path, options, message):
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run_main(capsys, "audit", "traffic", *options)
+    assert status == 2 and out == ""
+    assert err == f"tritongpt2: error: {message}\n"
+    assert list(tmp_path.iterdir()) == []  # no results folder made
+
+
 def test_a_prompt_longer_than_the_model_says_so(checkpoint, capsys):
     status, out, err = run_main(capsys, "generate", "--model", checkpoint[0], "hello " * 100)
     assert status == 2 and out == ""

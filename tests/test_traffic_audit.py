@@ -10,14 +10,17 @@ import sys
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from dataclasses import replace
 
 from numerics import ON_GPU
 from tritongpt2.bench.model_shapes import MODEL_SHAPES, ModelShape
 from tritongpt2.bench.suite import build_model
-from tritongpt2.bench.traffic_audit import ours_step, run_traffic_audit
+from tritongpt2.bench.traffic_audit import AtenTraffic, StepTraffic, counting_kernel_traffic, ours_step, run_traffic_audit
 from tritongpt2.engine.quantize import Quantization
+from tritongpt2.kernels.launch import launch
 from tritongpt2.kernels.tiling import MIN_STREAMING_PROGRAMS
 
 pytest.importorskip("transformers")
@@ -45,10 +48,13 @@ def test_gpt2_decode_at_context_1024_meets_the_targets():
 # gpt2: the float32 partials written and read back, x, gamma and beta re-read by every column tile
 # of a LayerNorm-ed product, L2 hits on a GPU) and, at 108-110 MB a step, come to 11.5% of the ideal
 # by themselves; with the LM head's re-reads of ln_f's inputs (393 tiles in nf4, 197 in int4) int4
-# measured 1.121x and nf4 1.132x: over the issue's 1.1x, held here where it stands. Each case takes
-# minutes under the interpreter, so the suite runs the worst, nf4 (int4 shares its tiles; int8 measured
-# 1.081x: `run_traffic_audit(..., quantization=Quantization("int8"))`).
+# measured 1.121x and nf4 1.132x: over the issue's 1.1x, held here where it stands. Counting each
+# launch's repeated loads once (the DRAM traffic if L2 serves the repeats), nf4 reads 1.025x its ideal
+# (int4 1.024x, int8 1.016x, nf4 with double quantization 1.027x against 1.292x): the excess is
+# re-reads. Each case takes minutes under the interpreter, so the suite runs the worst, nf4 (int4
+# shares its tiles; the others: `tritongpt2 audit traffic --quantization ...`).
 QUANTIZED_LIMITS = {"nf4": 1.14}
+QUANTIZED_DISTINCT_LIMITS = {"nf4": 1.03}
 
 
 @pytest.mark.skipif(ON_GPU, reason="this process compiles the kernels for the GPU")
@@ -56,6 +62,7 @@ QUANTIZED_LIMITS = {"nf4": 1.14}
 def test_quantized_gpt2_decode_reads_its_format(name):
     (ours,) = run_traffic_audit(MODEL_SHAPES["gpt2"], "decode", 1, 1024, torch.float16, Quantization(name))
     assert ours["ratio_to_ideal"] <= QUANTIZED_LIMITS[name], ours
+    assert ours["distinct_ratio_to_ideal"] <= QUANTIZED_DISTINCT_LIMITS[name], ours
     assert ours["launches_per_layer"] <= 4, ours
     assert ours["fewest_programs"] >= MIN_STREAMING_PROGRAMS, ours
     assert ours["launches"] - 12 * ours["launches_per_layer"] <= 2, ours
@@ -80,11 +87,35 @@ def test_cli_writes_the_results_file(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     command = [sys.executable, "-m", "tritongpt2.cli", "audit", "traffic", "--model", "distilgpt2", "--workload", "embed",
                "--context", "8", "--output", str(tmp_path)]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # The float step, then nf4's, merged into the same file beside it.
+    for extra in ([], ["--quantization", "nf4"]):
+        result = subprocess.run(command + extra, capture_output=True, text=True, env=env, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
     document = json.loads((tmp_path / "traffic-distilgpt2.json").read_text())
     assert document["device"] == "interpreter"
-    assert {r["impl"] for r in document["results"]} == {"tritongpt2", "hf-eager"}
-    for row in document["results"]:
+    rows = {(r["impl"], r["quantization"]): r for r in document["results"]}
+    assert set(rows) == {("tritongpt2", None), ("hf-eager", None), ("tritongpt2", "nf4 (groups of 64)")}
+    for row in rows.values():
         assert {"model", "workload", "batch", "context", "n_layer", "impl", "bytes", "ideal_bytes", "launches"} <= set(row)
         assert row["n_layer"] == 6 and row["bytes"] > row["ideal_bytes"] * 0.9
+        assert row["distinct_bytes"] <= row["bytes"]
+    assert rows["tritongpt2", "nf4 (groups of 64)"]["ideal_bytes"] < rows["tritongpt2", None]["ideal_bytes"] / 3
+
+
+@triton.jit
+def _copy_one_shared_row(src_ptr, dst_ptr, BLOCK: tl.constexpr):
+    # Every program reads the same row (its last lane masked off) and writes a row of its own.
+    offsets = tl.arange(0, BLOCK)
+    values = tl.load(src_ptr + offsets, mask=offsets < BLOCK - 1, other=0.0)
+    tl.store(dst_ptr + tl.program_id(0) * BLOCK + offsets, values)
+
+
+@pytest.mark.skipif(ON_GPU, reason="this process compiles the kernels for the GPU")
+def test_distinct_bytes_count_a_launchs_repeated_loads_once():
+    traffic = StepTraffic()
+    src, dst = torch.ones(8), torch.empty(3 * 8)
+    with counting_kernel_traffic(traffic, AtenTraffic(traffic)):
+        launch(_copy_one_shared_row, (3,), num_warps=1, num_stages=1, src_ptr=src, dst_ptr=dst, BLOCK=8)
+    assert traffic.bytes == 3 * 7 * 4 + 3 * 8 * 4
+    assert traffic.distinct_bytes == 7 * 4 + 3 * 8 * 4
+    assert traffic.launches == 1

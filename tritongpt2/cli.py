@@ -323,9 +323,12 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder (or hub id, with a network)")
     parser.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: the checkpoint's)")
     parser.add_argument("--backend", choices=["triton", "interpret", "torch"], help="default: triton with CUDA, else torch")
-    parser.add_argument("--quantization", choices=QUANTIZATIONS, help="quantize the matmul weights when loading (weight-only: "
-                        "int8 per channel, int4 in groups, nf4 as bitsandbytes; default: none, unless the checkpoint was "
-                        "saved quantized)")
+    _quantization_options(parser, "when loading (weight-only: int8 per channel, int4 in groups, nf4 as bitsandbytes; "
+                          "default: none, unless the checkpoint was saved quantized)")
+
+
+def _quantization_options(parser: argparse.ArgumentParser, when: str) -> None:
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, help=f"quantize the matmul weights {when}")
     parser.add_argument("--group-size", type=int, help="int4's group along the inputs: 32, 64 or 128 (default: 64); nf4's "
                         "block is 64")
     parser.add_argument("--double-quant", action="store_true", help="nf4: quantize the blocks' absmax too, as "
@@ -338,23 +341,31 @@ def _audit_traffic(args: argparse.Namespace) -> int:
     from tritongpt2.bench.model_shapes import model_shape
     from tritongpt2.bench.quiet import quiet_transformers
     from tritongpt2.bench.traffic_audit import run_traffic_audit
+    from tritongpt2.engine.quantize import Quantization
     from tritongpt2.kernels.tiling import MIN_STREAMING_PROGRAMS
 
     shape = model_shape(args.model)
+    quantization = Quantization.of(args.quantization, args.group_size, args.double_quant)
     output = _output_folder(args, "traffic")
     with quiet_transformers():
-        rows = run_traffic_audit(shape, args.workload, args.batch, args.context, _dtype(args.dtype))
-    print("| impl | workload | batch | context | bytes/step | ideal | ratio to ideal | launches/step | launches/layer "
+        rows = run_traffic_audit(shape, args.workload, args.batch, args.context, _dtype(args.dtype), quantization)
+    print("| impl | weights | workload | batch | context | bytes/step | ideal | ratio to ideal | distinct bytes/step | "
+          "ratio to ideal | launches/step | launches/layer "
           f"| fewest programs per streaming launch (an H100 has {MIN_STREAMING_PROGRAMS} SMs) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['impl']} | {r['workload']} | {r['batch']} | {r['context']} | {r['bytes']:,} | {r['ideal_bytes']:,} | "
-              f"{r['ratio_to_ideal']} | {r['launches']} | {r['launches_per_layer']} | {r['fewest_programs'] or '-'} |")
+        print(f"| {r['impl']} | {r['quantization'] or r['dtype']} | {r['workload']} | {r['batch']} | {r['context']} | "
+              f"{r['bytes']:,} | {r['ideal_bytes']:,} | {r['ratio_to_ideal']} | {r['distinct_bytes']:,} | "
+              f"{r['distinct_ratio_to_ideal']} | {r['launches']} | {r['launches_per_layer']} | {r['fewest_programs'] or '-'} |")
     path = output / f"traffic-{shape.name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(path.read_text())["results"] if path.exists() else []
-    keys = {(r["workload"], r["batch"], r["context"], r["dtype"], r["impl"]) for r in rows}
-    kept = [r for r in previous if (r["workload"], r["batch"], r["context"], r["dtype"], r["impl"]) not in keys]
+
+    def key(r: dict) -> tuple:
+        return r["workload"], r["batch"], r["context"], r["dtype"], r["impl"], r.get("quantization")
+
+    keys = {key(r) for r in rows}
+    kept = [r for r in previous if key(r) not in keys]
     path.write_text(json.dumps({"device": "interpreter", "results": kept + rows}, indent=1) + "\n")
     print(f"wrote {path}", file=sys.stderr)
     return 0
@@ -444,7 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     traffic.add_argument("--workload", choices=["decode", "prefill", "embed"], default="decode")
     traffic.add_argument("--batch", type=int, default=1)
     traffic.add_argument("--context", type=int, default=1024, help="cache context (decode) or tokens (prefill, embed)")
-    traffic.add_argument("--dtype", choices=DTYPES, default="float16")
+    traffic.add_argument("--dtype", choices=DTYPES, default="float16", help="the activations' and the cache's")
+    _quantization_options(traffic, "in-process, counted against the format's ideal (int8 per channel, int4 in "
+                          "groups, nf4 as bitsandbytes; transformers is then not counted)")
     traffic.add_argument("--output", help="folder of traffic-<model>.json, rows merged into it (default: a new "
                          "./tritongpt2-results/traffic-<time> folder)")
     traffic.add_argument("--update-committed", action="store_true", help="merge the rows into the checkout's bench/results")
