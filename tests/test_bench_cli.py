@@ -85,7 +85,8 @@ def test_error_rows_make_the_command_fail(monkeypatch, tmp_path):
 
 
 TRAFFIC_ROW = {"model": "gpt2", "workload": "decode", "batch": 1, "context": 1024, "n_layer": 12, "dtype": "float16",
-               "impl": "tritongpt2", "bytes": 2, "ideal_bytes": 1, "ratio_to_ideal": 2.0, "launches": 56,
+               "impl": "tritongpt2", "quantization": None, "bytes": 2, "ideal_bytes": 1, "ratio_to_ideal": 2.0,
+               "distinct_bytes": 1, "distinct_ratio_to_ideal": 1.0, "launches": 56,
                "launches_per_layer": 4, "fewest_programs": 144, "programs_per_kernel": {}, "per_layer_bytes": {}}
 
 
