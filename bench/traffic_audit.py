@@ -133,7 +133,6 @@ def counting_kernel_traffic(traffic: StepTraffic, aten: AtenTraffic) -> Iterator
     @contextmanager
     def observe(record: LaunchRecord) -> Iterator[None]:
         current[0] = 0
-        touched.clear()
         aten.in_kernel = True
         try:
             yield

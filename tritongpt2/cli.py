@@ -323,12 +323,12 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder (or hub id, with a network)")
     parser.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: the checkpoint's)")
     parser.add_argument("--backend", choices=["triton", "interpret", "torch"], help="default: triton with CUDA, else torch")
-    _quantization_options(parser, "when loading (weight-only: int8 per channel, int4 in groups, nf4 as bitsandbytes; "
-                          "default: none, unless the checkpoint was saved quantized)")
+    _quantization_options(parser, "when loading (default: none, unless the checkpoint was saved quantized)")
 
 
 def _quantization_options(parser: argparse.ArgumentParser, when: str) -> None:
-    parser.add_argument("--quantization", choices=QUANTIZATIONS, help=f"quantize the matmul weights {when}")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, help="quantize the matmul weights, weight-only (int8 per "
+                        f"channel, int4 in groups, nf4 as bitsandbytes), {when}")
     parser.add_argument("--group-size", type=int, help="int4's group along the inputs: 32, 64 or 128 (default: 64); nf4's "
                         "block is 64")
     parser.add_argument("--double-quant", action="store_true", help="nf4: quantize the blocks' absmax too, as "
@@ -456,8 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     traffic.add_argument("--batch", type=int, default=1)
     traffic.add_argument("--context", type=int, default=1024, help="cache context (decode) or tokens (prefill, embed)")
     traffic.add_argument("--dtype", choices=DTYPES, default="float16", help="the activations' and the cache's")
-    _quantization_options(traffic, "in-process, counted against the format's ideal (int8 per channel, int4 in "
-                          "groups, nf4 as bitsandbytes; transformers is then not counted)")
+    _quantization_options(traffic, "in-process, counted against the format's ideal (transformers is then not counted)")
     traffic.add_argument("--output", help="folder of traffic-<model>.json, rows merged into it (default: a new "
                          "./tritongpt2-results/traffic-<time> folder)")
     traffic.add_argument("--update-committed", action="store_true", help="merge the rows into the checkout's bench/results")
