@@ -39,3 +39,9 @@ def pytest_generate_tests(metafunc):
         from numerics import BACKEND_OPS
 
         metafunc.parametrize("ops", list(BACKEND_OPS.values()), ids=list(BACKEND_OPS))
+
+
+def pytest_collection_modifyitems(items):
+    # Tests marked slow take minutes under the interpreter: run first, so that README's two workers
+    # (pytest-xdist, one test handed out at a time) share them and finish together.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

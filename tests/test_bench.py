@@ -24,6 +24,7 @@ RECORD_KEYS = {"model", "dtype", "workload", "batch", "impl", "median_ms", "spre
                "roofline_pct", "bandwidth_pct"}
 
 
+@pytest.mark.slow
 def test_quick_bench_runs_and_checks_parity(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     command = [sys.executable, "-m", "tritongpt2.cli", "bench", "--quick", "--output", str(tmp_path)]

@@ -27,6 +27,7 @@ def tiny_model():
     return build_model(QUICK_SHAPE, torch.float32, CPU)
 
 
+@pytest.mark.slow
 def test_compiled_baseline_runs_the_gpu_decode_sequence_within_the_recompile_limit():
     # The GPU suite's decode workloads (batch 1, 8, 64 at two contexts) for two models of different
     # depth and width in two dtypes: 24 decode workloads, where compiling once for every model and

@@ -135,6 +135,7 @@ def _register_cap(config: str) -> str:
     return found.group(0) if found else ""
 
 
+@pytest.mark.slow
 def test_every_quantized_configuration_is_in_the_committed_quantized_audit():
     # The quantized audit is 674 compilations for gpt2 and gpt2-xl (python -m
     # tritongpt2.bench.compile_audit --json bench/results/compile-audit-quantized.json,

@@ -317,6 +317,7 @@ def concurrent(call, inputs):
 
 # Eight threads on the torch backend; four on the kernels' under the interpreter, where each call
 # takes seconds (the launchers' shared state is the same with four as with eight).
+@pytest.mark.slow
 @pytest.mark.parametrize("backend, threads", [("torch", 8), (BACKEND, 8 if ON_GPU else 4)])
 def test_threads_each_get_their_own_answer(tmp_path, backend, threads):
     folder, model = save_model(tmp_path)

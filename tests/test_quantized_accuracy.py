@@ -21,6 +21,7 @@ KERNEL_RATIO = 1.3
 
 # The kernels under the interpreter are slow: one format of each kind there (tests/test_quantized_kernels.py
 # holds every format's kernels to the reference).
+@pytest.mark.slow
 @pytest.mark.parametrize("backend, tokens, formats", [
     ("torch", 32, MEASURED), (BACKEND, 3, (MEASURED[0], MEASURED[2], MEASURED[5])),
 ], ids=["torch", BACKEND])

@@ -30,6 +30,7 @@ pytest.importorskip("transformers")
 
 # The count runs the kernels under the interpreter, which a process that compiled them for the GPU
 # cannot start (the command below runs in a process of its own, and works there too).
+@pytest.mark.slow
 @pytest.mark.skipif(ON_GPU, reason="this process compiles the kernels for the GPU")
 def test_gpt2_decode_at_context_1024_meets_the_targets():
     # gpt2 whole, its vocabulary too: the LM head's tiles decide how often its programs re-read the
@@ -59,6 +60,7 @@ QUANTIZED_LIMITS = {"nf4": 1.14}
 QUANTIZED_DISTINCT_LIMITS = {"nf4": 1.03}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(ON_GPU, reason="this process compiles the kernels for the GPU")
 @pytest.mark.parametrize("name", QUANTIZED_LIMITS)
 def test_quantized_gpt2_decode_reads_its_format(name):
@@ -85,6 +87,7 @@ def test_the_marked_layer_is_what_each_later_layer_adds(workload, quantization):
         assert (layer.bytes, layer.launches, layer.per_kernel) == (second.bytes, second.launches, second.per_kernel)
 
 
+@pytest.mark.slow
 def test_cli_writes_the_results_file(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     command = [sys.executable, "-m", "tritongpt2.cli", "audit", "traffic", "--model", "distilgpt2", "--workload", "embed",
