@@ -1,5 +1,6 @@
 """The benchmark suite runs (bench --quick on the CPU backends, with its parity check), and a CPU
-timing of the engine as a pytest-benchmark test."""
+timing of the engine as a pytest-benchmark test (timed when pytest runs in one process; under
+xdist's workers, as README's test command runs, pytest-benchmark runs it once, untimed)."""
 
 import json
 import os
