@@ -226,19 +226,128 @@ class Calls:
 @pytest.mark.parametrize("quantization,dtype,route", [
     (Quantization("int8"), torch.bfloat16, "_weight_int8pack_mm"),
     (Quantization("int4", 64), torch.bfloat16, "_weight_int4pack_mm_for_cpu"),
-    (Quantization("int8"), torch.float32, "mm"),
-    (Quantization("int8"), torch.float16, "mm"),
+    (Quantization("int8"), torch.float32, "_int_mm"),
+    (Quantization("int8"), torch.float16, "_int_mm"),
     (Quantization("int4", 64), torch.float32, "mm"),
     (Quantization("nf4"), torch.bfloat16, "mm"),
 ], ids=["int8-bf16", "int4-bf16", "int8-f32", "int8-f16", "int4-f32", "nf4-bf16"])
 def test_each_format_and_dtype_takes_its_route(monkeypatch, quantization, dtype, route):
-    calls = Calls(monkeypatch, "_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu", "mm")
+    monkeypatch.setattr(cpu_quantized, "INT8_GEMM", True)
+    calls = Calls(monkeypatch, "_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu", "_int_mm", "mm")
     w = weight(128, 300, quantization)
     quantized_matmul(randn(1, 128, dtype=dtype), w)
     assert set(calls.calls) == {route}
     # Nothing the size of the dequantized weight is kept: the int4 pack is 0.5 byte a weight.
     kept = sum(t.numel() * t.element_size() for t in cpu_quantized._PREPARED.get(w, {}).values())
     assert kept <= 128 * 304 // 2 + 2 * 2 * 304 * 2
+
+
+@pytest.mark.parametrize("int8_gemm,bfloat16_gemm", [(True, True), (True, False), (False, True), (False, False)],
+                         ids=["vnni-bf16", "vnni", "bf16", "neither"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_rows_take_the_route_measured_fastest_for_their_count(monkeypatch, int8_gemm, bfloat16_gemm, dtype):
+    # cpu_quantized.py's thresholds: int8pack for a few bfloat16 rows, the integer route where the CPU
+    # multiplies int8 natively, up to the row count where a dequantized gemm is faster; each agrees
+    # with the reference.
+    monkeypatch.setattr(cpu_quantized, "INT8_GEMM", int8_gemm)
+    monkeypatch.setattr(cpu_quantized, "BFLOAT16_GEMM", bfloat16_gemm)
+    calls = Calls(monkeypatch, "_weight_int8pack_mm", "_int_mm", "mm")
+    w = weight(128, 300, Quantization("int8"))
+    bfloat16 = dtype == torch.bfloat16
+    int8pack_rows = (cpu_quantized.INT8PACK_ROWS if int8_gemm else cpu_quantized.INT8PACK_ROWS_ALONE) if bfloat16 else 0
+    integer_rows = cpu_quantized.INTEGER_ROWS_BFLOAT16 if bfloat16 and bfloat16_gemm else cpu_quantized.INTEGER_ROWS
+    for rows in sorted({1, int8pack_rows, int8pack_rows + 1, integer_rows - 1, integer_rows} - {0}):
+        calls.calls.clear()
+        x = randn(rows, 128, dtype=dtype, seed=rows)
+        got = quantized_matmul(x, w)
+        expected = ("_weight_int8pack_mm" if rows <= int8pack_rows
+                    else "_int_mm" if int8_gemm and rows < integer_rows else "mm")
+        assert set(calls.calls) == {expected}, rows
+        assert_close(got.to(dtype), x.double() @ reference.dequantize(w).double(),
+                     (x.float() @ reference.matrix(w, dtype).float()).to(dtype))
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_bfloat16_rows_of_a_width_int8pack_cannot_take_go_elsewhere(monkeypatch, rows):
+    # _weight_int8pack_mm crashes the process (a segmentation fault) when K is not a multiple of 16.
+    calls = Calls(monkeypatch, "_weight_int8pack_mm")
+    w = weight(40, 24, Quantization("int8"))
+    x = randn(rows, 40, dtype=torch.bfloat16)
+    got = quantized_matmul(x, w)
+    assert calls.calls == []
+    assert_close(got.to(torch.bfloat16), x.double() @ reference.dequantize(w).double(),
+                 (x.float() @ reference.matrix(w, torch.bfloat16).float()).to(torch.bfloat16))
+
+
+@pytest.fixture
+def integer_route(monkeypatch):
+    """The integer route on any CPU (torch's int8 gemm runs everywhere; the route is taken only where
+    the CPU has it natively), for bfloat16 rows too at any count below its limit."""
+    monkeypatch.setattr(cpu_quantized, "INT8_GEMM", True)
+    monkeypatch.setattr(cpu_quantized, "INT8PACK_ROWS", 0)
+    calls = Calls(monkeypatch, "_int_mm")
+    yield
+    assert calls.calls, "the integer route was not taken"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [2, 5, 40, 63])
+@pytest.mark.parametrize("k,n", [(13, 7), (128, 300), (40, 1001)])
+def test_the_integer_route_matches_the_dequantized_reference(integer_route, k, n, rows, dtype):
+    # Odd widths, rows with an outlier 8x the rest, an all-zero row; the small blocks of the
+    # autouse fixture split the columns into several blocks and a narrower last one.
+    w = weight(k, n, Quantization("int8"))
+    x = residual_stream(rows, k, torch.float32)
+    x[rows // 2] = 0.0
+    x, b = x.to(dtype), randn(n, dtype=dtype, seed=5)
+    with poisoned_allocations():
+        got = quantized_matmul(x, w, b)
+    assert got.dtype == torch.float32
+    assert (got[rows // 2] == b.float()).all()
+    assert_close(got.to(dtype), x.double() @ reference.dequantize(w).double() + b.double(),
+                 (x.float() @ reference.matrix(w, dtype).float() + b.float()).to(dtype))
+
+
+@pytest.mark.parametrize("digits", [2, 3])
+def test_the_integer_routes_digits_carry_a_fixed_point_row_exactly(monkeypatch, integer_route, digits):
+    # A row whose largest element is the fixed point's limit is its own fixed point: every value an
+    # integer, so the digits must carry it exactly and only float32's rounding of the int32 sums
+    # and their total (a few parts in 2^24) is left.
+    monkeypatch.setitem(cpu_quantized.ROW_DIGITS, torch.float32, digits)
+    limit = int(cpu_quantized._FIXED_POINT[digits][0])
+    g = torch.Generator().manual_seed(digits)
+    x = torch.randint(-limit, limit + 1, (6, 300), generator=g).float()
+    x[:, 7] = limit
+    x[1::2, 7] = -limit
+    # Around the digits' carries: 127 and 128 roll the low digit over, 32767 and 32768 the middle one.
+    boundaries = torch.tensor([v for v in (127, 128, 255, 256, 32639, 32640, 32767, 32768, limit - 1) if v <= limit]).float()
+    x[2, 8 : 8 + 2 * len(boundaries)] = torch.cat([boundaries, -boundaries])
+    w = weight(300, 50, Quantization("int8"))
+    exact = x.double() @ w.data.double() * w.scale.double()
+    got = quantized_matmul(x, w)
+    terms = (x.double().abs() @ w.data.double().abs()) * w.scale.double()
+    assert ((got.double() - exact).abs() <= 4 * 2.0**-24 * terms).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_integer_route_row_has_the_same_bits_in_any_batch(integer_route, dtype):
+    # A row's fixed point, digits and int32 sums are its own, and the rest is elementwise: its
+    # output does not depend on the rows beside it.
+    w = weight(128, 300, Quantization("int8"))
+    x = residual_stream(40, 128, dtype)
+    alone = torch.cat([quantized_matmul(x[i: i + cpu_quantized.INT8PACK_ROWS + 1], w)[:1] for i in range(0, 40, 7)])
+    together = quantized_matmul(x, w)[::7]
+    assert torch.equal(alone, together)
+
+
+def test_the_integer_route_keeps_nan_and_inf_rows_non_finite(integer_route):
+    w = weight(128, 300, Quantization("int8"))
+    x = randn(4, 128, dtype=torch.float32)
+    x[1, 3] = float("nan")
+    x[2, 5] = float("inf")
+    got = quantized_matmul(x, w)
+    assert got[[0, 3]].isfinite().all()
+    assert got[1].isnan().all() and not got[2].isfinite().any()
 
 
 @pytest.mark.parametrize("quantization", FORMATS, ids=FORMAT_IDS)
@@ -252,22 +361,3 @@ def test_float64_rows_multiply_the_dequantized_weight_in_float64(quantization):
     dequantized = reference.dequantize(w).double()
     assert got.dtype == torch.float64
     assert ((got - x @ dequantized).abs() <= 2.0**-24 * (x.abs() @ dequantized.abs()) * 1.01).all()
-
-
-@pytest.mark.parametrize("bfloat16_gemm", [True, False], ids=["native-bf16", "emulated-bf16"])
-def test_int8_bfloat16_batches_run_dequantized_and_fewer_rows_the_int8_kernel(monkeypatch, bfloat16_gemm):
-    # From INT8_DEQUANTIZED_ROWS rows, the dequantized route is the faster one (cpu_quantized.py): in
-    # bfloat16 where the CPU multiplies it natively, in float32 where oneDNN would emulate it; below
-    # it, _weight_int8pack_mm. Both agree with the reference (ROWS covers both).
-    monkeypatch.setattr(cpu_quantized, "BFLOAT16_GEMM", bfloat16_gemm)
-    calls = Calls(monkeypatch, "_weight_int8pack_mm", "mm")
-    w = weight(128, 300, Quantization("int8"))
-    quantized_matmul(randn(cpu_quantized.INT8_DEQUANTIZED_ROWS - 1, 128, dtype=torch.bfloat16), w)
-    assert calls.calls == ["_weight_int8pack_mm"]
-    calls.calls.clear()
-    x = randn(cpu_quantized.INT8_DEQUANTIZED_ROWS, 128, dtype=torch.bfloat16)
-    got = quantized_matmul(x, w)
-    assert set(calls.calls) == {"mm"} and len(calls.calls) > 1  # several blocks of columns
-    assert got.dtype == (torch.bfloat16 if bfloat16_gemm else torch.float32)
-    assert_close(got.to(torch.bfloat16), x.double() @ reference.dequantize(w).double(),
-                 (x.float() @ reference.matrix(w, torch.bfloat16).float()).to(torch.bfloat16))
