@@ -64,11 +64,10 @@ import weakref
 
 import torch
 
+from .cpu_matmul import BFLOAT16_GEMM
 from .quantized_weight import NESTED_BLOCK, NF4_CODE, QuantizedWeight
 
 CHUNK_BYTES = 8 << 20  # dequantized weights (or integer products) at a time (2M float32, 4M bfloat16)
-# Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX); without, oneDNN emulates it.
-BFLOAT16_GEMM = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
 # Whether it multiplies int8 by int8 natively (AVX512-VNNI or AMX): the integer route's condition.
 INT8_GEMM = any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_vnni_supported", "_is_amx_tile_supported"))
 # int8 with bfloat16 rows: _weight_int8pack_mm up to this many rows, or INT8PACK_ROWS_ALONE where the

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .activations import activation_formula
-from .cpu_matmul import addmm_rows
+from .cpu_matmul import addmm_rows, bfloat16_linear_runs
 from .cpu_quantized import gather_rows, quantized_matmul
 from .operands import CacheAccess, Residual
 from .quantized_weight import QuantizedWeight, is_quantized
@@ -158,11 +158,14 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 
 def _product(rows: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    """rows [M, K] @ weight (+ bias): float32 (float64 as given), or bfloat16 where a quantized
-    weight's route runs a native bfloat16 kernel (cpu_quantized.py), which takes the activations in
-    their own dtype."""
+    """rows [M, K] @ weight (+ bias): float32 (float64 as given), or bfloat16 where a native
+    bfloat16 kernel runs it (a bfloat16 weight where the CPU has one, cpu_matmul.py; a quantized
+    weight's route, cpu_quantized.py), which takes the activations in their own dtype: there the
+    product is rounded to bfloat16 with the bias, before the activation or residual."""
     if is_quantized(weight):
         return quantized_matmul(rows, weight, bias)
+    if bfloat16_linear_runs(rows, weight, bias):
+        return addmm_rows(rows, weight, bias)
     return addmm_rows(_wide(rows), _wide(weight), None if bias is None else _wide(bias))
 
 

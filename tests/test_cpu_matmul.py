@@ -1,8 +1,11 @@
 import pytest
 import torch
 
-from tritongpt2.kernels import cpu_matmul
+from numerics import assert_close
+from tritongpt2.kernels import cpu_matmul, reference
+from tritongpt2.kernels import torch_ops as ops
 from tritongpt2.kernels.cpu_matmul import MAX_BLOCKED_ROWS, MIN_BLOCK_COLUMNS, addmm_rows
+from tritongpt2.kernels.operands import Residual
 
 
 @pytest.fixture
@@ -63,3 +66,53 @@ def test_addmm_rows_single_thread_is_addmm(threads):
     threads(1)
     x, weight, bias = torch.randn(1, 16), torch.randn(16, 4 * MIN_BLOCK_COLUMNS), torch.randn(4 * MIN_BLOCK_COLUMNS)
     assert torch.equal(addmm_rows(x, weight, bias), torch.addmm(bias, x, weight))
+
+
+@pytest.fixture
+def bfloat16_linear():
+    if cpu_matmul.ONEDNN_LINEAR is None or not cpu_matmul.BFLOAT16_GEMM:
+        pytest.skip("this CPU has no native bfloat16 gemm (or torch no oneDNN linear)")
+
+
+@pytest.mark.parametrize("rows", [1, 2, 16, 300])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bfloat16_products_run_onednn_in_bfloat16(monkeypatch, bfloat16_linear, rows, with_bias):
+    # Float32 sums rounded once to bfloat16 (with the bias): within one bfloat16 step of the exact
+    # product rounded, where the weight used to be widened to float32 at every call.
+    calls = []
+    onednn = cpu_matmul.ONEDNN_LINEAR
+    monkeypatch.setattr(cpu_matmul, "ONEDNN_LINEAR", lambda *args: calls.append(args[0].dtype) or onednn(*args))
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 96, generator=generator).bfloat16()
+    weight = torch.randn(300, 96, generator=generator).bfloat16().T  # [in, out] seen through [out, in] rows
+    bias = torch.randn(300, generator=generator).bfloat16() if with_bias else None
+    got = addmm_rows(x, weight, bias)
+    exact = x.double() @ weight.double() + (0 if bias is None else bias.double())
+    assert calls == [torch.bfloat16] and got.dtype == torch.bfloat16
+    step = 2.0 ** (torch.floor(torch.log2(exact.abs().clamp_min(1e-30))) - 7)  # bfloat16's spacing there
+    assert ((got.double() - exact).abs() <= step * 1.01 + 1e-4 * exact.abs().max()).all()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_torch_backends_bfloat16_layers_match_the_reference(monkeypatch, native):
+    # With a native bfloat16 gemm the products come out in bfloat16 (rounded once with the bias,
+    # before GELU and the residual); without one the weight is widened to float32. Either is held
+    # to bfloat16's tolerance against the float64 oracle, as the kernels are.
+    if native and (cpu_matmul.ONEDNN_LINEAR is None or not cpu_matmul.BFLOAT16_GEMM):
+        pytest.skip("this CPU has no native bfloat16 gemm (or torch no oneDNN linear)")
+    monkeypatch.setattr(cpu_matmul, "BFLOAT16_GEMM", native)
+    generator = torch.Generator().manual_seed(7)
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=generator) * scale
+
+    width, inner, rows = 96, 384, 5
+    x = (randn(rows, width) * 2 + 3).bfloat16()
+    ln_w, ln_b = (randn(width, scale=0.3) + 1).bfloat16(), randn(width, scale=0.3).bfloat16()
+    fc, proj = randn(width, inner, scale=width**-0.5).bfloat16(), randn(inner, width, scale=inner**-0.5).bfloat16()
+    fc_b, proj_b = randn(inner, scale=0.1).bfloat16(), randn(width, scale=0.1).bfloat16()
+    out = ops.mlp(Residual(x), ln_w, ln_b, 1e-5, fc, fc_b, "gelu_new", proj, proj_b)
+    wide = [t.double() for t in (x, ln_w, ln_b)]
+    oracle = reference.mlp(*wide, 1e-5, fc.double(), fc_b.double(), "gelu_new", proj.double(), proj_b.double())
+    assert out.values.dtype == torch.bfloat16
+    assert_close(out.values, oracle, reference.mlp(x, ln_w, ln_b, 1e-5, fc, fc_b, "gelu_new", proj, proj_b))
