@@ -210,11 +210,18 @@ def _speedup_cell(level: dict) -> str:
     return f"{level['speedup_vs_1_stream']}x ({low}-{high})"
 
 
-def write_serve_results(document: dict, folder: Path) -> list[Path]:
+def serve_results_stem(document: dict) -> str:
+    """serve-<device>-<date>, with the model and dtype before the date when they are not the default
+    run's (gpt2, float32): runs of another dtype on the same device and day do not overwrite it."""
     from .report import slug
 
+    named = [] if (document["model"], document["dtype"]) == ("gpt2", "float32") else [document["model"], document["dtype"]]
+    return "-".join(["serve", slug(document["device"]), *named, document["date"]])
+
+
+def write_serve_results(document: dict, folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
-    stem = f"serve-{slug(document['device'])}-{document['date']}"
+    stem = serve_results_stem(document)
     written = [folder / f"{stem}.json", folder / f"{stem}.md"]
     written[0].write_text(json.dumps(document, indent=1) + "\n")
     written[1].write_text(serve_markdown(document))

@@ -10,7 +10,7 @@ pytest.importorskip("openai")
 pytest.importorskip("transformers")
 
 from tritongpt2 import cli  # noqa: E402
-from tritongpt2.bench.serve_load import LoadSettings, run_serve_load, write_serve_results  # noqa: E402
+from tritongpt2.bench.serve_load import LoadSettings, run_serve_load, serve_results_stem, write_serve_results  # noqa: E402
 from tritongpt2.bench.suite import QUICK_SHAPE  # noqa: E402
 
 
@@ -31,3 +31,12 @@ def test_the_load_figures_are_measured_and_written(tmp_path):
 def test_serve_load_takes_one_model_and_dtype(capsys):
     assert cli.main(["bench", "--serve", "--models", "gpt2,distilgpt2"]) == 2
     assert "one model in one dtype" in capsys.readouterr().err
+
+
+def test_runs_of_other_dtypes_are_named_beside_the_default():
+    # A bfloat16 run on the same device and day must not overwrite the float32 one's files.
+    document = {"device": "CPU Test", "date": "2026-12-07"}
+    stems = [serve_results_stem({**document, "model": model, "dtype": dtype})
+             for model, dtype in [("gpt2", "float32"), ("gpt2", "bfloat16"), ("distilgpt2", "float32")]]
+    assert stems == ["serve-CPU-Test-2026-12-07", "serve-CPU-Test-gpt2-bfloat16-2026-12-07",
+                     "serve-CPU-Test-distilgpt2-float32-2026-12-07"]
