@@ -51,11 +51,14 @@ def bfloat16_linear_runs(rows: torch.Tensor, weight: torch.Tensor, bias: torch.T
             and rows.dtype == weight.dtype == torch.bfloat16 and (bias is None or bias.dtype == torch.bfloat16))
 
 
+def bfloat16_linear(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """rows [M, K] @ weight [K, N] (+ bias [N]) -> [M, N] bfloat16, where bfloat16_linear_runs."""
+    return ONEDNN_LINEAR(rows, weight.T, bias, "none", [], "")
+
+
 def addmm_rows(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """rows [M, K] @ weight [K, N] (+ bias [N]) -> [M, N], for any strides of weight."""
     count, (depth, width) = rows.shape[0], weight.shape
-    if bfloat16_linear_runs(rows, weight, bias):
-        return ONEDNN_LINEAR(rows, weight.T, bias, "none", [], "")
     if (ONEDNN_LINEAR is not None and rows.device.type == "cpu" and count >= MIN_ONEDNN_ROWS
             and rows.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)):
         return ONEDNN_LINEAR(rows, weight.T, bias, "none", [], "")

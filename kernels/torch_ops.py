@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .activations import activation_formula
-from .cpu_matmul import addmm_rows, bfloat16_linear_runs
+from .cpu_matmul import addmm_rows, bfloat16_linear, bfloat16_linear_runs
 from .cpu_quantized import gather_rows, quantized_matmul
 from .operands import CacheAccess, Residual
 from .quantized_weight import QuantizedWeight, is_quantized
@@ -165,7 +165,7 @@ def _product(rows: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: t
     if is_quantized(weight):
         return quantized_matmul(rows, weight, bias)
     if bfloat16_linear_runs(rows, weight, bias):
-        return addmm_rows(rows, weight, bias)
+        return bfloat16_linear(rows, weight, bias)
     return addmm_rows(_wide(rows), _wide(weight), None if bias is None else _wide(bias))
 
 

@@ -69,14 +69,14 @@ def test_addmm_rows_single_thread_is_addmm(threads):
 
 
 @pytest.fixture
-def bfloat16_linear():
+def native_bfloat16():
     if cpu_matmul.ONEDNN_LINEAR is None or not cpu_matmul.BFLOAT16_GEMM:
         pytest.skip("this CPU has no native bfloat16 gemm (or torch no oneDNN linear)")
 
 
 @pytest.mark.parametrize("rows", [1, 2, 16, 300])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_bfloat16_products_run_onednn_in_bfloat16(monkeypatch, bfloat16_linear, rows, with_bias):
+def test_bfloat16_products_run_onednn_in_bfloat16(monkeypatch, native_bfloat16, rows, with_bias):
     # Float32 sums rounded once to bfloat16 (with the bias): within one bfloat16 step of the exact
     # product rounded, where the weight used to be widened to float32 at every call.
     calls = []
@@ -86,7 +86,8 @@ def test_bfloat16_products_run_onednn_in_bfloat16(monkeypatch, bfloat16_linear, 
     x = torch.randn(rows, 96, generator=generator).bfloat16()
     weight = torch.randn(300, 96, generator=generator).bfloat16().T  # [in, out] seen through [out, in] rows
     bias = torch.randn(300, generator=generator).bfloat16() if with_bias else None
-    got = addmm_rows(x, weight, bias)
+    assert cpu_matmul.bfloat16_linear_runs(x, weight, bias)
+    got = cpu_matmul.bfloat16_linear(x, weight, bias)
     exact = x.double() @ weight.double() + (0 if bias is None else bias.double())
     assert calls == [torch.bfloat16] and got.dtype == torch.bfloat16
     step = 2.0 ** (torch.floor(torch.log2(exact.abs().clamp_min(1e-30))) - 7)  # bfloat16's spacing there
@@ -101,6 +102,10 @@ def test_the_torch_backends_bfloat16_layers_match_the_reference(monkeypatch, nat
     if native and (cpu_matmul.ONEDNN_LINEAR is None or not cpu_matmul.BFLOAT16_GEMM):
         pytest.skip("this CPU has no native bfloat16 gemm (or torch no oneDNN linear)")
     monkeypatch.setattr(cpu_matmul, "BFLOAT16_GEMM", native)
+    dtypes = []
+    onednn = cpu_matmul.ONEDNN_LINEAR
+    if onednn is not None:
+        monkeypatch.setattr(cpu_matmul, "ONEDNN_LINEAR", lambda *args: dtypes.append(args[0].dtype) or onednn(*args))
     generator = torch.Generator().manual_seed(7)
 
     def randn(*shape, scale=1.0):
@@ -115,4 +120,5 @@ def test_the_torch_backends_bfloat16_layers_match_the_reference(monkeypatch, nat
     wide = [t.double() for t in (x, ln_w, ln_b)]
     oracle = reference.mlp(*wide, 1e-5, fc.double(), fc_b.double(), "gelu_new", proj.double(), proj_b.double())
     assert out.values.dtype == torch.bfloat16
+    assert (torch.bfloat16 in dtypes) == native
     assert_close(out.values, oracle, reference.mlp(x, ln_w, ln_b, 1e-5, fc, fc_b, "gelu_new", proj, proj_b))
