@@ -120,7 +120,7 @@ def measured_weights_mb(weights: GPT2Weights) -> float:
         if id(t) in seen:
             continue
         seen.add(id(t))
-        total += t.nbytes if is_quantized(t) else t.numel() * t.element_size()
+        total += t.nbytes
     return total / 1e6
 
 

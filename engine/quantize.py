@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from tritongpt2.kernels.packed_weight import PackedWeight, dense
 from tritongpt2.kernels.quantized_weight import (
     FORMATS,
     INT4_GROUP_SIZES,
@@ -110,8 +111,9 @@ def _pack(q: torch.Tensor) -> torch.Tensor:
     return (q[:, 0::2] << 4) | q[:, 1::2]
 
 
-def quantize_matrix(weight: torch.Tensor, quantization: Quantization) -> QuantizedWeight:
-    """W [K, N] (any float dtype and strides) in `quantization`'s format."""
+def quantize_matrix(weight: torch.Tensor | PackedWeight, quantization: Quantization) -> QuantizedWeight:
+    """W [K, N] (any float dtype and strides, or packed) in `quantization`'s format."""
+    weight = dense(weight)
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"a weight to quantize must be a 2-D float matrix, got {tuple(weight.shape)} {weight.dtype}")
     k, n = weight.shape
@@ -267,7 +269,7 @@ def weight_bytes(weights: GPT2Weights) -> dict[str, int]:
     `quantized` (QuantizedWeight.nbytes, a tied head counted once) and `float` (those still float)."""
     products = [getattr(layer, name) for layer in weights.layers for name in PRODUCT_WEIGHTS] + [weights.lm_head]
     quantized = sum(w.nbytes for w in products if is_quantized(w))
-    floating = sum(w.numel() * w.element_size() for w in products if not is_quantized(w))
+    floating = sum(w.nbytes for w in products if not is_quantized(w))
     return {"quantized": quantized, "float": floating}
 
 

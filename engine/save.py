@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from tritongpt2.kernels.packed_weight import dense
 from tritongpt2.kernels.quantized_weight import is_quantized
 
 from .checkpoint import QUANTIZED_SAFETENSORS, SAFETENSORS
@@ -29,7 +30,7 @@ def weights_state_dict(weights: GPT2Weights, prefix: str = "") -> dict[str, torc
     named = {"wte.weight": weights.wte, "wpe.weight": weights.wpe, "ln_f.weight": weights.ln_f_weight,
              "ln_f.bias": weights.ln_f_bias}
     for i, layer in enumerate(weights.layers):
-        named.update({f"h.{i}.{key}": getattr(layer, name) for name, key in LAYER_KEYS.items()})
+        named.update({f"h.{i}.{key}": dense(getattr(layer, name)) for name, key in LAYER_KEYS.items()})
     state = {}
     for key, weight in named.items():
         state.update(quantized_tensors(prefix + key, weight) if is_quantized(weight) else {prefix + key: weight})

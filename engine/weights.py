@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tritongpt2.kernels.backend import IN_OUT, OUT_IN
+from tritongpt2.kernels.backend import IN_OUT, OUT_IN, PACKED
+from tritongpt2.kernels.cpu_matmul import can_pack
+from tritongpt2.kernels.packed_weight import PackedWeight, pack_weight
 from tritongpt2.kernels.quantized_weight import QuantizedWeight, is_quantized
 
 from .config import GPT2Config
@@ -124,10 +126,12 @@ def weights_from_state_dict(
     unexpected or misshapen key) and gather them, cast to `dtype` and moved to `device`. Tensors
     already in that dtype, on that device and contiguous are used as they are, not copied, but for
     the layers' float matmul weights under layout OUT_IN (kernels/backend.py), which are copied into
-    [out, in] rows. `quantized`: base weights loaded quantized, by key (wte.weight's in the LM
-    head's orientation [C, vocab]), used in place of float ones; `lm_head` may be one too."""
-    if layout not in (IN_OUT, OUT_IN):
-        raise ValueError(f"layout={layout!r} must be {IN_OUT!r} or {OUT_IN!r}")
+    [out, in] rows, and under PACKED, which are packed for oneDNN (PackedWeights) where
+    cpu_matmul.can_pack says so for their dtype and device, else copied as under OUT_IN.
+    `quantized`: base weights loaded quantized, by key (wte.weight's in the LM head's orientation
+    [C, vocab]), used in place of float ones; `lm_head` may be one too."""
+    if layout not in (IN_OUT, OUT_IN, PACKED):
+        raise ValueError(f"layout={layout!r} must be {IN_OUT!r}, {OUT_IN!r} or {PACKED!r}")
     expected = expected_shapes(config)
     quantized = quantized or {}
     shapes = {k: tuple(t.shape) for k, t in base.items()}
@@ -154,13 +158,14 @@ def weights_from_state_dict(
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype {dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16")
 
-    def take(key: str, product: bool = False) -> torch.Tensor | QuantizedWeight:
+    def take(key: str, product: bool = False) -> torch.Tensor | PackedWeight | QuantizedWeight:
         if key in quantized:
             return quantized[key].to(device) if device is not None else quantized[key]
-        if product and layout == OUT_IN:
+        if product and layout in (OUT_IN, PACKED):
             stored = base[key]
             rows = torch.empty(stored.shape[::-1], dtype=dtype, device=device if device is not None else stored.device)
-            return rows.T.copy_(stored)
+            rows.T.copy_(stored)
+            return pack_weight(rows.T) if layout == PACKED and can_pack(dtype, rows.device) else rows.T
         return base[key].to(device=device, dtype=dtype).contiguous()
 
     layers = [
@@ -190,6 +195,7 @@ def shared_weights(model: torch.nn.Module, config: GPT2Config, *, layout: str = 
     """A loaded transformers GPT-2 model's own tensors (any of its classes), not copies: an engine
     over them reads the model's memory, so an in-place update of the model is seen at once. With
     layout OUT_IN the layers' matmul weights are copies instead, in [out, in] rows, which that
-    update does not reach (the benchmark's engine, built as from_pretrained builds it)."""
+    update does not reach (the benchmark's engine, built as from_pretrained builds it), and with
+    PACKED packed copies."""
     base, rest = split_state_dict(model.state_dict())
     return weights_from_state_dict(config, base, rest.get("lm_head.weight"), source=type(model).__name__, layout=layout)

@@ -33,8 +33,9 @@ import torch
 from .quantized_weight import FORMATS
 
 # How a float matmul weight [in, out] is stored: IN_OUT, row-major as the checkpoint's Conv1D holds
-# it; OUT_IN, row-major [out, in] (nn.Linear's), seen as [in, out] through a transpose.
-IN_OUT, OUT_IN = "in_out", "out_in"
+# it; OUT_IN, row-major [out, in] (nn.Linear's), seen as [in, out] through a transpose; PACKED, in
+# oneDNN's own layout (packed_weight.py) where cpu_matmul.can_pack says the CPU runs it, else OUT_IN.
+IN_OUT, OUT_IN, PACKED = "in_out", "out_in", "packed"
 
 BACKEND_ENV = "TRITONGPT2_BACKEND"
 _LAUNCHERS = "tritongpt2.kernels.launchers"
@@ -91,9 +92,9 @@ BACKENDS: dict[str, Backend] = {
         dtype_note="; Triton's interpreter computes bfloat16 tl.dot wrongly, so it is refused rather than "
         "answered wrongly (use backend='torch' for bfloat16 on the CPU)",
     ),
-    # oneDNN's linear, which runs the torch backend's batches (cpu_matmul.py), reads [out, in] rows
-    # faster, to the same bits (a single row, which another route runs, is rounded otherwise).
-    "torch": Backend("torch", "cpu", "tritongpt2.kernels.torch_ops", cuda_graphs=False, dtypes=ALL_DTYPES, weight_layout=OUT_IN),
+    # oneDNN's linear, which runs the torch backend's products (cpu_matmul.py), reads a weight it
+    # packed once fastest, and [out, in] rows faster than [in, out] ones, to the same bits.
+    "torch": Backend("torch", "cpu", "tritongpt2.kernels.torch_ops", cuda_graphs=False, dtypes=ALL_DTYPES, weight_layout=PACKED),
 }
 
 

@@ -22,12 +22,17 @@ oneDNN reads a weight stored as [out, in] rows (nn.Linear's, seen here as [in, o
 transpose) faster than one stored as Conv1D's [in, out] rows, to the same bits (the single-row
 route's column blocks round otherwise in the two layouts). On a 2-core Xeon
 (Sapphire Rapids) gpt2's 48 layer products took 27 against 41 ms at 16 rows and 274 against 373 at
-512 rows. The torch backend's engine stores its layer weights that way (`Backend.weight_layout`).
+512 rows. Faster still is a weight oneDNN packed once into its own layout (packed_weight.py): the
+torch backend's engine packs the layer weights it owns where `can_pack` (`Backend.weight_layout`),
+and every row count of a packed weight runs oneDNN's linear. In float32 a single row is then
+rounded as oneDNN's single-row kernel rounds it, which for K = 3072 differs from its batches.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .packed_weight import REORDER, PackedWeight
 
 MAX_BLOCKED_ROWS = 256
 MIN_BLOCK_COLUMNS = 256
@@ -43,6 +48,9 @@ def _onednn_linear() -> torch._ops.OpOverloadPacket | None:
 ONEDNN_LINEAR = _onednn_linear()
 # Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX); without, oneDNN emulates it.
 BFLOAT16_GEMM = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+# Packed float32 weights: faster with AVX-512 (a 16-row step 1.2x, a single row on a par); with
+# oneDNN held to AVX2 a single row was 8% slower and 16 rows no faster, so they stay plain there.
+PACKS_FLOAT32 = torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 def bfloat16_linear_runs(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -54,6 +62,24 @@ def bfloat16_linear_runs(rows: torch.Tensor, weight: torch.Tensor, bias: torch.T
 def bfloat16_linear(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """rows [M, K] @ weight [K, N] (+ bias [N]) -> [M, N] bfloat16, where bfloat16_linear_runs."""
     return ONEDNN_LINEAR(rows, weight.T, bias, "none", [], "")
+
+
+def can_pack(dtype: torch.dtype, device: torch.device | str | None = None) -> bool:
+    """Whether the engine packs a weight of `dtype` on `device` (packed_weight.py): float32 on a CPU
+    with AVX-512 (PACKS_FLOAT32), bfloat16 where the CPU multiplies it natively (elsewhere its
+    products are widened to float32)."""
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    return (REORDER is not None and ONEDNN_LINEAR is not None and on_cpu
+            and ((dtype == torch.float32 and PACKS_FLOAT32) or (dtype == torch.bfloat16 and BFLOAT16_GEMM)))
+
+
+def packed_linear(rows: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """rows [M, K] @ W (+ bias [N]) -> [M, N] in W's dtype; rows of another dtype (float64 oracles)
+    multiply W unpacked, widened as addmm_rows takes them."""
+    if rows.dtype == weight.dtype and (bias is None or bias.dtype == weight.dtype):
+        return ONEDNN_LINEAR(rows, weight.packed, bias, "none", [], "")
+    wide = torch.promote_types(rows.dtype, torch.float32)
+    return addmm_rows(rows.to(wide), weight.dense().to(wide), None if bias is None else bias.to(wide))
 
 
 def addmm_rows(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

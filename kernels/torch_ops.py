@@ -4,8 +4,10 @@ Same functions and signatures as the Triton launchers (launchers.py), the same m
 against which the tests hold it. On a CPU each op costs microseconds of dispatch, so the step does as
 few as it can: `cache_access` works out once per step which slots are written, how many are in use
 (attention looks at those only: the host reads that count, which costs nothing here) and which each
-query sees; matmuls with few rows split the weight's columns across threads (cpu_matmul.py), and a
-quantized weight's take the route cpu_quantized.py measured fastest for its format and dtype;
+query sees; a weight oneDNN packed once (the engine's own float32 and native bfloat16 weights) runs
+oneDNN's linear at every row count, a plain one oneDNN's linear for batches and a single row split
+across threads by columns (cpu_matmul.py), and a quantized weight takes the route cpu_quantized.py
+measured fastest for its format and dtype;
 attention is torch's fused SDPA (its CPU kernel keeps float32 scores and softmax, and in half
 precision multiplies V by P rounded to V's dtype, as the reference does; the tests hold it there).
 Unlike the kernels it reads the masked slots below the last query (P is 0 there), as transformers
@@ -21,9 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from .activations import activation_formula
-from .cpu_matmul import addmm_rows, bfloat16_linear, bfloat16_linear_runs
+from .cpu_matmul import addmm_rows, bfloat16_linear, bfloat16_linear_runs, packed_linear
 from .cpu_quantized import gather_rows, quantized_matmul
 from .operands import CacheAccess, Residual
+from .packed_weight import PackedWeight, is_packed
 from .quantized_weight import QuantizedWeight, is_quantized
 
 
@@ -157,13 +160,15 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     return F.layer_norm(_wide(x), (x.shape[-1],), _wide(weight), _wide(bias), eps).to(x.dtype)
 
 
-def _product(rows: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+def _product(rows: torch.Tensor, weight: torch.Tensor | PackedWeight | QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
     """rows [M, K] @ weight (+ bias): float32 (float64 as given), or bfloat16 where a native
-    bfloat16 kernel runs it (a bfloat16 weight where the CPU has one, cpu_matmul.py; a quantized
-    weight's route, cpu_quantized.py), which takes the activations in their own dtype: there the
-    product is rounded to bfloat16 with the bias, before the activation or residual."""
+    bfloat16 kernel runs it (a bfloat16 weight where the CPU has one, packed or not, cpu_matmul.py;
+    a quantized weight's route, cpu_quantized.py), which takes the activations in their own dtype:
+    there the product is rounded to bfloat16 with the bias, before the activation or residual."""
     if is_quantized(weight):
         return quantized_matmul(rows, weight, bias)
+    if is_packed(weight):
+        return packed_linear(rows, weight, bias)
     if bfloat16_linear_runs(rows, weight, bias):
         return bfloat16_linear(rows, weight, bias)
     return addmm_rows(_wide(rows), _wide(weight), None if bias is None else _wide(bias))

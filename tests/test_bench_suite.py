@@ -16,6 +16,8 @@ from tritongpt2.bench.peaks import Peaks
 from tritongpt2.bench.report import write_results
 from tritongpt2.bench.runners import HFCompiledStaticRunner, HFRunner, Runner, TritonGPT2Runner
 from tritongpt2.bench.suite import GPU_IMPLS, GPU_WORKLOADS, QUICK_SHAPE, Workload, build_model, run_suite
+from tritongpt2.kernels import cpu_matmul
+from tritongpt2.kernels.packed_weight import dense, is_packed
 
 pytest.importorskip("transformers")
 CPU = torch.device("cpu")
@@ -151,13 +153,16 @@ def test_tritongpt2_sizes_its_cache_to_each_workload_and_frees_it(tiny_model):
 
 
 def test_tritongpt2_holds_its_weights_as_from_pretrained_loads_them(tiny_model):
-    # On the torch backend the layers' matmul weights are copies in [out, in] rows; everything else,
-    # and every weight under the other backends, is the model's own tensor.
+    # On the torch backend the layers' matmul weights are copies, packed for oneDNN where it runs
+    # float32 (else [out, in] rows); everything else, and every weight under the other backends, is
+    # the model's own tensor.
     block = tiny_model.transformer.h[0]
     torch_runner = TritonGPT2Runner(tiny_model, backend="torch", cuda_graphs=False)
     layer = torch_runner.weights.layers[0]
-    assert layer.fc_weight.data_ptr() != block.mlp.c_fc.weight.data_ptr() and layer.fc_weight.stride()[0] == 1
-    assert torch.equal(layer.fc_weight, block.mlp.c_fc.weight)
+    assert is_packed(layer.fc_weight) == cpu_matmul.can_pack(torch.float32)
+    if not is_packed(layer.fc_weight):
+        assert layer.fc_weight.data_ptr() != block.mlp.c_fc.weight.data_ptr() and layer.fc_weight.stride()[0] == 1
+    assert torch.equal(dense(layer.fc_weight), block.mlp.c_fc.weight)
     assert layer.fc_bias.data_ptr() == block.mlp.c_fc.bias.data_ptr()
     kernel_runner = TritonGPT2Runner(tiny_model, backend="interpret", cuda_graphs=False)
     assert kernel_runner.weights.layers[0].fc_weight.data_ptr() == block.mlp.c_fc.weight.data_ptr()

@@ -15,7 +15,8 @@ from tritongpt2.engine.engine import Engine
 from tritongpt2.engine.options import EngineOptions
 from tritongpt2.engine.weights import PRODUCT_WEIGHTS, split_state_dict, weights_from_state_dict
 from tritongpt2.kernels import cpu_matmul
-from tritongpt2.kernels.backend import IN_OUT
+from tritongpt2.kernels.backend import IN_OUT, OUT_IN
+from tritongpt2.kernels.packed_weight import dense, is_packed
 
 pytest.importorskip("transformers")
 
@@ -23,7 +24,7 @@ pytest.importorskip("transformers")
 def assert_same_weights(engine: Engine, model: torch.nn.Module) -> None:
     base = model.transformer if hasattr(model, "transformer") else model
     assert torch.equal(engine.weights.wte, base.wte.weight.to(engine.weights.dtype))
-    assert torch.equal(engine.weights.layers[-1].fc_weight, base.h[-1].mlp.c_fc.weight.to(engine.weights.dtype))
+    assert torch.equal(dense(engine.weights.layers[-1].fc_weight), base.h[-1].mlp.c_fc.weight.to(engine.weights.dtype))
     assert torch.equal(engine.weights.ln_f_bias, base.ln_f.bias.to(engine.weights.dtype))
 
 
@@ -90,27 +91,45 @@ def test_untied_lm_head_is_used_and_old_mask_buffers_are_ignored(tmp_path):
     assert not torch.equal(engine.weights.lm_head, engine.weights.wte)
 
 
-def test_matmul_weights_are_laid_out_for_the_backend(tmp_path):
-    # The torch backend's engine stores each layer's matmul weights as [out, in] rows (oneDNN's linear
-    # reads them faster), seen as the checkpoint's [in, out]; the other layouts keep it as it is.
+@pytest.mark.parametrize("packing", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_matmul_weights_are_laid_out_for_the_backend(tmp_path, monkeypatch, dtype, packing):
+    # The torch backend's engine packs each layer's matmul weights for oneDNN where it packs their
+    # dtype (float32 with AVX-512, bfloat16 with a native gemm: forced on and off here), else stores
+    # them as [out, in] rows (oneDNN's linear reads them faster), seen as the checkpoint's [in, out];
+    # IN_OUT keeps them as they are. Every layout gives the same float32 bits for batches (oneDNN
+    # runs 2 rows or more alike).
+    if packing and cpu_matmul.REORDER is None:
+        pytest.skip("this torch has no oneDNN to pack weights with")
+    monkeypatch.setattr(cpu_matmul, "PACKS_FLOAT32", packing)
+    monkeypatch.setattr(cpu_matmul, "BFLOAT16_GEMM", packing)
     folder, model = save_model(tmp_path)
-    engine = Engine.from_pretrained(folder, backend="torch")
+    engine = Engine.from_pretrained(folder, backend="torch", dtype=dtype)
+    packed = packing and dtype != torch.float16
     for layer, block in zip(engine.weights.layers, model.transformer.h):
         for name, module in (("attn_weight", block.attn.c_attn), ("attn_proj_weight", block.attn.c_proj),
                              ("fc_weight", block.mlp.c_fc), ("mlp_proj_weight", block.mlp.c_proj)):
             weight = getattr(layer, name)
-            assert weight.stride() == (1, weight.shape[0]) and torch.equal(weight, module.weight), name
+            assert is_packed(weight) == packed, name
+            if not packed:
+                assert weight.stride() == (1, weight.shape[0]), name
+            assert torch.equal(dense(weight), module.weight.to(dtype)), name
         assert layer.fc_bias.is_contiguous() and layer.ln_1_weight.is_contiguous()
-    assert engine.weights.wte.is_contiguous()
+    assert engine.weights.wte.is_contiguous() and not is_packed(engine.weights.lm_head)
     base, _ = split_state_dict(load_state_dict(folder))
-    kept = weights_from_state_dict(engine.config, base, source=folder, layout=IN_OUT)
+    kept = weights_from_state_dict(engine.config, base, source=folder, layout=IN_OUT, dtype=dtype)
     assert all(getattr(layer, name).is_contiguous() for layer in kept.layers for name in PRODUCT_WEIGHTS)
-    as_loaded = Engine(engine.config, kept, EngineOptions(backend="torch"))
+    rows = weights_from_state_dict(engine.config, base, source=folder, layout=OUT_IN, dtype=dtype)
+    assert all(getattr(layer, name).T.is_contiguous() for layer in rows.layers for name in PRODUCT_WEIGHTS)
     ids = torch.randint(0, 300, (3, 9), generator=torch.Generator().manual_seed(0))
-    laid_out, as_stored = engine.prefill(ids, logits="all").logits, as_loaded.prefill(ids, logits="all").logits
-    if cpu_matmul.ONEDNN_LINEAR is not None:  # oneDNN runs 2 rows or more: the same bits in either layout
-        assert torch.equal(laid_out, as_stored)
-    torch.testing.assert_close(laid_out, as_stored, rtol=1e-5, atol=1e-5)
+    logits = [Engine(engine.config, weights, EngineOptions(backend="torch")).prefill(ids, logits="all").logits
+              for weights in (kept, rows)]
+    laid_out = engine.prefill(ids, logits="all").logits
+    if cpu_matmul.ONEDNN_LINEAR is not None and dtype == torch.float32:
+        assert torch.equal(laid_out, logits[0]) and torch.equal(laid_out, logits[1])
+    for other in logits:
+        torch.testing.assert_close(laid_out, other, rtol=1e-5, atol=1e-5) if dtype == torch.float32 else \
+            torch.testing.assert_close(laid_out.float(), other.float(), rtol=2e-2, atol=2e-2)
     with pytest.raises(ValueError, match="layout='rows'"):
         weights_from_state_dict(engine.config, base, source=folder, layout="rows")
 

@@ -6,6 +6,7 @@ from tritongpt2.kernels import cpu_matmul, reference
 from tritongpt2.kernels import torch_ops as ops
 from tritongpt2.kernels.cpu_matmul import MAX_BLOCKED_ROWS, MIN_BLOCK_COLUMNS, addmm_rows
 from tritongpt2.kernels.operands import Residual
+from tritongpt2.kernels.packed_weight import pack_weight
 
 
 @pytest.fixture
@@ -122,3 +123,56 @@ def test_the_torch_backends_bfloat16_layers_match_the_reference(monkeypatch, nat
     assert out.values.dtype == torch.bfloat16
     assert (torch.bfloat16 in dtypes) == native
     assert_close(out.values, oracle, reference.mlp(x, ln_w, ln_b, 1e-5, fc, fc_b, "gelu_new", proj, proj_b))
+
+
+@pytest.fixture
+def packs():
+    if cpu_matmul.REORDER is None or cpu_matmul.ONEDNN_LINEAR is None:
+        pytest.skip("this torch has no oneDNN to pack weights with")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("depth,width", [(96, 300), (384, 40)])
+def test_packed_weights_give_the_plain_weights_bits(packs, dtype, depth, width):
+    # The same oneDNN linear over the weight packed once and over its plain [out, in] rows: the same
+    # bits at every row count of 2 or more (float32 at one row: oneDNN's single-row kernel, whose
+    # order of sums depends on the packing, within float32's rounding); bfloat16 at one row too.
+    generator = torch.Generator().manual_seed(depth + width)
+    rows = torch.randn(64, depth, generator=generator).to(dtype)
+    plain = torch.randn(width, depth, generator=generator).to(dtype).T  # [in, out] seen through [out, in] rows
+    bias = torch.randn(width, generator=generator).to(dtype)
+    packed = pack_weight(plain)
+    assert packed.shape == plain.shape and packed.dtype == dtype and packed.nbytes == plain.nbytes
+    assert torch.equal(packed.dense(), plain)
+    for count in (1, 2, 5, 16, 64):
+        got = cpu_matmul.packed_linear(rows[:count], packed, bias)
+        expected = cpu_matmul.ONEDNN_LINEAR(rows[:count], plain.T, bias, "none", [], "")
+        assert got.dtype == dtype and got.shape == (count, width)
+        if count == 1 and dtype == torch.float32:
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+        else:
+            assert torch.equal(got, expected), count
+
+
+def test_a_packed_weight_takes_float64_rows_widened(packs):
+    generator = torch.Generator().manual_seed(3)
+    plain = torch.randn(40, 24, generator=generator).T
+    rows, bias = torch.randn(3, 24, generator=generator, dtype=torch.float64), torch.randn(40, generator=generator)
+    got = cpu_matmul.packed_linear(rows, pack_weight(plain), bias)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, torch.addmm(bias.double(), rows, plain.double()), rtol=1e-12, atol=1e-12)
+
+
+def test_which_weights_are_packed(monkeypatch, packs):
+    # float32 with AVX-512, bfloat16 with a native gemm, on the CPU; float16 never (no native gemm
+    # is assumed: its products widen the weight).
+    assert cpu_matmul.PACKS_FLOAT32 == (torch.backends.cpu.get_cpu_capability() == "AVX512")
+    for avx512 in (True, False):
+        for native in (True, False):
+            monkeypatch.setattr(cpu_matmul, "PACKS_FLOAT32", avx512)
+            monkeypatch.setattr(cpu_matmul, "BFLOAT16_GEMM", native)
+            assert cpu_matmul.can_pack(torch.float32) == cpu_matmul.can_pack(torch.float32, "cpu") == avx512
+            assert cpu_matmul.can_pack(torch.bfloat16) == native
+            assert not cpu_matmul.can_pack(torch.float16) and not cpu_matmul.can_pack(torch.float32, "cuda")
+    monkeypatch.setattr(cpu_matmul, "REORDER", None)
+    assert not cpu_matmul.can_pack(torch.float32) and not cpu_matmul.can_pack(torch.bfloat16)
