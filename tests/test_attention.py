@@ -7,7 +7,9 @@ from numerics import DEVICE, DTYPES, OPS, as_float64, assert_close, poisoned_all
 from tritongpt2.kernels import reference
 from tritongpt2.kernels.launch import recording_launches
 from tritongpt2.kernels.operands import CacheAccess
+from tritongpt2.kernels.backend import resolve_backend
 from tritongpt2.kernels.tiling import attention_tiles, decode_splits, decode_tiles
+from tritongpt2.kernels.torch_ops import BATCHED_DECODE_ROWS
 
 
 def cache_case(batch, heads, head_dim, cache_rows, slots, dtype, seed=0):
@@ -118,6 +120,7 @@ DECODE = [
     (1, 2, 64, 1, 8, [0]),  # the first token: a row at slot 0
     (3, 5, 80, 4, 70, [3, 40, 69]),
     (2, 1, 16, 2, 1000, [999, 130]),  # long context: many splits, most past row 1's query
+    (5, 3, 64, 6, 50, [11, 0, 49, 20, 33]),  # 4 rows or more: the torch backend's batched half-precision path
     (1, 25, 64, 1, 300, [200]),  # gpt2-xl heads
 ]
 
@@ -131,21 +134,40 @@ def test_decode_attention_matches_reference(ops, batch, heads, head_dim, cache_r
     check(ops, "decode_attention", q, k_cache, v_cache, index(query_slots), key_mask, head_dim**-0.5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, BATCHED_DECODE_ROWS - 1, BATCHED_DECODE_ROWS, 7])
+def test_the_torch_backends_half_precision_decode_at_any_batch(batch, dtype):
+    # Fewer than BATCHED_DECODE_ROWS rows take torch's SDPA, more take batched matmuls: each is the
+    # reference's math (bfloat16 too, which the interpreter cannot run), with left padding, rows at
+    # different slots, and a row whose query sees no slot, which gets zeros.
+    ops = resolve_backend("torch").ops
+    k_cache, v_cache, key_mask = (t.cpu() for t in cache_case(batch, 4, 32, batch + 1, 40, dtype))
+    key_mask[0, :12] = 0
+    if batch > 1:
+        key_mask[batch - 1] = 0
+    q = randn(batch, 128, dtype=dtype).cpu()
+    slots = torch.tensor([20] + [(9 * i + 5) % 40 for i in range(1, batch)])
+    out = check(ops, "decode_attention", q, k_cache, v_cache, slots, key_mask, 32**-0.5)
+    if batch > 1:
+        assert torch.equal(out[batch - 1], torch.zeros_like(out[batch - 1]))
+
+
+@pytest.mark.parametrize("rows", [1, 5])
 @pytest.mark.parametrize("op,seq", [("flash_attention", 8), ("decode_attention", 0)])
-def test_probabilities_are_rounded_to_v_dtype_before_p_at_v(ops, op, seq):
+def test_probabilities_are_rounded_to_v_dtype_before_p_at_v(ops, op, seq, rows):
     # As transformers does: P @ V takes P in V's dtype. Slot 0 takes almost all the weight, with V = 0;
     # the 47 other slots get exp(-16.2) = 9.2e-8 each, which float16 rounds to the subnormal 1.19e-7,
     # so rounding P moves the output by 30%, far beyond the float16 tolerance. One key block and one
     # split hold every slot, so the kernel rounds at the same scale as the reference.
     slots, head_dim = 48, 16
-    k_cache = torch.zeros(1, 1, slots, head_dim, dtype=torch.float16, device=DEVICE)
-    k_cache[0, 0, 1:, 0] = -16.2
+    k_cache = torch.zeros(rows, 1, slots, head_dim, dtype=torch.float16, device=DEVICE)
+    k_cache[:, 0, 1:, 0] = -16.2
     v_cache = torch.full_like(k_cache, 30000.0)
-    v_cache[0, 0, 0] = 0.0
-    key_mask = torch.ones(1, slots, dtype=torch.int32, device=DEVICE)
-    q = torch.zeros(1, *([seq] if seq else []), head_dim, dtype=torch.float16, device=DEVICE)
+    v_cache[:, 0, 0] = 0.0
+    key_mask = torch.ones(rows, slots, dtype=torch.int32, device=DEVICE)
+    q = torch.zeros(rows, *([seq] if seq else []), head_dim, dtype=torch.float16, device=DEVICE)
     q[..., 0] = 1.0
-    starts = index([slots - max(seq, 1)])
+    starts = index([slots - max(seq, 1)] * rows)
     out = attend(ops, op, q, k_cache, v_cache, starts, key_mask, 1.0)
     rounded = oracle(op, q, k_cache, v_cache, starts, key_mask, 1.0)
     exact = oracle(op, *as_float64(q, k_cache, v_cache), starts, key_mask, 1.0)
