@@ -36,7 +36,7 @@ from tritongpt2.engine.generation import generate
 from tritongpt2.engine.options import EngineOptions
 from tritongpt2.engine.quantize import VARIANTS, Quantization, quantize_weights
 from tritongpt2.engine.weights import GPT2Weights, shared_weights
-from tritongpt2.kernels.quantized_weight import is_quantized, stored_bytes
+from tritongpt2.kernels.quantized_weight import stored_bytes
 from tritongpt2.kernels.reference import dequantize
 
 from .memory import weights_bytes

@@ -5,9 +5,9 @@ import torch
 
 from numerics import DEVICE, DTYPES, OPS, as_float64, assert_close, poisoned_allocations, randn
 from tritongpt2.kernels import reference
+from tritongpt2.kernels.backend import resolve_backend
 from tritongpt2.kernels.launch import recording_launches
 from tritongpt2.kernels.operands import CacheAccess
-from tritongpt2.kernels.backend import resolve_backend
 from tritongpt2.kernels.tiling import attention_tiles, decode_splits, decode_tiles
 from tritongpt2.kernels.torch_ops import BATCHED_DECODE_ROWS
 
