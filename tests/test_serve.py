@@ -232,6 +232,11 @@ def test_bad_requests_through_the_client_and_the_server_serves_on(server, client
 
 
 def test_models_health_and_metrics(server, client):
+    # Its own requests: under xdist this module's tests spread over workers, each with its own server.
+    client.completions.create(model=MODEL, prompt=TEXTS[0], max_tokens=3, temperature=0)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt=TEXTS[0], max_tokens=-1)
+    client.embeddings.create(model=MODEL, input=TEXTS[1])
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert httpx.get(server.url + "/health", timeout=10).json() == {"status": "ok"}
     assert metric(server, 'tritongpt2_requests_total{route="/v1/completions",status="200"}') >= 1
