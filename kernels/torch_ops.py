@@ -10,7 +10,7 @@ across threads by columns (cpu_matmul.py), and a quantized weight takes the rout
 measured fastest for its format and dtype;
 attention is torch's fused SDPA (its CPU kernel keeps float32 scores and softmax, and in half
 precision multiplies V by P rounded to V's dtype, as the reference does; the tests hold it there),
-but for a half-precision decode of BATCHED_DECODE_ROWS rows or more, the same math as batched ops.
+but for a half-precision decode of enough rows and slots (`batched_decode`), the same math as batched ops.
 Unlike the kernels it reads the masked slots below the last query (P is 0 there), as transformers
 does: the engine fills them with the request's own padding tokens. Row moments are a kernel device: None here.
 """
@@ -251,15 +251,24 @@ def ln_qkv_projection(
     return q
 
 
-# Decode (one query a row) in float16, or bfloat16 where the CPU multiplies it natively, from this
-# many rows runs as batched ops rather than torch's CPU SDPA, which runs each (row, head) as gemms of
-# its own: in bfloat16 at 16 rows of 90 slots, 1.5 ms a layer, 4-5x the time to read that K and V;
-# batched, 0.74-0.97 against 1.3-1.45 ms (float16 1.4-2x), the cache streamed from memory as in a
-# step, on a 2-core Zen 4 EPYC; 11.8-12.4 -> 5.1-7.2 ms of a 16-row bfloat16 step. At one or two
-# rows SDPA was faster (bfloat16, one row: 180 against 226 us); with oneDNN held to AVX2 the
-# bfloat16 product of P and V is emulated and the batched ops were slower. float32's SDPA reads
-# the cache at memory speed already.
-BATCHED_DECODE_ROWS = 4
+# Decode (one query a row) in float16, or bfloat16 where the CPU multiplies it natively, runs as
+# batched ops rather than torch's CPU SDPA once rows x slots in use reach BATCHED_DECODE_SLOTS. SDPA
+# runs each (row, head) as gemms of its own, at about 0.75 us a slot a row for gpt2's 12 heads in
+# bfloat16; the batched ops cost about 70 us a layer fixed and 0.25 us a slot a row (a 2-core Zen 4
+# EPYC, the cache streamed from memory as in a step). One row: SDPA 46 against 80 us a layer at 50
+# slots, 75 against 92 at 100, then 112-180 against 98-118 at 160 and 383 against 190 at 512; a
+# gpt2 int8 decode step at 900 slots 19-22 -> 15 ms, at 50-120 slots 0.8 ms slower (so not there).
+# Two rows: on a par at 50 slots, 375 against 195 us at 256. 16 rows of 90 slots: 0.74-0.97
+# against 1.3-1.45 ms a layer (float16 1.4-2x); 11.8-12.4 -> 5.1-7.2 ms of a 16-row bfloat16 step.
+# With oneDNN held to AVX2 the bfloat16 product of P and V is emulated and the batched ops were
+# slower. float32's SDPA reads the cache at memory speed already.
+BATCHED_DECODE_SLOTS = 128
+
+
+def batched_decode(rows: int, window: int, dtype: torch.dtype) -> bool:
+    """Whether a decode of `rows` rows over `window` slots runs as batched ops rather than SDPA."""
+    native = dtype == torch.float16 or (dtype == torch.bfloat16 and BFLOAT16_GEMM)
+    return native and rows * window >= BATCHED_DECODE_SLOTS
 
 
 def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, access: CacheAccess, scale: float) -> torch.Tensor:
@@ -269,7 +278,7 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ac
     plan: _Prepared = access.prepared
     qh = q.view(batch, seq, n_head, head_dim).transpose(1, 2)  # [B, H, T, D]
     k, v = k_cache[:batch, :, :plan.window], v_cache[:batch, :, :plan.window]
-    if seq == 1 and batch >= BATCHED_DECODE_ROWS and (q.dtype == torch.float16 or (q.dtype == torch.bfloat16 and BFLOAT16_GEMM)):
+    if seq == 1 and batched_decode(batch, plan.window, q.dtype):
         # The reference's math as batched ops: float32 scores and softmax, P rounded to V's dtype.
         scores = torch.matmul(qh.float(), k.float().transpose(-1, -2)).mul_(scale).add_(plan.bias)
         out = torch.matmul(torch.softmax(scores, -1).to(v.dtype), v)

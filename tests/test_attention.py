@@ -9,7 +9,7 @@ from tritongpt2.kernels.backend import resolve_backend
 from tritongpt2.kernels.launch import recording_launches
 from tritongpt2.kernels.operands import CacheAccess
 from tritongpt2.kernels.tiling import attention_tiles, decode_splits, decode_tiles
-from tritongpt2.kernels.torch_ops import BATCHED_DECODE_ROWS
+from tritongpt2.kernels.torch_ops import BATCHED_DECODE_SLOTS, batched_decode
 
 
 def cache_case(batch, heads, head_dim, cache_rows, slots, dtype, seed=0):
@@ -134,20 +134,32 @@ def test_decode_attention_matches_reference(ops, batch, heads, head_dim, cache_r
     check(ops, "decode_attention", q, k_cache, v_cache, index(query_slots), key_mask, head_dim**-0.5)
 
 
+# (rows, slots in use): each row count on both sides of BATCHED_DECODE_SLOTS, the last row's query at
+# the last slot in use.
+HALF_PRECISION_DECODES = [(1, 40), (1, BATCHED_DECODE_SLOTS + 9), (3, 40), (3, 50), (4, 24), (4, 40), (7, 40)]
+
+
+def test_the_half_precision_decode_cases_take_both_routes():
+    routes = {(batch, batched_decode(batch, slots, torch.float16)) for batch, slots in HALF_PRECISION_DECODES}
+    assert routes == {(batch, taken) for batch in (1, 3, 4) for taken in (False, True)} | {(7, True)}
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("batch", [1, BATCHED_DECODE_ROWS - 1, BATCHED_DECODE_ROWS, 7])
-def test_the_torch_backends_half_precision_decode_at_any_batch(batch, dtype):
-    # Fewer than BATCHED_DECODE_ROWS rows take torch's SDPA, more take batched matmuls: each is the
+@pytest.mark.parametrize("batch,slots", HALF_PRECISION_DECODES)
+def test_the_torch_backends_half_precision_decode_at_any_batch(batch, slots, dtype):
+    # Few rows and slots take torch's SDPA, more take batched matmuls (batched_decode): each is the
     # reference's math (bfloat16 too, which the interpreter cannot run), with left padding, rows at
     # different slots, and a row whose query sees no slot, which gets zeros.
     ops = resolve_backend("torch").ops
-    k_cache, v_cache, key_mask = (t.cpu() for t in cache_case(batch, 4, 32, batch + 1, 40, dtype))
+    k_cache, v_cache, key_mask = (t.cpu() for t in cache_case(batch, 4, 32, batch + 1, slots + 8, dtype))
     key_mask[0, :12] = 0
     if batch > 1:
         key_mask[batch - 1] = 0
     q = randn(batch, 128, dtype=dtype).cpu()
-    slots = torch.tensor([20] + [(9 * i + 5) % 40 for i in range(1, batch)])
-    out = check(ops, "decode_attention", q, k_cache, v_cache, slots, key_mask, 32**-0.5)
+    starts = torch.tensor([20] + [(9 * i + 5) % slots for i in range(1, batch - 1)] + [slots - 1] * (batch > 1))
+    if batch == 1:
+        starts[0] = slots - 1
+    out = check(ops, "decode_attention", q, k_cache, v_cache, starts, key_mask, 32**-0.5)
     if batch > 1:
         assert torch.equal(out[batch - 1], torch.zeros_like(out[batch - 1]))
 
