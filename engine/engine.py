@@ -88,6 +88,11 @@ class Engine:
         # made once each rather than launched every step.
         self._constants: dict[tuple, torch.Tensor] = {}
 
+    def __reduce__(self) -> tuple:
+        # A copy (copy.deepcopy, pickle) is a new engine over copies of the weights, with the same
+        # options and a cache, lock and graphs of its own: none of those can be shared or pickled.
+        return (type(self), (self.config, self.weights, self.options))
+
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint, options: EngineOptions | None = None) -> Engine:
         """The engine over a loaded checkpoint's base model (its head tensors are the heads' business),

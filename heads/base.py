@@ -42,6 +42,13 @@ class GPT2PreTrainedModel(nn.Module):
     def head_modules(self) -> dict[str, nn.Module]:
         return {}
 
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        # copy.deepcopy and pickle (torch.save of the whole model): the engine is copied as itself
+        # (Engine.__reduce__), the heads' own tensors as a state dict, and the model is built again
+        # over them, so that its LM head wraps the copied engine's weight, as in the original.
+        heads = {k: v for k, v in self.state_dict().items() if not k.startswith("lm_head.")}
+        return (_rebuilt, (type(self), self.engine, heads, self.training))
+
     @property
     def device(self) -> torch.device:
         return self.engine.device
@@ -261,3 +268,10 @@ def _rows_of(name: str, values: Any, rows: int, seq: int) -> torch.Tensor:
     if flat.shape[0] not in (1, rows):
         raise ValueError(f"{name} has {flat.shape[0]} rows of {seq}; the inputs have {rows}")
     return flat.expand(rows, seq)
+
+
+def _rebuilt(cls: type[GPT2PreTrainedModel], engine: Engine, heads: dict[str, torch.Tensor], training: bool) -> GPT2PreTrainedModel:
+    """A copied or unpickled model: its class over the copied engine, with the heads' tensors."""
+    model = cls(engine.config, engine)
+    model._load_heads(heads)
+    return model.train(training)

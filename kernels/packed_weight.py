@@ -48,6 +48,11 @@ class PackedWeight:
         """W [K, N] as a plain tensor (a copy, the transpose of [N, K] rows): for saving and quantizing."""
         return self.packed.to_dense().T
 
+    def __reduce__(self) -> tuple:
+        # oneDNN's opaque tensor can be neither pickled nor deep-copied: a copy travels as the plain
+        # weight and is packed again where it lands.
+        return (pack_weight, (self.dense(),))
+
 
 def pack_weight(weight: torch.Tensor) -> PackedWeight:
     """W [K, N] (any strides) packed by oneDNN."""

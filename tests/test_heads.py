@@ -2,12 +2,16 @@
 references run on the CPU; ours take inputs on their backend's device (numerics.on), and their
 outputs come back to the CPU to be compared."""
 
+import copy
+
 import pytest
 import torch
 
 from checkpoints import in_float64, save_model
 from numerics import BACKEND, assert_close, on, relative_error
 import tritongpt2
+from tritongpt2.kernels import cpu_matmul
+from tritongpt2.kernels.packed_weight import is_packed
 
 transformers = pytest.importorskip("transformers")
 
@@ -278,6 +282,45 @@ def test_accelerate_in_place_with_shared_weights(tmp_path, backend, name, config
     assert model.tritongpt2.engine.weights.layers[1].fc_weight.data_ptr() == base.h[1].mlp.c_fc.weight.data_ptr()
     assert list(model.state_dict()) == keys
     assert type(model).forward is getattr(transformers, name).forward, "the class itself must stay untouched"
+
+
+def copied(model, how, folder):
+    if how == "deepcopy":
+        return copy.deepcopy(model)
+    torch.save(model, folder / "model.pt")
+    return torch.load(folder / "model.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+@pytest.mark.parametrize(
+    "name,config,main,backend,quantization",
+    [(*case, "torch", None) for case in ALL_CLASSES] + [(*ALL_CLASSES[1], "torch", "int8"), (*ALL_CLASSES[1], BACKEND, None)],
+    ids=[c[0] for c in ALL_CLASSES] + ["GPT2LMHeadModel-int8", f"GPT2LMHeadModel-{BACKEND}"],
+)
+def test_a_native_model_copies_over_an_engine_of_its_own(tmp_path, monkeypatch, how, name, config, main, backend, quantization):
+    # The engine is built again over copied weights (oneDNN's packed ones travel plain and are packed
+    # again: packing forced on where oneDNN is); the heads get their own tensors, and the LM head
+    # wraps the copy's engine weight, as the original's wraps its own.
+    monkeypatch.setattr(cpu_matmul, "PACKS_FLOAT32", cpu_matmul.REORDER is not None)
+    folder, _ = save_model(tmp_path, name, **config)
+    model = getattr(tritongpt2, name).from_pretrained(folder, backend=backend, quantization=quantization)
+    ids = on(backend, torch.randint(1, 300, (2, 6), generator=torch.Generator().manual_seed(4)))
+    twin = copied(model, how, tmp_path)
+    assert type(twin) is type(model) and twin.engine is not model.engine and not twin.training
+    assert twin.engine.cache is not model.engine.cache and twin.engine.lock is not model.engine.lock
+    assert twin.state_dict().keys() == model.state_dict().keys()
+    layer = twin.engine.weights.layers[0]
+    if backend == "torch" and quantization is None and cpu_matmul.REORDER is not None:
+        assert is_packed(layer.fc_weight)
+    with torch.no_grad():
+        before = main(model(input_ids=ids))
+        assert torch.equal(main(twin(input_ids=ids)), before)
+        layer.ln_1_weight.mul_(2)
+        if hasattr(twin, "lm_head") and quantization is None:
+            assert twin.lm_head.weight.data_ptr() == twin.engine.weights.lm_head.data_ptr()
+            twin.lm_head.weight.mul_(2)
+        assert not torch.equal(main(twin(input_ids=ids)), before)
+        assert torch.equal(main(model(input_ids=ids)), before)
 
 
 def test_accelerated_generate_equals_transformers(tmp_path):
