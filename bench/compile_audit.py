@@ -337,7 +337,7 @@ def candidate_jobs(shapes: Iterable[ModelShape], dtypes: Iterable[str]) -> dict[
     forced, the other products at their defaults, by dtype. The MLP compiles its two products into one
     kernel: each candidate of one is compiled beside the other's default, not beside every candidate
     of the other (144 pairs a model); the pair the tuner writes is compiled by the plain audit of the
-    tuned table, which bench/gpu.sh runs after tuning and CI runs on the committed table."""
+    tuned table, which CI runs on the committed table (bench/gpu.sh's tuned table, once committed)."""
     from .decode_tuning import decode_products, product_launch
 
     jobs: dict[tuple[str, CompileJob], list[str]] = {}

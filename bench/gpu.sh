@@ -1,29 +1,41 @@
 #!/usr/bin/env bash
-# Everything a lent GPU is for, in one command, with nothing from the network and nothing installed:
+# What a lent GPU is for, most valuable first, within a time budget, with nothing from the network and
+# nothing installed:
 #   bash bench/gpu.sh [OUTPUT_DIR]       (default: $OUT when set, else gpu-results; PYTHON picks the interpreter)
+# GPU_BUDGET_S (default 480): the seconds this script may run. A loan is 15 minutes of device time, the
+# machine's start included, and one command runs 10 at most: the default returns within one command
+# and leaves the loan time for a second one. Each step runs under `timeout`, capped at what the budget
+# has left; a step whose minimum no longer fits is skipped, and summary.txt says which. Steps write as
+# they go, so one cut short leaves what it finished. GPU_STEPS (comma-separated) runs those steps, in
+# that order, instead of the default list (a second call: GPU_STEPS=tune,bench).
 # 0. preflight (bench/preflight.py): CUDA visible to torch, a C compiler and Python.h (Triton builds
 #    its launcher with them), the packages and their versions; stops here, naming what is missing.
 # 1. tritongpt2 made importable without pip (no network, and setuptools < 70.1 cannot build an
 #    editable install without the `wheel` package): a folder of symlinks on PYTHONPATH, laid out as
 #    pyproject.toml maps the packages (bench/package_overlay.py); commands run as python -m tritongpt2.cli.
-# 2. tune (about 5 minutes on an H100, estimated, not yet measured): every decode tile candidate of
-#    every decode product of gpt2 to gpt2-xl timed (float16, batch 1; 141 to ~180 kernel compiles at
-#    about a second each are most of it), the fastest written into kernels/decode_tuning.json in this
-#    checkout, so every later step runs with them, and a copy into OUTPUT_DIR/tune with the report of
-#    every candidate; then one gpt2 decode step's GB/s per kernel and its ms/token against
-#    transformers (sdpa + static cache + torch.compile): OUTPUT_DIR/tune/decode-step.md,
-# 3. the whole test suite compiled on the GPU (float16 and bfloat16 join float32),
-# 4. the full benchmark with every baseline (BENCH_MODELS=gpt2,gpt2-xl to shorten it), its results
-#    written after each model and dtype,
-# 5. the compile audit of every kernel configuration (with the tuned table: the tiles tune chose),
-#    the same for every tuning candidate (about 2 minutes on 16 cores), and the traffic audit,
-# 6. README.md's GPU table from the benchmark's results (a copy of README.md goes into the output too).
-# Steps 2 to 6 each run even when an earlier one failed; the exit code says whether all passed. The
-# whole script must finish within the GPU's 30 minutes: a new step says here about how long it takes.
+# The steps (minimum / cap in seconds; durations are estimates: no GPU has run this script yet):
+#   tests-gpu (20 / 120): tests/test_gpu.py, what only a GPU can check: CUDA-graph replays against the
+#       eager kernels, float16 and bfloat16 parity with transformers, greedy generation;
+#   bench (60 / 240): gpt2 in float16 on BENCH_WORKLOADS (default: decode 1x1024, decode 8x1024, embed
+#       1x128, prefill 1x1024) against every baseline, results written after each workload, then
+#       README's GPU table from them;
+#   tune (60 / 240): every decode tile candidate of TUNE_MODELS' decode products timed (default gpt2;
+#       all four sizes with a budget of 1200 s or more; about a second of compiling per candidate),
+#       the fastest written into kernels/decode_tuning.json in this checkout (later steps run with
+#       them) and with every candidate's report into OUTPUT_DIR/tune, then one gpt2 decode step's GB/s
+#       per kernel and ms/token against transformers (tune/decode-step.md);
+#   tests-all (600 / 1200): the whole test suite compiled on the GPU (float16 and bfloat16 join float32);
+#   bench-all (600 / 1500): the full benchmark (BENCH_MODELS, default all four sizes, both half
+#       dtypes, every workload), then README's table from it.
+# The compile and traffic audits need no GPU: any machine runs them (tritongpt2 audit).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python="${PYTHON:-python}"
 out="${1:-${OUT:-gpu-results}}"
+budget="${GPU_BUDGET_S:-480}"
+steps="${GPU_STEPS:-tests-gpu,bench,tune,tests-all,bench-all}"
+workloads="${BENCH_WORKLOADS:-decode 1x1024,decode 8x1024,embed 1x128,prefill 1x1024}"
+if [ "$budget" -ge 1200 ]; then tune_models="${TUNE_MODELS:-gpt2,gpt2-medium,gpt2-large,gpt2-xl}"; else tune_models="${TUNE_MODELS:-gpt2}"; fi
 mkdir -p "$out"
 unset TRITON_INTERPRET TRITONGPT2_BACKEND
 
@@ -41,30 +53,55 @@ export PYTHONPATH="$overlay${PYTHONPATH:+:$PYTHONPATH}"
 "$python" -c "import tritongpt2.cli" || { echo "gpu.sh: tritongpt2 does not import (above)" >&2; exit 1; }
 
 status=0
-step() {
-  local name=$1; shift
-  echo "== $name: $*" | tee -a "$out/summary.txt"
-  "$@" > "$out/$name.log" 2>&1
+started=$SECONDS
+# run NAME MINIMUM_S CAP_S COMMAND...: the command under timeout, its output in NAME.log.
+run() {
+  local name=$1 minimum=$2 cap=$3; shift 3
+  local left=$(( budget - (SECONDS - started) ))
+  if [ "$left" -lt "$minimum" ]; then
+    echo "== $name: skipped, ${left} s of the budget left, it needs ${minimum}" | tee -a "$out/summary.txt"
+    return 1
+  fi
+  local limit=$(( cap < left ? cap : left ))
+  echo "== $name (at most ${limit} s): $*" | tee -a "$out/summary.txt"
+  timeout --kill-after=10 "$limit" "$@" > "$out/$name.log" 2>&1
   local rc=$?
-  echo "   exit $rc" | tee -a "$out/summary.txt"
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    echo "   cut short after ${limit} s (what it wrote is kept)" | tee -a "$out/summary.txt"
+  else
+    echo "   exit $rc" | tee -a "$out/summary.txt"
+  fi
   [ $rc -eq 0 ] || status=1
+  return $rc
 }
 
-step tune "$python" -m tritongpt2.cli tune --output "$out/tune"
-step tests "$python" -m pytest -q -ra
-step bench "$python" -m tritongpt2.cli bench --output "$out/bench" ${BENCH_MODELS:+--models "$BENCH_MODELS"}
-step compile-audit "$python" -m tritongpt2.cli audit compile --models gpt2,gpt2-medium,gpt2-large,gpt2-xl --json "$out/compile-audit.json"
-cp "$out/compile-audit.log" "$out/compile-audit.md"
-step compile-audit-candidates "$python" -m tritongpt2.cli audit compile --candidates --models gpt2,gpt2-medium,gpt2-large,gpt2-xl --json "$out/compile-audit-candidates.json"
-step traffic-decode "$python" -m tritongpt2.cli audit traffic --workload decode --context 1024 --output "$out"
-step traffic-prefill "$python" -m tritongpt2.cli audit traffic --workload prefill --context 128 --output "$out"
-step traffic-embed "$python" -m tritongpt2.cli audit traffic --workload embed --context 16 --output "$out"
-results="$(ls "$out"/bench/*.json 2> /dev/null | head -n 1)"
-if [ -n "$results" ]; then
-  step readme-table "$python" -m tritongpt2.bench.readme_table "$results" README.md
+# README's GPU table from the first results file in a bench folder.
+readme_table() {
+  local results
+  results="$(ls "$1"/*.json 2> /dev/null | head -n 1)"
+  if [ -z "$results" ]; then
+    echo "   no benchmark results in $1, so no README table" | tee -a "$out/summary.txt"
+    status=1
+    return
+  fi
+  "$python" -m tritongpt2.bench.readme_table "$results" README.md >> "$out/readme-table.log" 2>&1 || status=1
   cp README.md "$out/README.md"
-else
-  echo "gpu.sh: no benchmark results, so no README table" | tee -a "$out/summary.txt"
-  status=1
-fi
+}
+
+IFS=, read -r -a chosen <<< "$steps"
+for name in "${chosen[@]}"; do
+  case "$name" in
+    tests-gpu) run tests-gpu 20 120 "$python" -m pytest -q -ra tests/test_gpu.py ;;
+    bench)
+      run bench 60 240 "$python" -m tritongpt2.cli bench --models gpt2 --dtypes float16 --workloads "$workloads" --output "$out/bench"
+      readme_table "$out/bench" ;;
+    tune) run tune 60 240 "$python" -m tritongpt2.cli tune --models "$tune_models" --output "$out/tune" ;;
+    tests-all) run tests-all 600 1200 "$python" -m pytest -q -ra ;;
+    bench-all)
+      run bench-all 600 1500 "$python" -m tritongpt2.cli bench --output "$out/bench-all" ${BENCH_MODELS:+--models "$BENCH_MODELS"}
+      if [ -d "$out/bench-all" ]; then readme_table "$out/bench-all"; fi ;;
+    *) echo "gpu.sh: GPU_STEPS names an unknown step, $name (known: tests-gpu, bench, tune, tests-all, bench-all)" >&2; exit 2 ;;
+  esac
+done
+echo "gpu.sh: $(( SECONDS - started )) s of a ${budget} s budget" | tee -a "$out/summary.txt"
 exit $status

@@ -260,11 +260,12 @@ def run_suite(
     repeats: int | None = None,
     rounds: int | None = None,
     peaks: Peaks | None = None,
-    on_model_done: Callable[[dict], None] | None = None,
+    on_results: Callable[[dict], None] | None = None,
     progress: Progress | None = None,
 ) -> dict:
     """Run every workload for every model and dtype; returns the results document, also handed to
-    on_model_done after each model and dtype (to write what is done before what may fail next).
+    on_results after each workload and after each model's parity check (to write what is done
+    before what may fail, or run out of time, next).
     runners: the implementations to time on a model (default runners_for); peaks: measured here
     unless given."""
     workloads = workloads or default_workloads(device, quick)
@@ -289,15 +290,21 @@ def run_suite(
             model = build_model(shape, dtype, device)
             try:
                 made = _make_runners(runners(model, device))
-                document["results"] += _time_model(shape, dtype, model, made, workloads, device, peaks,
-                                                   warmup=warmup, repeats=repeats, rounds=rounds, progress=progress)
+
+                def workload_done(records: list[dict]) -> None:
+                    document["results"] += records
+                    add_ratios(document["results"])
+                    if on_results is not None:
+                        on_results(document)
+
+                _time_model(shape, dtype, model, made, workloads, device, peaks, warmup=warmup, repeats=repeats,
+                            rounds=rounds, progress=progress, on_workload=workload_done)
                 document["parity"] += _check_parity(shape, dtype, model, made, device, quick)
             finally:
                 made = model = None  # unreferenced, so that free_memory frees them
                 free_memory(device)
-            add_ratios(document["results"])
-            if on_model_done is not None:
-                on_model_done(document)
+            if on_results is not None:
+                on_results(document)
     return document
 
 
@@ -320,11 +327,12 @@ def _record(shape: ModelShape, dtype: torch.dtype, work: Workload, impl: str) ->
 def _time_model(
     shape: ModelShape, dtype: torch.dtype, model: torch.nn.Module, made: dict[str, Runner | str],
     workloads: tuple[Workload, ...], device: torch.device, peaks: Peaks, *, warmup: int, repeats: int, rounds: int,
-    progress: Progress,
-) -> list[dict]:
-    records = []
+    progress: Progress, on_workload: Callable[[list[dict]], None],
+) -> None:
+    """Time each workload on every runner, handing each workload's records to on_workload."""
     model_bytes = weight_bytes(model)
     for work in workloads:
+        records = []
         ids = prompt_ids(shape, work, device, warmup, repeats)
         errors = {name: r for name, r in made.items() if isinstance(r, str)}
         timed = {name: r for name, r in made.items() if not isinstance(r, str) and r.runs(work)}
@@ -357,7 +365,7 @@ def _time_model(
                 records.append(record | _timing(shape, work, element, rounds_ms[name], peaks, scale))
                 if work.kind == "embed" and runner.embed_note:
                     records[-1]["note"] = runner.embed_note
-    return records
+        on_workload(records)
 
 
 def _timing(shape: ModelShape, work: Workload, element: int, rounds_ms: list[float], peaks: Peaks, weight_scale: float) -> dict:

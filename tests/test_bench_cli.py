@@ -69,9 +69,21 @@ def test_update_committed_writes_the_checkouts_results_on_purpose(fake_suite, mo
     assert cli.main(["bench", "--quick", "--update-committed", "--output", str(tmp_path)]) == 2
 
 
+def test_workloads_picks_a_subset_of_the_devices_workloads_by_label(fake_suite, tmp_path):
+    assert cli.main(["bench", "--quick", "--workloads", "decode 2x32, embed 2x16", "--output", str(tmp_path)]) == 0
+    assert [work.label for work in fake_suite["workloads"]] == ["decode 2x32", "embed 2x16"]
+    assert cli.main(["bench", "--quick", "--output", str(tmp_path)]) == 0
+    assert fake_suite["workloads"] is None  # every one
+
+
+def test_an_unknown_workload_is_refused_by_name(fake_suite, tmp_path, capsys):
+    assert cli.main(["bench", "--quick", "--workloads", "decode 2x32,decode 9x9", "--output", str(tmp_path)]) == 2
+    assert "--workloads decode 9x9: not among this device's workloads (embed 2x16, " in capsys.readouterr().err
+
+
 def test_the_results_are_written_after_each_model(fake_suite, tmp_path):
     assert cli.main(["bench", "--quick", "--output", str(tmp_path)]) == 0
-    fake_suite["on_model_done"](canned_document(device="CPU partial"))
+    fake_suite["on_results"](canned_document(device="CPU partial"))
     assert (tmp_path / "CPU-partial-2026-01-01-quick.json").exists()
 
 

@@ -111,10 +111,19 @@ def test_results_are_on_disk_after_the_first_model_when_the_second_fails(tmp_pat
         run_suite([QUICK_SHAPE, replace(QUICK_SHAPE, name="second")], [torch.float32], CPU,
                   workloads=(Workload("embed", 1, 8),), runners=lambda m, d: [("hf-eager", lambda: HFRunner(m, "eager"))],
                   rounds=1, warmup=1, repeats=2, peaks=PEAKS,
-                  on_model_done=lambda document: write_results(document, tmp_path, with_chart=False))
+                  on_results=lambda document: write_results(document, tmp_path, with_chart=False))
     [path] = tmp_path.glob("*.json")
     assert [(r["model"], r["impl"]) for r in json.loads(path.read_text())["results"]] == [("tiny", "hf-eager")]
     assert "| tiny | float32 | embed |" in path.with_suffix(".md").read_text()
+
+
+def test_results_are_handed_on_after_each_workload(tmp_path):
+    # So that a run stopped part-way (a GPU loan's time limit) leaves the workloads it finished on disk.
+    seen = []
+    run_suite([QUICK_SHAPE], [torch.float32], CPU, workloads=(Workload("embed", 1, 8), Workload("embed", 2, 8)),
+              runners=lambda m, d: [("hf-eager", lambda: HFRunner(m, "eager"))], rounds=1, warmup=1, repeats=2,
+              peaks=PEAKS, on_results=lambda document: seen.append([r["batch"] for r in document["results"]]))
+    assert seen == [[1], [1, 2], [1, 2]]  # after each workload, then after the parity check
 
 
 def test_every_timing_call_is_followed_by_a_release():

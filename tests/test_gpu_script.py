@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -68,7 +69,8 @@ def test_gpu_script_stops_at_the_preflight_without_cuda(tmp_path):
 
 def test_preflight_names_a_missing_compiler_and_header(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(preflight.shutil, "which", lambda name: None)
-    monkeypatch.setattr(preflight.sysconfig, "get_paths", lambda: {"include": str(tmp_path)})
+    # preflight's own sysconfig only: triton, imported by main() when no test has yet, reads the real one.
+    monkeypatch.setattr(preflight, "sysconfig", SimpleNamespace(get_paths=lambda: {"include": str(tmp_path)}))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "a GPU")
     assert preflight.main() == 1
@@ -95,16 +97,59 @@ def test_readme_table_names_the_device_between_the_markers():
         replace_between_markers("# a README without them\n", "table")
 
 
-def test_gpu_script_tunes_first_and_keeps_what_it_measured(tmp_path):
-    # The tune step runs before the tests and the benchmark, so both run with the tuned table; it
-    # writes into the output folder (the only thing that comes back from the GPU machine).
-    script = (ROOT / "bench" / "gpu.sh").read_text()
-    steps = [line.split()[1] for line in script.splitlines() if line.startswith("step ")]
-    assert steps[:3] == ["tune", "tests", "bench"], steps
-    assert 'step tune "$python" -m tritongpt2.cli tune --output "$out/tune"' in script
-    assert "compile-audit-candidates" in steps and steps.index("compile-audit") < steps.index("compile-audit-candidates")
-    header = script[:script.index("set -uo pipefail")]
-    assert "2. tune (about 5 minutes on an H100" in header and "30 minutes" in header
+STUB_PYTHON = """#!/usr/bin/env bash
+# Stands in for python on a GPU machine: records each command; a benchmark writes a results file.
+echo "$*" >> "$STUB_CALLS"
+case "$*" in
+  *tests/test_gpu.py*) sleep "${STUB_TESTS_SLEEP:-0}" ;;
+  *"tritongpt2.cli bench"*) mkdir -p "${@: -1}" && echo '{}' > "${@: -1}/results.json" ;;
+esac
+"""
+
+
+def run_gpu_script(tmp_path, timeout=120, **env):
+    stub = tmp_path / "python"
+    stub.write_text(STUB_PYTHON)
+    stub.chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    environment = {k: v for k, v in os.environ.items() if k not in ("GPU_BUDGET_S", "GPU_STEPS")}
+    environment |= {"PYTHON": str(stub), "STUB_CALLS": str(calls), **env}
+    result = subprocess.run(["bash", ROOT / "bench" / "gpu.sh", tmp_path / "out"], capture_output=True, text=True,
+                            env=environment, timeout=timeout)
+    commands = [line for line in calls.read_text().splitlines() if line.startswith("-m ")]
+    return result, commands, (tmp_path / "out" / "summary.txt").read_text() if result.returncode != 2 else ""
+
+
+def test_gpu_script_runs_the_most_valuable_steps_first_within_its_budget(tmp_path):
+    # The default budget fits one command of a 15-minute loan: the GPU-only tests, gpt2's benchmark
+    # (then README's table from it) and tuning gpt2's tiles; the whole suite and the full benchmark
+    # need more than is left, and say so.
+    result, commands, summary = run_gpu_script(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [c.split()[1] for c in commands] == [
+        "pytest", "tritongpt2.cli", "tritongpt2.bench.readme_table", "tritongpt2.cli"]
+    assert "tests/test_gpu.py" in commands[0]
+    assert "bench --models gpt2 --dtypes float16 --workloads decode 1x1024,decode 8x1024,embed 1x128,prefill 1x1024" in commands[1]
+    assert "tune --models gpt2 --output" in commands[3]
+    assert "== tests-all: skipped" in summary and "== bench-all: skipped" in summary
+    assert "of a 480 s budget" in summary
+
+
+def test_gpu_script_takes_its_steps_and_budget_from_the_environment(tmp_path):
+    result, commands, summary = run_gpu_script(tmp_path, GPU_STEPS="tune,bench-all", GPU_BUDGET_S="1800")
+    assert result.returncode == 0, result.stderr
+    assert "tune --models gpt2,gpt2-medium,gpt2-large,gpt2-xl" in commands[0]  # a long loan tunes every size
+    assert "cli bench --output" in commands[1] and "readme_table" in commands[2]
+    result, _, _ = run_gpu_script(tmp_path, GPU_STEPS="tune,benchmark")
+    assert result.returncode == 2 and "GPU_STEPS names an unknown step, benchmark" in result.stderr
+
+
+def test_a_step_past_the_budget_is_cut_short_and_the_rest_skipped(tmp_path):
+    result, commands, summary = run_gpu_script(tmp_path, GPU_BUDGET_S="20", STUB_TESTS_SLEEP="60")
+    assert result.returncode == 1
+    assert "== tests-gpu (at most 20 s)" in summary and "cut short after 20 s" in summary
+    assert "== bench: skipped" in summary and "== tune: skipped" in summary
+    assert len(commands) == 1
 
 
 def test_tune_refuses_to_run_without_a_gpu():

@@ -232,11 +232,16 @@ def _bench(args: argparse.Namespace) -> int:
     from tritongpt2.bench.model_shapes import model_shape
     from tritongpt2.bench.quiet import quiet_transformers
     from tritongpt2.bench.report import markdown, write_results
-    from tritongpt2.bench.suite import QUICK_SHAPE, device_name, run_suite
+    from tritongpt2.bench.suite import QUICK_SHAPE, default_workloads, device_name, run_suite
 
     if args.quick and args.models:
         raise ValueError("--quick times its own tiny model; --models does not apply to it")
     device = bench_device(args.quick, args.device)
+    known = {work.label: work for work in default_workloads(device, args.quick)}
+    unknown = [label for label in args.workloads or [] if label not in known]
+    if unknown:
+        raise ValueError(f"--workloads {','.join(unknown)}: not among this device's workloads ({', '.join(known)})")
+    workloads = tuple(known[label] for label in args.workloads) if args.workloads else None
     on_gpu = device.type == "cuda"
     models = args.models or (["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"] if on_gpu else ["gpt2"])
     shapes = [QUICK_SHAPE] if args.quick else [model_shape(name) for name in models]
@@ -248,7 +253,7 @@ def _bench(args: argparse.Namespace) -> int:
         write_results(document, output, with_chart=False)
 
     with quiet_transformers():
-        document = run_suite(shapes, dtypes, device, quick=args.quick, on_model_done=write_so_far)
+        document = run_suite(shapes, dtypes, device, quick=args.quick, workloads=workloads, on_results=write_so_far)
     print(markdown(document))
     for path in write_results(document, output):
         print(f"wrote {path}", file=sys.stderr)
@@ -422,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtypes", type=_csv_of(lambda: DTYPES, "dtype"),
                        help="comma-separated (default: float16,bfloat16 on a GPU, float32 on the CPU)")
     bench.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
+    bench.add_argument("--workloads", type=_csv, help="a comma-separated subset of the device's workloads by label, "
+                       "e.g. 'decode 1x1024,embed 1x128' (default: all of them)")
     bench.add_argument("--output", help="folder for the JSON, markdown and PNG (default: a new "
                        "./tritongpt2-results/<device>-<time> folder)")
     bench.add_argument("--update-committed", action="store_true",
