@@ -171,8 +171,12 @@ def write_results(document: dict, folder: Path, *, with_chart: bool = True) -> l
     folder.mkdir(parents=True, exist_ok=True)
     stem = results_stem(document)
     written = [folder / f"{stem}.json", folder / f"{stem}.md"]
-    written[0].write_text(json.dumps(document, indent=1) + "\n")
-    written[1].write_text(markdown(document))
+    for path, text in zip(written, (json.dumps(document, indent=1) + "\n", markdown(document))):
+        # Written whole, then renamed over the last one: a run stopped mid-write (a GPU loan's time
+        # limit) leaves the previous complete file, never half of one.
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(text)
+        partial.replace(path)
     if not with_chart:
         return written
     if chart(document, folder / f"{stem}.png"):

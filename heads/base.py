@@ -45,7 +45,9 @@ class GPT2PreTrainedModel(nn.Module):
     def __reduce_ex__(self, protocol: int) -> tuple:
         # copy.deepcopy and pickle (torch.save of the whole model): the engine is copied as itself
         # (Engine.__reduce__), the heads' own tensors as a state dict, and the model is built again
-        # over them, so that its LM head wraps the copied engine's weight, as in the original.
+        # over them, so that its LM head wraps the copied engine's weight, as in the original. What
+        # the state dict does not hold (attributes a user set, hooks, a submodule's own train/eval
+        # flag) is not copied; copy.copy shares the engine and gives the heads tensors of their own.
         heads = {k: v for k, v in self.state_dict().items() if not k.startswith("lm_head.")}
         return (_rebuilt, (type(self), self.engine, heads, self.training))
 

@@ -50,13 +50,21 @@ class PackedWeight:
 
     def __reduce__(self) -> tuple:
         # oneDNN's opaque tensor can be neither pickled nor deep-copied: a copy travels as the plain
-        # weight and is packed again where it lands.
-        return (pack_weight, (self.dense(),))
+        # weight and is packed again where it lands, if that machine packs its dtype.
+        return (_landed, (self.dense(),))
 
 
 def pack_weight(weight: torch.Tensor) -> PackedWeight:
     """W [K, N] (any strides) packed by oneDNN."""
     return PackedWeight(REORDER(weight.T.contiguous()), weight.shape)
+
+
+def _landed(weight: torch.Tensor) -> torch.Tensor | PackedWeight:
+    """A copied or unpickled packed weight: packed again where this machine packs its dtype (as the
+    engine's loading does), else the plain W [K, N], which every product also takes."""
+    from .cpu_matmul import can_pack  # cpu_matmul imports this module
+
+    return pack_weight(weight) if can_pack(weight.dtype, weight.device) else weight
 
 
 def is_packed(weight: object) -> bool:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from numerics import DEVICE, DTYPES, OPS, as_float64, assert_close, poisoned_allocations, randn
-from tritongpt2.kernels import reference
+from tritongpt2.kernels import reference, torch_ops
 from tritongpt2.kernels.backend import resolve_backend
 from tritongpt2.kernels.launch import recording_launches
 from tritongpt2.kernels.operands import CacheAccess
@@ -134,8 +134,8 @@ def test_decode_attention_matches_reference(ops, batch, heads, head_dim, cache_r
     check(ops, "decode_attention", q, k_cache, v_cache, index(query_slots), key_mask, head_dim**-0.5)
 
 
-# (rows, slots in use): each row count on both sides of BATCHED_DECODE_SLOTS, the last row's query at
-# the last slot in use.
+# (rows, slots in use): 1, 3 and 4 rows on both sides of BATCHED_DECODE_SLOTS, 7 rows above it; the
+# last row's query at the last slot in use.
 HALF_PRECISION_DECODES = [(1, 40), (1, BATCHED_DECODE_SLOTS + 9), (3, 40), (3, 50), (4, 24), (4, 40), (7, 40)]
 
 
@@ -146,10 +146,13 @@ def test_the_half_precision_decode_cases_take_both_routes():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch,slots", HALF_PRECISION_DECODES)
-def test_the_torch_backends_half_precision_decode_at_any_batch(batch, slots, dtype):
-    # Few rows and slots take torch's SDPA, more take batched matmuls (batched_decode): each is the
-    # reference's math (bfloat16 too, which the interpreter cannot run), with left padding, rows at
-    # different slots, and a row whose query sees no slot, which gets zeros.
+def test_the_torch_backends_half_precision_decode_at_any_batch(monkeypatch, batch, slots, dtype):
+    # Few rows and slots take torch's SDPA, more take batched matmuls (batched_decode, asked once with
+    # the slots in use): each is the reference's math (bfloat16 too, which the interpreter cannot run),
+    # with left padding, rows at different slots, and a row whose query sees no slot, which gets zeros.
+    asked = []
+    route = torch_ops.batched_decode
+    monkeypatch.setattr(torch_ops, "batched_decode", lambda *args: asked.append(args) or route(*args))
     ops = resolve_backend("torch").ops
     k_cache, v_cache, key_mask = (t.cpu() for t in cache_case(batch, 4, 32, batch + 1, slots + 8, dtype))
     key_mask[0, :12] = 0
@@ -162,6 +165,7 @@ def test_the_torch_backends_half_precision_decode_at_any_batch(batch, slots, dty
     out = check(ops, "decode_attention", q, k_cache, v_cache, starts, key_mask, 32**-0.5)
     if batch > 1:
         assert torch.equal(out[batch - 1], torch.zeros_like(out[batch - 1]))
+    assert asked == [(batch, slots, dtype)]
 
 
 @pytest.mark.parametrize("rows", [1, 5])

@@ -1,3 +1,6 @@
+import copy
+import pickle
+
 import pytest
 import torch
 
@@ -6,7 +9,7 @@ from tritongpt2.kernels import cpu_matmul, reference
 from tritongpt2.kernels import torch_ops as ops
 from tritongpt2.kernels.cpu_matmul import MAX_BLOCKED_ROWS, MIN_BLOCK_COLUMNS, addmm_rows
 from tritongpt2.kernels.operands import Residual
-from tritongpt2.kernels.packed_weight import pack_weight
+from tritongpt2.kernels.packed_weight import PackedWeight, pack_weight
 
 
 @pytest.fixture
@@ -176,3 +179,24 @@ def test_which_weights_are_packed(monkeypatch, packs):
             assert not cpu_matmul.can_pack(torch.float16) and not cpu_matmul.can_pack(torch.float32, "cuda")
     monkeypatch.setattr(cpu_matmul, "REORDER", None)
     assert not cpu_matmul.can_pack(torch.float32) and not cpu_matmul.can_pack(torch.bfloat16)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_packed_weight_is_packed_again_only_where_the_machine_packs(monkeypatch, packs, how):
+    # It travels as the plain weight (oneDNN's tensor cannot): a machine that does not pack its dtype
+    # (or has no oneDNN at all) gets the plain W, which every product takes too.
+    plain = torch.randn(40, 24, generator=torch.Generator().manual_seed(4)).T
+    packed = pack_weight(plain)
+
+    def copied():
+        return copy.deepcopy(packed) if how == "deepcopy" else pickle.loads(pickle.dumps(packed))
+
+    monkeypatch.setattr(cpu_matmul, "PACKS_FLOAT32", True)
+    again = copied()
+    assert isinstance(again, PackedWeight) and again is not packed and torch.equal(again.dense(), plain)
+    monkeypatch.setattr(cpu_matmul, "PACKS_FLOAT32", False)
+    landed = copied()
+    assert not isinstance(landed, PackedWeight) and torch.equal(landed, plain) and landed.shape == packed.shape
+    monkeypatch.setattr(cpu_matmul, "PACKS_FLOAT32", True)
+    monkeypatch.setattr(cpu_matmul, "REORDER", None)
+    assert not isinstance(copied(), PackedWeight)

@@ -3,6 +3,7 @@ venv through the symlinked package (no pip), the preflight stops a run that cann
 message, and README's GPU table is rendered between its markers."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,8 +117,9 @@ def run_gpu_script(tmp_path, timeout=120, **env):
     environment |= {"PYTHON": str(stub), "STUB_CALLS": str(calls), **env}
     result = subprocess.run(["bash", ROOT / "bench" / "gpu.sh", tmp_path / "out"], capture_output=True, text=True,
                             env=environment, timeout=timeout)
-    commands = [line for line in calls.read_text().splitlines() if line.startswith("-m ")]
-    return result, commands, (tmp_path / "out" / "summary.txt").read_text() if result.returncode != 2 else ""
+    called = calls.read_text().splitlines() if calls.exists() else []
+    summary = tmp_path / "out" / "summary.txt"
+    return result, [line for line in called if line.startswith("-m ")], summary.read_text() if summary.exists() else ""
 
 
 def test_gpu_script_runs_the_most_valuable_steps_first_within_its_budget(tmp_path):
@@ -140,16 +142,32 @@ def test_gpu_script_takes_its_steps_and_budget_from_the_environment(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "tune --models gpt2,gpt2-medium,gpt2-large,gpt2-xl" in commands[0]  # a long loan tunes every size
     assert "cli bench --output" in commands[1] and "readme_table" in commands[2]
-    result, _, _ = run_gpu_script(tmp_path, GPU_STEPS="tune,benchmark")
-    assert result.returncode == 2 and "GPU_STEPS names an unknown step, benchmark" in result.stderr
+    result, _, _ = run_gpu_script(tmp_path, GPU_STEPS="bench, tune")  # spaces around the names are dropped
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"GPU_STEPS": "tune,benchmark"}, "GPU_STEPS names an unknown step, 'benchmark'"),
+    ({"GPU_BUDGET_S": "8m"}, "GPU_BUDGET_S must be whole seconds, got '8m'"),
+])
+def test_bad_settings_stop_the_script_before_anything_runs(tmp_path, env, message):
+    result, commands, summary = run_gpu_script(tmp_path, **env)
+    assert result.returncode == 2 and message in result.stderr
+    assert commands == [] and summary == "" and not (tmp_path / "calls.txt").exists()
 
 
 def test_a_step_past_the_budget_is_cut_short_and_the_rest_skipped(tmp_path):
-    result, commands, summary = run_gpu_script(tmp_path, GPU_BUDGET_S="20", STUB_TESTS_SLEEP="60")
+    # 31 s, less the 10 s kept for killing a step that ignores SIGINT: about 20 s for the tests.
+    result, commands, summary = run_gpu_script(tmp_path, GPU_BUDGET_S="31", STUB_TESTS_SLEEP="60")
     assert result.returncode == 1
-    assert "== tests-gpu (at most 20 s)" in summary and "cut short after 20 s" in summary
+    assert re.search(r"== tests-gpu \(at most 2[01] s\)", summary) and "cut short after" in summary
     assert "== bench: skipped" in summary and "== tune: skipped" in summary
     assert len(commands) == 1
+
+
+def test_a_skipped_step_is_no_failure(tmp_path):
+    result, commands, summary = run_gpu_script(tmp_path, GPU_STEPS="bench", GPU_BUDGET_S="30")
+    assert result.returncode == 0 and commands == [] and "== bench: skipped" in summary
 
 
 def test_tune_refuses_to_run_without_a_gpu():

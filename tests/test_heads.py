@@ -309,6 +309,8 @@ def test_a_native_model_copies_over_an_engine_of_its_own(tmp_path, monkeypatch, 
     assert type(twin) is type(model) and twin.engine is not model.engine and not twin.training
     assert twin.engine.cache is not model.engine.cache and twin.engine.lock is not model.engine.lock
     assert twin.state_dict().keys() == model.state_dict().keys()
+    originals = {p.data_ptr() for p in model.parameters()}
+    assert not any(p.data_ptr() in originals for p in twin.parameters())  # the heads' tensors are the copy's own
     layer = twin.engine.weights.layers[0]
     if backend == "torch" and quantization is None and cpu_matmul.REORDER is not None:
         assert is_packed(layer.fc_weight)
