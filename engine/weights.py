@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from tritongpt2.kernels.backend import IN_OUT, OUT_IN, PACKED
-from tritongpt2.kernels.cpu_matmul import can_pack
-from tritongpt2.kernels.packed_weight import PackedWeight, pack_weight
+from tritongpt2.kernels.cpu_matmul import packed_if_packable
+from tritongpt2.kernels.packed_weight import PackedWeight
 from tritongpt2.kernels.quantized_weight import QuantizedWeight, is_quantized
 
 from .config import GPT2Config
@@ -165,7 +165,7 @@ def weights_from_state_dict(
             stored = base[key]
             rows = torch.empty(stored.shape[::-1], dtype=dtype, device=device if device is not None else stored.device)
             rows.T.copy_(stored)
-            return pack_weight(rows.T) if layout == PACKED and can_pack(dtype, rows.device) else rows.T
+            return packed_if_packable(rows.T) if layout == PACKED else rows.T
         return base[key].to(device=device, dtype=dtype).contiguous()
 
     layers = [

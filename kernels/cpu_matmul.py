@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from .packed_weight import REORDER, PackedWeight
+from .packed_weight import REORDER, PackedWeight, pack_weight
 
 MAX_BLOCKED_ROWS = 256
 MIN_BLOCK_COLUMNS = 256
@@ -71,6 +71,12 @@ def can_pack(dtype: torch.dtype, device: torch.device | str | None = None) -> bo
     on_cpu = device is None or torch.device(device).type == "cpu"
     return (REORDER is not None and ONEDNN_LINEAR is not None and on_cpu
             and ((dtype == torch.float32 and PACKS_FLOAT32) or (dtype == torch.bfloat16 and BFLOAT16_GEMM)))
+
+
+def packed_if_packable(weight: torch.Tensor) -> torch.Tensor | PackedWeight:
+    """W [K, N] packed where this machine packs its dtype (can_pack), else W itself, which every
+    product also takes: the engine's loading and a copied packed weight's landing."""
+    return pack_weight(weight) if can_pack(weight.dtype, weight.device) else weight
 
 
 def packed_linear(rows: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -60,11 +60,10 @@ def pack_weight(weight: torch.Tensor) -> PackedWeight:
 
 
 def _landed(weight: torch.Tensor) -> torch.Tensor | PackedWeight:
-    """A copied or unpickled packed weight: packed again where this machine packs its dtype (as the
-    engine's loading does), else the plain W [K, N], which every product also takes."""
-    from .cpu_matmul import can_pack  # cpu_matmul imports this module
+    """A copied or unpickled packed weight, as the engine's loading lays it out on this machine."""
+    from .cpu_matmul import packed_if_packable  # cpu_matmul imports this module
 
-    return pack_weight(weight) if can_pack(weight.dtype, weight.device) else weight
+    return packed_if_packable(weight)
 
 
 def is_packed(weight: object) -> bool:

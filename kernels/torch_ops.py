@@ -257,7 +257,7 @@ def ln_qkv_projection(
 # bfloat16; the batched ops cost about 70 us a layer fixed and 0.25 us a slot a row (a 2-core Zen 4
 # EPYC, the cache streamed from memory as in a step). One row: SDPA 46 against 80 us a layer at 50
 # slots, 75 against 92 at 100, then 112-180 against 98-118 at 160 and 383 against 190 at 512; a
-# gpt2 int8 decode step at 900 slots 19-22 -> 15 ms, at 50-120 slots 0.8 ms slower (so not there).
+# gpt2 int8 decode step at 900 slots 19-22 -> 15 ms, at 50-122 slots 0.8 ms slower (so not there).
 # Two rows: on a par at 50 slots, 375 against 195 us at 256. 16 rows of 90 slots: 0.74-0.97
 # against 1.3-1.45 ms a layer (float16 1.4-2x); 11.8-12.4 -> 5.1-7.2 ms of a 16-row bfloat16 step.
 # With oneDNN held to AVX2 the bfloat16 product of P and V is emulated and the batched ops were
