@@ -50,20 +50,16 @@ class PackedWeight:
 
     def __reduce__(self) -> tuple:
         # oneDNN's opaque tensor can be neither pickled nor deep-copied: a copy travels as the plain
-        # weight and is packed again where it lands, if that machine packs its dtype.
-        return (_landed, (self.dense(),))
+        # weight and is laid out where it lands as the engine's loading lays it out there (packed
+        # again if that machine packs its dtype).
+        from .cpu_matmul import packed_if_packable  # cpu_matmul imports this module
+
+        return (packed_if_packable, (self.dense(),))
 
 
 def pack_weight(weight: torch.Tensor) -> PackedWeight:
     """W [K, N] (any strides) packed by oneDNN."""
     return PackedWeight(REORDER(weight.T.contiguous()), weight.shape)
-
-
-def _landed(weight: torch.Tensor) -> torch.Tensor | PackedWeight:
-    """A copied or unpickled packed weight, as the engine's loading lays it out on this machine."""
-    from .cpu_matmul import packed_if_packable  # cpu_matmul imports this module
-
-    return packed_if_packable(weight)
 
 
 def is_packed(weight: object) -> bool:
