@@ -28,6 +28,11 @@ PARITY_NOTE = (
     "transformers eager makes itself in the same dtype, measured in this run."
 )
 LM_HEAD_NOTE = "CTranslate2's embed figures include the LM head: it gives no hidden states."
+CTRANSLATE2_INT8_NOTE = (
+    "ctranslate2-int8 quantizes each product's input rows to int8 as well as the weights; tritongpt2's int8 "
+    "rows are weight-only (activations in the row's dtype). What that costs CTranslate2 in accuracy: "
+    "`tritongpt2 audit quantization` (bench/results/quantization-gpt2-float32.md)."
+)
 
 
 def slug(text: str) -> str:
@@ -92,6 +97,8 @@ def markdown(document: dict) -> str:
             f"{_blank_none(r.get('bandwidth_pct'))} | {_speedups_cell(r)} |"
         )
     lines += ["", ROOFLINE_NOTE]
+    if any(r["impl"] == "ctranslate2-int8" for r in document["results"]):
+        lines += ["", CTRANSLATE2_INT8_NOTE]
     if document.get("parity"):
         lines += ["", "| parity check | impl | relative error vs float64 | limit | vs hf-eager |", "|---|---|---|---|---|"]
         for c in document["parity"]:

@@ -124,14 +124,15 @@ def versions() -> dict[str, str]:
     return found
 
 
-def build_model(shape: ModelShape, dtype: torch.dtype, device: torch.device, seed: int = 0) -> torch.nn.Module:
-    """A random-weight transformers GPT2LMHeadModel at the shape (initializer_range 0.2, so that
-    generations depend on the prompt)."""
+def build_model(shape: ModelShape, dtype: torch.dtype, device: torch.device, seed: int = 0, *,
+                initializer_range: float = 0.2) -> torch.nn.Module:
+    """A random-weight transformers GPT2LMHeadModel at the shape (initializer_range 0.2 unless given,
+    so that generations depend on the prompt)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=shape.vocab_size, n_positions=shape.n_positions, n_embd=shape.n_embd,
-                        n_layer=shape.n_layer, n_head=shape.n_head, initializer_range=0.2)
+                        n_layer=shape.n_layer, n_head=shape.n_head, initializer_range=initializer_range)
     with torch.device(device):
         model = GPT2LMHeadModel(config)
     return model.to(dtype).eval()

@@ -60,6 +60,12 @@ def test_markdown_shows_spread_errors_and_what_roofline_is_against(document):
     assert "hf-eager 1.08x (1.04-1.11)" in text  # per-round ratios: 26/25, 30/27, 28/26
     assert "| hf-sdpa | failed: RuntimeError: out of memory |" in text
     assert "copy bandwidth measured in this run" in text and "over 100" in text
+    assert "ctranslate2-int8" not in text
+
+
+def test_markdown_says_ctranslate2_int8_quantizes_activations(document):
+    document["results"].append(record("decode", "ctranslate2-int8", [14.0, 15.0, 16.0]))
+    assert "ctranslate2-int8 quantizes each product's input rows to int8" in markdown(document)
 
 
 def test_progress_says_what_runs_and_the_time_left():

@@ -309,8 +309,9 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _audit_quantization(args: argparse.Namespace) -> int:
+    from tritongpt2.bench.ctranslate2_runner import ctranslate2_installed
     from tritongpt2.bench.model_shapes import model_shape
-    from tritongpt2.bench.quantization_accuracy import measure, memory_table, write_results
+    from tritongpt2.bench.quantization_accuracy import int8_against_ctranslate2, measure, memory_table, write_results
     from tritongpt2.bench.quiet import quiet_transformers
     from tritongpt2.bench.suite import versions
 
@@ -318,8 +319,11 @@ def _audit_quantization(args: argparse.Namespace) -> int:
     output = _output_folder(args, "quantization")
     with quiet_transformers():
         rows = measure(shape, new_tokens=args.tokens, dtype=_dtype(args.dtype))
+        against = int8_against_ctranslate2(shape) if ctranslate2_installed() else None
+    if against is None:
+        print("ctranslate2 is not installed: int8 is not compared with CTranslate2's", file=sys.stderr)
     memory = memory_table([model_shape(name) for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")])
-    path = write_results(output, shape, rows, memory, args.dtype, versions())
+    path = write_results(output, shape, rows, memory, args.dtype, versions(), against)
     print(path.read_text())
     return 0
 
